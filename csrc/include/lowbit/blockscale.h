@@ -1,0 +1,60 @@
+// The per-block scale policy shared by every blockwise quantizer (torch-free, CPU and CUDA), so
+// that CPU and CUDA kernels and reference.py agree bit for bit.
+//
+// A block's absmax is max |x| in fp32. The element is normalised as x * (1 / absmax), the
+// reciprocal rounded to fp32 once per block (as bitsandbytes does). Special blocks:
+//   * absmax == 0 (all zeros): every element gets the code nearest 0 and absmax stays 0, so the
+//     block dequantizes to exact zeros (never 0/0 = NaN).
+//   * 1 / absmax overflows (absmax is a tiny subnormal): x / absmax instead, so nothing becomes Inf.
+//   * the block holds a NaN or +-Inf: absmax is stored as NaN and every code is the zero code, so
+//     the whole block dequantizes to NaN: the damage stays visible and stays inside the block.
+#pragma once
+
+#include <cstdint>
+
+#include "lowbit/numeric.h"
+
+namespace lowbit {
+
+enum class BlockMode : int { normal = 0, zero = 1, divide = 2, nonfinite = 3 };
+
+struct BlockScale {
+  float absmax;  // what is stored
+  float inv;     // 1 / absmax, used in mode normal
+  BlockMode mode;
+};
+
+LOWBIT_HD float abs_f(float x) { return bits_float(float_bits(x) & 0x7fffffffu); }
+
+// Fold one element into a running (max, nonfinite) pair. fmax-style max ignores NaN, so the
+// nonfinite flag is tracked apart: !(|x| <= FLT_MAX) is true for NaN and +-Inf.
+LOWBIT_HD void absmax_fold(float x, float& m, bool& bad) {
+  const float a = abs_f(x);
+  m = a > m ? a : m;
+  bad = bad || !(a <= 3.4028234663852886e38f);
+}
+
+LOWBIT_HD BlockScale make_block_scale(float m, bool bad) {
+  BlockScale s;
+  if (bad) {
+    s.absmax = bits_float(0x7fc00000u);
+    s.inv = 0.0f;
+    s.mode = BlockMode::nonfinite;
+  } else if (m == 0.0f) {
+    s.absmax = 0.0f;
+    s.inv = 0.0f;
+    s.mode = BlockMode::zero;
+  } else {
+    s.absmax = m;
+    s.inv = 1.0f / m;
+    s.mode = (s.inv <= 3.4028234663852886e38f) ? BlockMode::normal : BlockMode::divide;
+  }
+  return s;
+}
+
+// The normalised value of x in a block of mode normal or divide.
+LOWBIT_HD float normalize(float x, const BlockScale& s) {
+  return s.mode == BlockMode::normal ? x * s.inv : x / s.absmax;
+}
+
+}  // namespace lowbit

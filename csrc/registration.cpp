@@ -1,0 +1,61 @@
+// The one list of lowbit op schemas, and their CPU (and CUDA) implementations.
+//
+// Schemas follow bitsandbytes' op set (names, argument order, defaults) so each pipeline step can
+// be checked and timed alone; int8_linear fuses the whole LLM.int8() forward into one op.
+// Fake (meta) kernels and autograd formulas are registered in python/lowbit/_ops.py.
+#include <torch/library.h>
+
+#include "ops/ops.h"
+
+TORCH_LIBRARY(lowbit, m) {
+  // 8-bit blockwise over a sorted 256-entry code.
+  m.def("quantize_blockwise(Tensor A, Tensor code, int blocksize) -> (Tensor, Tensor)");
+  m.def(
+      "dequantize_blockwise(Tensor A, Tensor absmax, Tensor code, int blocksize, ScalarType "
+      "dtype) -> Tensor");
+  m.def(
+      "dequantize_blockwise.out(Tensor A, Tensor absmax, Tensor code, int blocksize, ScalarType "
+      "dtype, Tensor(a!) out) -> ()");
+  // 4-bit NF4 / FP4, packed two per byte in quant_storage.
+  m.def(
+      "quantize_4bit(Tensor A, int blocksize, str quant_type, ScalarType quant_storage) -> "
+      "(Tensor, Tensor)");
+  m.def(
+      "dequantize_4bit(Tensor A, Tensor absmax, int blocksize, str quant_type, SymInt[] shape, "
+      "ScalarType dtype) -> Tensor");
+  m.def(
+      "dequantize_4bit.out(Tensor A, Tensor absmax, int blocksize, str quant_type, SymInt[] "
+      "shape, ScalarType dtype, Tensor(a!) out) -> ()");
+  // A [..., K] @ dequant(B)[N, K]^T with any 16-entry codebook; fp32 accumulation.
+  m.def(
+      "gemv_4bit(Tensor A, Tensor B, SymInt[] shapeB, Tensor absmax, Tensor code, int "
+      "blocksize) -> Tensor");
+  // LLM.int8()
+  m.def("int8_vectorwise_quant(Tensor A, float threshold=0.0) -> (Tensor, Tensor, Tensor?)");
+  m.def("int8_vectorwise_dequant(Tensor A, Tensor stats) -> Tensor");
+  m.def("int8_linear_matmul(Tensor A, Tensor B) -> Tensor");
+  m.def("int8_linear_matmul.out(Tensor A, Tensor B, Tensor(a!) out) -> ()");
+  m.def(
+      "int8_mm_dequant(Tensor A, Tensor row_stats, Tensor col_stats, ScalarType? dtype=None, "
+      "Tensor? bias=None) -> Tensor");
+  m.def(
+      "int8_linear(Tensor A, Tensor W, Tensor W_scale, Tensor? bias=None, float threshold=0.0) "
+      "-> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
+  using namespace lowbit::ops;
+  m.impl("quantize_blockwise", &quantize_blockwise_cpu);
+  m.impl("dequantize_blockwise", &dequantize_blockwise_cpu);
+  m.impl("dequantize_blockwise.out", &dequantize_blockwise_out_cpu);
+  m.impl("quantize_4bit", &quantize_4bit_cpu);
+  m.impl("dequantize_4bit", &dequantize_4bit_cpu);
+  m.impl("dequantize_4bit.out", &dequantize_4bit_out_cpu);
+  m.impl("gemv_4bit", &gemv_4bit_cpu);
+  m.impl("int8_vectorwise_quant", &int8_vectorwise_quant_cpu);
+  m.impl("int8_vectorwise_dequant", &int8_vectorwise_dequant_cpu);
+  m.impl("int8_linear_matmul", &int8_linear_matmul_cpu);
+  m.impl("int8_linear_matmul.out", &int8_linear_matmul_out_cpu);
+  m.impl("int8_mm_dequant", &int8_mm_dequant_cpu);
+  m.impl("int8_linear", &int8_linear_cpu);
+}

@@ -1,0 +1,8 @@
+"""lowbit: low-bit (int8, NF4, FP4) weight quantization for PyTorch."""
+
+import torch  # noqa: F401  (the ops library links against torch's shared libraries)
+
+from lowbit import _C  # noqa: F401  (registers torch.ops.lowbit.*)
+from lowbit import _ops  # noqa: F401  (fake kernels and autograd)
+
+__version__ = "0.1.0"
