@@ -2,7 +2,9 @@
 
 import torch  # noqa: F401  (the ops library links against torch's shared libraries)
 
-from lowbit import _C  # noqa: F401  (registers torch.ops.lowbit.*)
-from lowbit import _ops  # noqa: F401  (fake kernels and autograd)
+from lowbit import (
+    _C,  # noqa: F401  (registers torch.ops.lowbit.*)
+    _ops,  # noqa: F401  (fake kernels and autograd)
+)
 
 __version__ = "0.1.0"

@@ -1,0 +1,156 @@
+"""Fake (meta) kernels and autograd formulas of the lowbit ops, one block per op.
+
+The schemas and the CPU/CUDA kernels live in C++ (csrc/registration.cpp). A fake kernel only
+describes output shapes and dtypes, so torch.compile can trace the ops without running them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lowbit import reference
+
+lib = "lowbit::"
+
+
+def _blocks(n: int, blocksize: int) -> int:
+    return -(-n // blocksize)
+
+
+def _rows(A: torch.Tensor) -> int:
+    return math.prod(A.shape[:-1])
+
+
+# ---- 8-bit blockwise --------------------------------------------------------------------------
+
+
+@torch.library.register_fake(lib + "quantize_blockwise")
+def _(A, code, blocksize):
+    torch._check(blocksize > 0, lambda: "blocksize must be positive")
+    absmax = A.new_empty((_blocks(A.numel(), blocksize),), dtype=torch.float32)
+    return torch.empty_like(A, dtype=torch.uint8), absmax
+
+
+@torch.library.register_fake(lib + "dequantize_blockwise")
+def _(A, absmax, code, blocksize, dtype):
+    return torch.empty_like(A, dtype=dtype)
+
+
+@torch.library.register_fake(lib + "dequantize_blockwise.out")
+def _(A, absmax, code, blocksize, dtype, out):
+    torch._check(out.shape == A.shape, lambda: f"out must have shape {A.shape}, got {out.shape}")
+    torch._check(out.dtype == dtype, lambda: f"out must be {dtype}, got {out.dtype}")
+
+
+# ---- 4-bit ------------------------------------------------------------------------------------
+
+
+@torch.library.register_fake(lib + "quantize_4bit")
+def _(A, blocksize, quant_type, quant_storage):
+    torch._check(blocksize > 0, lambda: "blocksize must be positive")
+    n = A.numel()
+    nbytes = (n + 1) // 2
+    item = torch.empty((), dtype=quant_storage).element_size()
+    packed = A.new_empty((nbytes // item, 1), dtype=quant_storage)
+    absmax = A.new_empty((_blocks(n, blocksize),), dtype=torch.float32)
+    return packed, absmax
+
+
+@torch.library.register_fake(lib + "dequantize_4bit")
+def _(A, absmax, blocksize, quant_type, shape, dtype):
+    return A.new_empty(shape, dtype=dtype)
+
+
+@torch.library.register_fake(lib + "dequantize_4bit.out")
+def _(A, absmax, blocksize, quant_type, shape, dtype, out):
+    torch._check(tuple(out.shape) == tuple(shape), lambda: f"out must have shape {shape}")
+    torch._check(out.dtype == dtype, lambda: f"out must be {dtype}, got {out.dtype}")
+
+
+@torch.library.register_fake(lib + "gemv_4bit")
+def _(A, B, shapeB, absmax, code, blocksize):
+    torch._check(A.shape[-1] == shapeB[1], lambda: "A's last dimension must equal the weight's K")
+    return A.new_empty((*A.shape[:-1], shapeB[0]))
+
+
+def _gemv_4bit_setup(ctx, inputs, output):
+    _, B, shapeB, absmax, code, blocksize = inputs
+    ctx.save_for_backward(B, absmax, code)
+    ctx.shapeB = tuple(shapeB)
+    ctx.blocksize = blocksize
+
+
+def _gemv_4bit_backward(ctx, grad):
+    # d(A @ W^T)/dA = grad @ W; the weight is frozen (integer codes), so only A gets a gradient.
+    B, absmax, code = ctx.saved_tensors
+    W = reference.decode_4bit(B, absmax, code, ctx.blocksize, ctx.shapeB)
+    return grad @ W.to(grad.dtype), None, None, None, None, None
+
+
+torch.library.register_autograd(
+    lib + "gemv_4bit", _gemv_4bit_backward, setup_context=_gemv_4bit_setup
+)
+
+
+# ---- LLM.int8() -------------------------------------------------------------------------------
+
+
+@torch.library.register_fake(lib + "int8_vectorwise_quant")
+def _(A, threshold=0.0):
+    out_row = torch.empty_like(A, dtype=torch.int8)
+    row_stats = A.new_empty((_rows(A),), dtype=torch.float32)
+    outlier_cols = None
+    if threshold > 0.0:
+        ctx = torch.library.get_ctx()
+        outlier_cols = A.new_empty((ctx.new_dynamic_size(max=A.shape[-1]),), dtype=torch.int64)
+    return out_row, row_stats, outlier_cols
+
+
+@torch.library.register_fake(lib + "int8_vectorwise_dequant")
+def _(A, stats):
+    return torch.empty_like(A, dtype=torch.float32)
+
+
+@torch.library.register_fake(lib + "int8_linear_matmul")
+def _(A, B):
+    torch._check(A.shape[-1] == B.shape[-1], lambda: "A's last dimension must equal B's K")
+    return A.new_empty((*A.shape[:-1], B.shape[0]), dtype=torch.int32)
+
+
+@torch.library.register_fake(lib + "int8_linear_matmul.out")
+def _(A, B, out):
+    torch._check(out.dtype == torch.int32, lambda: f"out must be int32, got {out.dtype}")
+
+
+@torch.library.register_fake(lib + "int8_mm_dequant")
+def _(A, row_stats, col_stats, dtype=None, bias=None):
+    return torch.empty_like(A, dtype=dtype or torch.float16)
+
+
+@torch.library.register_fake(lib + "int8_linear")
+def _(A, W, W_scale, bias=None, threshold=0.0):
+    torch._check(A.shape[-1] == W.shape[-1], lambda: "A's last dimension must equal W's K")
+    return A.new_empty((*A.shape[:-1], W.shape[0]))
+
+
+def _int8_linear_setup(ctx, inputs, output):
+    _, W, W_scale, bias, _ = inputs
+    ctx.save_for_backward(W, W_scale)
+    ctx.bias_shape = None if bias is None else bias.shape
+
+
+def _int8_linear_backward(ctx, grad):
+    # The weight is frozen: dA = grad @ dequant(W); a bias gets the sum of grad over all rows.
+    W, W_scale = ctx.saved_tensors
+    grad_A = grad @ reference.int8_weight_dequant(W, W_scale).to(grad.dtype)
+    grad_bias = None
+    if ctx.bias_shape is not None and ctx.needs_input_grad[3]:
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).reshape(ctx.bias_shape)
+    return grad_A, None, None, grad_bias, None
+
+
+torch.library.register_autograd(
+    lib + "int8_linear", _int8_linear_backward, setup_context=_int8_linear_setup
+)

@@ -25,8 +25,9 @@ template <typename T>
 void vectorwise_quant_impl(const T* a, int64_t /*rows*/, int64_t K, float threshold,
                            const uint8_t* col_mask, int8_t* q, float* row_stats, int64_t r0,
                            int64_t r1) {
-  // threshold == 0 disables the split: every element is "below" +Inf.
-  const float limit = threshold > 0.0f ? threshold : INFINITY;
+  // threshold == 0 disables the split: nothing is an outlier, not even +-Inf (which then makes
+  // the row's scale NaN instead of vanishing silently).
+  const bool split = threshold > 0.0f;
   for (int64_t r = r0; r < r1; ++r) {
     const T* row = a + r * K;
     int8_t* qrow = q + r * K;
@@ -36,7 +37,7 @@ void vectorwise_quant_impl(const T* a, int64_t /*rows*/, int64_t K, float thresh
       const float v = to_float(row[c]);
       // Elements at or above the threshold are outliers and do not count for the scale;
       // NaN compares false, so it stays in and poisons the row.
-      if (!(abs_f(v) >= limit)) absmax_fold(v, m, bad);
+      if (!(split && abs_f(v) >= threshold)) absmax_fold(v, m, bad);
     }
     if (bad || m == 0.0f) {
       row_stats[r] = bad ? NAN : 0.0f;
@@ -49,7 +50,7 @@ void vectorwise_quant_impl(const T* a, int64_t /*rows*/, int64_t K, float thresh
       const float v = to_float(row[c]);
       // nearbyint rounds half to even in the default rounding mode; |v * scale| <= 127 + 1 ulp.
       const float code = std::nearbyint(std::min(127.0f, std::max(-127.0f, v * scale)));
-      qrow[c] = abs_f(v) >= limit ? int8_t(0) : int8_t(code);
+      qrow[c] = (split && abs_f(v) >= threshold) ? int8_t(0) : int8_t(code);
     }
     if (col_mask)
       for (int64_t c = 0; c < K; ++c)

@@ -1,0 +1,181 @@
+"""Pure-torch reference of every lowbit op: the executable spec.
+
+Each function follows the kernel's order of operations (fp32 arithmetic, one rounding to the output
+dtype), so quantized codes must match the kernels bit for bit and floats to within the tolerances
+the tests state. Slow and memory-hungry on purpose: clarity over speed.
+
+The per-block scale policy (csrc/include/lowbit/blockscale.h):
+  * absmax = max |x| over the block, fp32; normalised x = x * fp32(1 / absmax);
+  * an all-zero block stores absmax 0 and the code nearest 0 (dequantizes to exact zeros);
+  * if 1 / absmax overflows (tiny subnormal absmax) the block divides instead;
+  * a block holding NaN or +-Inf stores absmax NaN and the code nearest 0: it dequantizes to NaN.
+The nearest-code rule (csrc/include/lowbit/codebook.h): code = order[bucketize(x, midpoints)], with
+order the stable ascending argsort of the code table; exact ties go to the lower value.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lowbit._codes import get_4bit_type
+
+INV_127_SQ = torch.tensor(1.0, dtype=torch.float32) / 16129.0  # fp32(1 / 127**2), as in the kernel
+INV_127 = torch.tensor(1.0, dtype=torch.float32) / 127.0
+
+
+# ---- shared block machinery -------------------------------------------------------------------
+
+
+def _blocks(A: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, int]:
+    """A flattened to fp32 and zero-padded to whole blocks: ([blocks, blocksize], n)."""
+    a = A.reshape(-1).float()
+    n = a.numel()
+    blocks = -(-n // blocksize)
+    padded = torch.zeros(blocks * blocksize, dtype=torch.float32, device=A.device)
+    padded[:n] = a
+    return padded.view(blocks, blocksize), n
+
+
+def _block_scales(blk: torch.Tensor):
+    """(stored absmax, normalised values, special-block mask) for [blocks, bs] fp32 data."""
+    finite = torch.isfinite(blk).all(dim=1)
+    m = torch.where(torch.isfinite(blk), blk.abs(), torch.zeros_like(blk)).amax(dim=1)
+    inv = 1.0 / m
+    divide = torch.isinf(inv) & (m > 0)
+    normed = torch.where(divide[:, None], blk / m[:, None], blk * inv[:, None])
+    special = ~finite | (m == 0)  # blocks whose every code is the zero code
+    stored = torch.where(finite, m, torch.full_like(m, float("nan")))
+    return stored, normed, special
+
+
+def _nearest_code(normed: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Code index per element: order[#midpoints < x] (codebook.h)."""
+    values, order = torch.sort(code.float(), stable=True)
+    bounds = (values[:-1] + values[1:]) / 2.0
+    return order[torch.bucketize(normed, bounds.to(normed.device))]
+
+
+def _zero_code(code: torch.Tensor) -> int:
+    return int(torch.argmin(code.float().abs()))
+
+
+def _quantize_codes(A: torch.Tensor, code: torch.Tensor, blocksize: int):
+    blk, n = _blocks(A, blocksize)
+    absmax, normed, special = _block_scales(blk)
+    q = _nearest_code(normed, code.to(A.device))
+    q[special] = _zero_code(code)
+    return q.reshape(-1)[:n], absmax
+
+
+# ---- 8-bit blockwise --------------------------------------------------------------------------
+
+
+def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
+    q, absmax = _quantize_codes(A, code, blocksize)
+    return q.to(torch.uint8).reshape(A.shape), absmax
+
+
+def dequantize_blockwise(A, absmax, code, blocksize: int, dtype: torch.dtype) -> torch.Tensor:
+    n = A.numel()
+    scale = absmax.float().repeat_interleave(blocksize)[:n]
+    return (code.float()[A.reshape(-1).long()] * scale).to(dtype).reshape(A.shape)
+
+
+# ---- 4-bit ------------------------------------------------------------------------------------
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Element 2j in the HIGH nibble of byte j (codes holds an even count)."""
+    return (codes[0::2] << 4) | codes[1::2]
+
+
+def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
+    b = packed.reshape(-1).view(torch.uint8).long()
+    return torch.stack([b >> 4, b & 0xF], dim=1).reshape(-1)[:n]
+
+
+def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str, quant_storage: torch.dtype):
+    code = get_4bit_type(quant_type, device=A.device)
+    q, absmax = _quantize_codes(A, code, blocksize)
+    if q.numel() % 2:  # the odd tail pads with the code of 0.0
+        q = torch.cat([q, torch.tensor([_zero_code(code)], device=q.device)])
+    packed = pack_nibbles(q).to(torch.uint8)
+    return packed.view(quant_storage).reshape(-1, 1), absmax
+
+
+def decode_4bit(packed, absmax, code, blocksize: int, shape) -> torch.Tensor:
+    """fp32 values of a packed 4-bit tensor over any 16-entry code."""
+    n = math.prod(shape)
+    nib = unpack_nibbles(packed, n)
+    scale = absmax.float().repeat_interleave(blocksize)[:n]
+    return (code.float().to(packed.device)[nib] * scale).reshape(shape)
+
+
+def dequantize_4bit(A, absmax, blocksize: int, quant_type: str, shape, dtype) -> torch.Tensor:
+    code = get_4bit_type(quant_type, device=A.device)
+    return decode_4bit(A, absmax, code, blocksize, tuple(shape)).to(dtype)
+
+
+def gemv_4bit(A, B, shapeB, absmax, code, blocksize: int) -> torch.Tensor:
+    W = decode_4bit(B, absmax, code, blocksize, tuple(shapeB))
+    return (A.float() @ W.t()).to(A.dtype)
+
+
+# ---- LLM.int8() -------------------------------------------------------------------------------
+
+
+def int8_vectorwise_quant(A: torch.Tensor, threshold: float = 0.0):
+    K = A.shape[-1]
+    a = A.reshape(-1, K).float()
+    outlier_cols = None
+    is_outlier = torch.zeros_like(a, dtype=torch.bool)
+    if threshold > 0.0:
+        is_outlier = a.abs() >= threshold
+        outlier_cols = is_outlier.any(dim=0).nonzero().reshape(-1)
+    kept = torch.where(is_outlier, torch.zeros_like(a), a)
+    bad = (~torch.isfinite(kept)).any(dim=1)
+    finite_abs = torch.where(torch.isfinite(kept), kept.abs(), torch.zeros_like(kept))
+    m = finite_abs.amax(dim=1) if K else torch.zeros(a.shape[0], device=a.device)
+    scale = 127.0 / m
+    codes = torch.round(torch.clamp(a * scale[:, None], -127.0, 127.0))
+    codes = torch.where(is_outlier | (bad | (m == 0))[:, None], torch.zeros_like(codes), codes)
+    if outlier_cols is not None and outlier_cols.numel():
+        codes[:, outlier_cols] = 0
+    row_stats = torch.where(bad, torch.full_like(m, float("nan")), m)
+    return codes.to(torch.int8).reshape(A.shape), row_stats, outlier_cols
+
+
+def int8_vectorwise_dequant(A: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    K = A.shape[-1]
+    return ((A.reshape(-1, K).float() * stats.float()[:, None]) * INV_127).reshape(A.shape)
+
+
+def int8_linear_matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    # int64 products of exact integers, then int32: exact whenever int32 can hold the result.
+    return (A.long() @ B.long().t()).to(torch.int32)
+
+
+def int8_mm_dequant(A, row_stats, col_stats, dtype=None, bias=None) -> torch.Tensor:
+    N = A.shape[-1]
+    c = A.reshape(-1, N).float()
+    out = (c * (row_stats.float()[:, None] * col_stats.float()[None, :])) * INV_127_SQ
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(dtype or torch.float16).reshape(A.shape)
+
+
+def int8_weight_dequant(W: torch.Tensor, W_scale: torch.Tensor) -> torch.Tensor:
+    """fp32 weight of an LLM.int8() layer: W * SCB / 127 per output row."""
+    return W.float() * (W_scale.float()[:, None] * INV_127)
+
+
+def int8_linear(A, W, W_scale, bias=None, threshold: float = 0.0) -> torch.Tensor:
+    K = A.shape[-1]
+    a = A.reshape(-1, K)
+    q, row_stats, cols = int8_vectorwise_quant(a, threshold)
+    out = int8_mm_dequant(int8_linear_matmul(q, W), row_stats, W_scale, torch.float32, bias)
+    if cols is not None and cols.numel():
+        out = out + a[:, cols].float() @ int8_weight_dequant(W[:, cols], W_scale).t()
+    return out.to(A.dtype).reshape(*A.shape[:-1], W.shape[0])
