@@ -104,7 +104,7 @@ def _(A, threshold=0.0):
     outlier_cols = None
     if threshold > 0.0:
         ctx = torch.library.get_ctx()
-        outlier_cols = A.new_empty((ctx.new_dynamic_size(max=A.shape[-1]),), dtype=torch.int64)
+        outlier_cols = A.new_empty((ctx.new_dynamic_size(),), dtype=torch.int64)
     return out_row, row_stats, outlier_cols
 
 

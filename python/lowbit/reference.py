@@ -21,8 +21,10 @@ import torch
 
 from lowbit._codes import get_4bit_type
 
-INV_127_SQ = torch.tensor(1.0, dtype=torch.float32) / 16129.0  # fp32(1 / 127**2), as in the kernel
-INV_127 = torch.tensor(1.0, dtype=torch.float32) / 127.0
+# fp32(1 / 127**2) and fp32(1 / 127) as the kernels compute them, kept as Python floats that are
+# exactly representable in fp32 (so multiplying an fp32 tensor by them is the kernel's product).
+INV_127_SQ = float(torch.tensor(1.0, dtype=torch.float32) / 16129.0)
+INV_127 = float(torch.tensor(1.0, dtype=torch.float32) / 127.0)
 
 
 # ---- shared block machinery -------------------------------------------------------------------
@@ -138,7 +140,7 @@ def int8_vectorwise_quant(A: torch.Tensor, threshold: float = 0.0):
     bad = (~torch.isfinite(kept)).any(dim=1)
     finite_abs = torch.where(torch.isfinite(kept), kept.abs(), torch.zeros_like(kept))
     m = finite_abs.amax(dim=1) if K else torch.zeros(a.shape[0], device=a.device)
-    scale = 127.0 / m
+    scale = torch.full_like(m, 127.0) / m  # true division (127.0 / m in torch is 127 * (1 / m))
     codes = torch.round(torch.clamp(a * scale[:, None], -127.0, 127.0))
     codes = torch.where(is_outlier | (bad | (m == 0))[:, None], torch.zeros_like(codes), codes)
     if outlier_cols is not None and outlier_cols.numel():

@@ -1,0 +1,301 @@
+"""The "lowbit" quantizer for Transformers (5.x loading API).
+
+With it registered (lowbit does so on import, see lowbit.integrations),
+
+    AutoModelForCausalLM.from_pretrained(path, quantization_config=LowbitConfig(load_in_4bit=True))
+
+swaps every eligible nn.Linear for a lowbit layer on the meta device, then quantizes each weight
+as Transformers streams it from the checkpoint, so a float copy of the whole model never exists.
+`save_pretrained` writes bitsandbytes' key layout and a config.json whose quantization_config says
+quant_method "lowbit" (never load_in_4bit/load_in_8bit, which Transformers would route to
+bitsandbytes); `from_pretrained` of that directory loads the codes as stored, without
+re-quantizing.
+
+The structure follows Transformers' own bitsandbytes quantizer (quantizer_bnb_4bit.py and
+integrations/bitsandbytes.py), since lowbit's layers and parameters mirror bitsandbytes' classes.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.core_model_loading import ConversionOps, WeightConverter
+from transformers.pytorch_utils import Conv1D
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.quantizers.base import HfQuantizer
+from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from lowbit import functional as F
+from lowbit import nn as lnn
+from lowbit.config import LowbitConfig as _LowbitConfig
+
+QUANT_METHOD = "lowbit"
+
+__all__ = ["QUANT_METHOD", "LowbitConfig", "LowbitHfQuantizer", "register"]
+
+
+if issubclass(_LowbitConfig, QuantizationConfigMixin):
+    LowbitConfig = _LowbitConfig
+else:
+
+    class LowbitConfig(_LowbitConfig, QuantizationConfigMixin):
+        """lowbit.LowbitConfig as a Transformers QuantizationConfigMixin.
+
+        register_quantization_config only accepts mixin subclasses, while lowbit.config must not
+        import Transformers. lowbit.LowbitConfig's own methods come first in the MRO; the mixin
+        adds what Transformers calls besides (to_json_string, to_diff_dict, update). The class
+        keeps the name LowbitConfig because Transformers compares config classes by name when a
+        config passed to from_pretrained meets the one stored in config.json.
+        """
+
+
+def _is_4bit(config) -> bool:
+    return not getattr(config, "load_in_8bit", False)
+
+
+def _source_is_conv1d(module) -> bool:
+    # GPT-2 style Conv1D stores its weight as [in, out]; the checkpoint keeps that orientation.
+    source = getattr(module, "source_cls", None)
+    return isinstance(source, type) and issubclass(source, Conv1D)
+
+
+def replace_with_lowbit_linear(model, modules_to_not_convert, config, pre_quantized: bool):
+    """Swap every nn.Linear / Conv1D not matched by `modules_to_not_convert` (Transformers'
+    should_convert_module rules: prefix, regex or suffix) for an empty lowbit layer on meta."""
+    four_bit = _is_4bit(config)
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if not (type(module) is torch.nn.Linear or isinstance(module, Conv1D)):
+            continue
+        if not should_convert_module(name, modules_to_not_convert):
+            continue
+        if isinstance(module, Conv1D):
+            in_features, out_features = module.weight.shape
+        else:
+            in_features, out_features = module.in_features, module.out_features
+        with torch.device("meta"):
+            if four_bit:
+                new = lnn.Linear4bit(
+                    in_features,
+                    out_features,
+                    bias=module.bias is not None,
+                    compute_dtype=config.bnb_4bit_compute_dtype,
+                    compress_statistics=config.bnb_4bit_use_double_quant,
+                    quant_type=config.bnb_4bit_quant_type,
+                    quant_storage=config.bnb_4bit_quant_storage,
+                )
+                storage = config.bnb_4bit_quant_storage
+            else:
+                new = lnn.Linear8bitLt(
+                    in_features,
+                    out_features,
+                    bias=module.bias is not None,
+                    has_fp16_weights=config.llm_int8_has_fp16_weight,
+                    threshold=config.llm_int8_threshold,
+                )
+                storage = torch.int8
+            if pre_quantized:
+                # The loader casts each checkpoint tensor to the dtype of the meta parameter it
+                # fills; integer codes must arrive as integers, not as the model's float dtype.
+                new.weight.data = new.weight.data.to(storage)
+        new.source_cls = type(module)
+        new.requires_grad_(False)
+        model.set_submodule(name, new)
+        replaced += 1
+    return replaced
+
+
+class LowbitQuantize(ConversionOps):
+    """On-the-fly quantization: one float weight from the checkpoint -> a quantized parameter."""
+
+    def __init__(self, hf_quantizer):
+        self.hf_quantizer = hf_quantizer
+
+    def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
+        result = {}
+        for name, value in input_dict.items():
+            value = value[0] if isinstance(value, list) else value
+            module, _ = get_module_from_name(model, name)
+            if _source_is_conv1d(module):
+                value = value.T
+            old = model.get_parameter_or_buffer(name)
+            if isinstance(module, lnn.Linear4bit):
+                kwargs4 = {k: v for k, v in old.__dict__.items() if k != "quant_state"}
+                kwargs4["bnb_quantized"] = False
+                param = lnn.Params4bit(value, requires_grad=False, **kwargs4)
+            else:
+                has_fp16 = getattr(old, "has_fp16_weights", False)
+                param = lnn.Int8Params(value, requires_grad=has_fp16, has_fp16_weights=has_fp16)
+            # The first move to a real device quantizes (the parameters' bitsandbytes contract).
+            result[name] = param.to(value.device)
+            module._is_hf_initialized = True
+        return result
+
+
+class LowbitDeserialize(ConversionOps):
+    """Pre-quantized loading: gather `weight` and its `weight.*` / `SCB` companions into one
+    quantized parameter, exactly as stored (no re-quantization)."""
+
+    def __init__(self, hf_quantizer):
+        self.hf_quantizer = hf_quantizer
+
+    def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
+        # The "weight" pattern also matches every float weight (norms, embeddings): pass those on.
+        if len(input_dict) == 1:
+            return input_dict
+        tensors = {k: (v[0] if isinstance(v, list) else v) for k, v in input_dict.items()}
+        weight = tensors.pop("weight")
+        module, _ = get_module_from_name(model, full_layer_name)
+        if "SCB" in tensors:
+            scb = tensors["SCB"].to(device=weight.device, dtype=torch.float32).reshape(-1)
+            param = lnn.Int8Params(weight, requires_grad=False, has_fp16_weights=False, SCB=scb)
+        else:
+            param = lnn.Params4bit.from_prequantized(
+                data=weight,
+                quantized_stats=tensors,
+                requires_grad=False,
+                device=weight.device,
+                module=module,
+            )
+        module._is_hf_initialized = True
+        return {"weight": param}
+
+
+_PREQUANTIZED_4BIT_KEYS = [
+    "weight.nested_absmax",
+    "weight.nested_quant_map",
+    "weight.quant_map",
+    "weight.absmax",
+    "weight.quant_state.bitsandbytes__nf4",
+    "weight.quant_state.bitsandbytes__fp4",
+    "weight",
+]
+_PREQUANTIZED_8BIT_KEYS = ["SCB", "weight_format", "weight"]
+
+
+class LowbitHfQuantizer(HfQuantizer):
+    """Quantizes nn.Linear layers to LLM.int8(), NF4 or FP4 with lowbit's layers."""
+
+    requires_calibration = False
+
+    def __init__(self, quantization_config, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self.modules_to_not_convert: list[str] = []
+
+    @property
+    def _four_bit(self) -> bool:
+        return _is_4bit(self.quantization_config)
+
+    def validate_environment(self, *args, **kwargs):
+        device_map = kwargs.get("device_map")
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            raise ValueError(
+                "lowbit: quantized layers cannot be offloaded to disk; give them a device "
+                "(cpu or cuda) in device_map"
+            )
+
+    def update_device_map(self, device_map):
+        if device_map is None:
+            from lowbit import _C
+
+            on_gpu = torch.cuda.is_available() and getattr(_C, "with_cuda", False)
+            device_map = {"": torch.cuda.current_device() if on_gpu else "cpu"}
+        return device_map
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        module, name = get_module_from_name(model, param_name)
+        return isinstance(module, (lnn.Linear4bit, lnn.Linear8bitLt)) and name == "weight"
+
+    def param_element_size(self, model, param_name: str, param) -> float:
+        if self.param_needs_quantization(model, param_name):
+            return 0.5 if self._four_bit else 1
+        return super().param_element_size(model, param_name, param)
+
+    def adjust_max_memory(self, max_memory):
+        # Quantizing needs a float copy of one weight next to its codes.
+        return {key: val * 0.90 for key, val in max_memory.items()}
+
+    def _process_model_before_weight_loading(self, model, device_map=None, **kwargs):
+        config = self.quantization_config
+        self.modules_to_not_convert = self.get_modules_to_not_convert(
+            model, config.llm_int8_skip_modules, model._keep_in_fp32_modules
+        )
+        if config.llm_int8_enable_fp32_cpu_offload and isinstance(device_map, dict):
+            self.modules_to_not_convert += [k for k, v in device_map.items() if v == "cpu"]
+        replace_with_lowbit_linear(
+            model, self.modules_to_not_convert, config, pre_quantized=self.pre_quantized
+        )
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        # Transformers keeps the converters a load used and replays them in reverse when saving;
+        # ours have no inverse, and none is needed: the layers' state_dict already has the
+        # on-disk layout.
+        conversions = getattr(model, "_weight_conversions", None)
+        if conversions:
+            model._weight_conversions = [
+                c
+                for c in conversions
+                if not any(isinstance(op, LowbitDeserialize) for op in getattr(c, "operations", ()))
+            ]
+        model.is_loaded_in_lowbit = True
+        return model
+
+    def is_serializable(self):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        # QLoRA: frozen quantized layers pass gradients to their inputs (and to LoRA adapters).
+        return True
+
+    def get_quantize_ops(self):
+        return LowbitQuantize(self)
+
+    def get_weight_conversions(self):
+        if not self.pre_quantized:
+            return []
+        keys = _PREQUANTIZED_4BIT_KEYS if self._four_bit else _PREQUANTIZED_8BIT_KEYS
+        return [
+            WeightConverter(
+                source_patterns=keys, target_patterns="weight", operations=[LowbitDeserialize(self)]
+            )
+        ]
+
+    def _dequantize(self, model, dtype=None):
+        for name, module in list(model.named_modules()):
+            if not isinstance(module, (lnn.Linear4bit, lnn.Linear8bitLt)):
+                continue
+            weight = dequantize_weight(module.weight)
+            if dtype is not None:
+                weight = weight.to(dtype)
+            new = torch.nn.Linear(
+                module.in_features, module.out_features, bias=module.bias is not None
+            ).to(device=weight.device, dtype=weight.dtype)
+            new.weight = torch.nn.Parameter(weight, requires_grad=False)
+            if module.bias is not None:
+                new.bias = torch.nn.Parameter(module.bias.data.to(weight.dtype))
+            model.set_submodule(name, new)
+        return model
+
+
+def dequantize_weight(weight) -> torch.Tensor:
+    """The float [out, in] matrix a lowbit parameter stands for."""
+    if isinstance(weight, lnn.Params4bit) and weight.quant_state is not None:
+        return F.dequantize_4bit(weight.data, weight.quant_state)
+    if isinstance(weight, lnn.Int8Params) and weight.SCB is not None:
+        return F.int8_vectorwise_dequant(weight.data, weight.SCB)
+    return weight.data
+
+
+def register() -> None:
+    """Register the config class and the quantizer under "lowbit" (idempotent)."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(LowbitConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(LowbitHfQuantizer)

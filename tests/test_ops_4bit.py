@@ -1,0 +1,177 @@
+"""4-bit NF4 / FP4: code tables, nibble order, kernels against reference.py, round-trip error,
+double quantization and the fused dequantize + product."""
+
+import pytest
+import torch
+from conftest import non_contiguous
+
+import lowbit.functional as F
+from lowbit import reference
+
+ops = torch.ops.lowbit
+QUANT_TYPES = ["nf4", "fp4"]
+SHAPES = [(1,), (2,), (31,), (64,), (65,), (1000, 37), (3, 5, 129), (1, 4096), (4096, 11)]
+
+NF4_DESIGN = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+              -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+              0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+              0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0]  # fmt: skip
+FP4_DESIGN = [v / 12 for v in [0, 0.0625, 8, 12, 4, 6, 2, 3, -0.0, -0.0625, -8, -12, -4, -6, -2, -3]]
+
+
+def test_code_tables_are_the_designed_ones():
+    assert F.get_4bit_type("nf4").tolist() == torch.tensor(NF4_DESIGN).tolist()
+    assert F.get_4bit_type("fp4").tolist() == torch.tensor(FP4_DESIGN).tolist()
+    with pytest.raises(ValueError, match="typename"):
+        F.get_4bit_type("nf5")
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_every_code_round_trips_through_its_nibble(quant_type):
+    # A block holding exactly the 16 code values (absmax 1) must quantize to nibbles 0..15
+    # (except FP4's -0 which is +0's equal) in HIGH-then-LOW nibble order.
+    code = F.get_4bit_type(quant_type)
+    packed, absmax = ops.quantize_4bit(code.repeat(2), 32, quant_type, torch.uint8)
+    assert absmax.tolist() == [1.0]
+    nibbles = reference.unpack_nibbles(packed, 32)[:16]
+    expected = list(range(16))
+    if quant_type == "fp4":
+        expected[8] = 0  # -0.0 ties with +0.0: the lower code wins
+    assert nibbles.tolist() == expected
+    assert packed[0, 0].item() == (expected[0] << 4) | expected[1]
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("blocksize", [32, 64, 256, 4096])
+def test_quantize_matches_reference(device, dtype, quant_type, shape, blocksize):
+    A = torch.randn(shape, device=device).to(dtype)
+    packed, absmax = ops.quantize_4bit(A, blocksize, quant_type, torch.uint8)
+    rpacked, rabsmax = reference.quantize_4bit(A, blocksize, quant_type, torch.uint8)
+    n = A.numel()
+    assert packed.shape == ((n + 1) // 2, 1) and packed.dtype == torch.uint8
+    assert torch.equal(absmax, rabsmax)
+    assert torch.equal(packed, rpacked)
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+@pytest.mark.parametrize("shape", [(1,), (33,), (1000, 37), (64, 64)])
+def test_dequantize_matches_reference(device, dtype, quant_type, shape):
+    A = torch.randn(shape, device=device)
+    packed, absmax = ops.quantize_4bit(A, 64, quant_type, torch.uint8)
+    out = ops.dequantize_4bit(packed, absmax, 64, quant_type, list(shape), dtype)
+    ref = reference.dequantize_4bit(packed, absmax, 64, quant_type, shape, dtype)
+    assert out.shape == shape and out.dtype == dtype
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("quant_type,bar", [("nf4", 0.0734), ("fp4", 0.0974)])
+def test_round_trip_error(quant_type, bar):
+    # bitsandbytes' own bars: mean absolute error on randn(1024, 1024) at blocksize 64.
+    A = torch.randn(1024, 1024)
+    packed, state = F.quantize_4bit(A, blocksize=64, quant_type=quant_type)
+    assert (F.dequantize_4bit(packed, state) - A).abs().mean().item() < bar
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_double_quant(quant_type):
+    A = torch.randn(1024, 1024)
+    packed, state = F.quantize_4bit(A, blocksize=64, quant_type=quant_type, compress_statistics=True)
+    plain, plain_state = F.quantize_4bit(A, blocksize=64, quant_type=quant_type)
+    assert torch.equal(packed, plain)  # only the statistics are compressed
+    assert state.nested and state.absmax.dtype == torch.uint8 and state.state2.blocksize == 256
+    assert state.offset.item() == pytest.approx(plain_state.absmax.mean().item())
+    # absmax decoded from 8 bits stays close to the fp32 one
+    decoded = F.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    torch.testing.assert_close(decoded, plain_state.absmax, rtol=0.01, atol=1e-3)
+    bar = 0.0734 if quant_type == "nf4" else 0.0974
+    assert (F.dequantize_4bit(packed, state) - A).abs().mean().item() < bar
+
+
+@pytest.mark.parametrize("storage", [torch.uint8, torch.int8, torch.bfloat16, torch.float16, torch.float32, torch.int32])
+def test_quant_storage_reinterprets_the_same_bytes(device, storage):
+    A = torch.randn(64, 64, device=device)
+    ref, ref_absmax = ops.quantize_4bit(A, 64, "nf4", torch.uint8)
+    packed, absmax = ops.quantize_4bit(A, 64, "nf4", storage)
+    assert packed.dtype == storage and packed.dim() == 2 and packed.shape[1] == 1
+    assert torch.equal(packed.view(torch.uint8).reshape(-1, 1), ref)
+    out = ops.dequantize_4bit(packed, absmax, 64, "nf4", [64, 64], torch.float32)
+    assert torch.equal(out, ops.dequantize_4bit(ref, ref_absmax, 64, "nf4", [64, 64], torch.float32))
+
+
+def test_quant_storage_that_cannot_hold_the_bytes_is_refused():
+    with pytest.raises(ValueError, match="whole torch.float32"):
+        ops.quantize_4bit(torch.randn(6), 64, "nf4", torch.float32)  # 3 bytes
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+@pytest.mark.parametrize("M,N,K", [(1, 64, 64), (1, 33, 65), (3, 100, 129), (16, 256, 512), (1, 1, 1)])
+def test_gemv_matches_reference(device, dtype, quant_type, M, N, K):
+    W = torch.randn(N, K, device=device)
+    packed, absmax = ops.quantize_4bit(W, 64, quant_type, torch.uint8)
+    code = F.get_4bit_type(quant_type, device=device)
+    A = torch.randn(M, K, device=device).to(dtype)
+    out = ops.gemv_4bit(A, packed, [N, K], absmax, code, 64)
+    ref = reference.gemv_4bit(A, packed, [N, K], absmax, code, 64)
+    assert out.shape == (M, N) and out.dtype == dtype
+    # fp32 accumulation in another order, then one rounding to dtype
+    tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol * K**0.5)
+
+
+def test_gemv_leading_dims_and_non_contiguous(device):
+    W = torch.randn(48, 80, device=device)
+    packed, absmax = ops.quantize_4bit(W, 64, "nf4", torch.uint8)
+    code = F.get_4bit_type("nf4", device=device)
+    A = torch.randn(2, 3, 80, device=device)
+    out = ops.gemv_4bit(A, packed, [48, 80], absmax, code, 64)
+    assert out.shape == (2, 3, 48)
+    assert torch.equal(ops.gemv_4bit(non_contiguous(A), packed, [48, 80], absmax, code, 64), out)
+
+
+def test_functional_gemv_decodes_nested_absmax():
+    W = torch.randn(64, 256)
+    packed, state = F.quantize_4bit(W, quant_type="nf4", compress_statistics=True)
+    A = torch.randn(1, 256)
+    expected = A @ F.dequantize_4bit(packed, state).t()
+    torch.testing.assert_close(F.gemv_4bit(A, packed, state=state), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_non_contiguous_input_gives_contiguous_answer(device, dtype):
+    A = torch.randn(300, 70, device=device).to(dtype)
+    for got, want in zip(
+        ops.quantize_4bit(non_contiguous(A), 64, "nf4", torch.uint8),
+        ops.quantize_4bit(A, 64, "nf4", torch.uint8),
+    ):
+        assert torch.equal(got, want)
+    packed, absmax = ops.quantize_4bit(A, 64, "nf4", torch.uint8)
+    strided = non_contiguous(packed.view(-1, 1).expand(-1, 1))
+    assert torch.equal(
+        ops.dequantize_4bit(strided, absmax, 64, "nf4", [300, 70], torch.float32),
+        ops.dequantize_4bit(packed, absmax, 64, "nf4", [300, 70], torch.float32),
+    )
+
+
+def test_empty(device):
+    packed, absmax = ops.quantize_4bit(torch.empty(0, device=device), 64, "nf4", torch.uint8)
+    assert packed.shape == (0, 1) and absmax.shape == (0,)
+    assert ops.dequantize_4bit(packed, absmax, 64, "nf4", [0, 8], torch.float16).shape == (0, 8)
+
+
+def test_dequantize_out_variant(device):
+    A = torch.randn(40, 30, device=device)
+    packed, absmax = ops.quantize_4bit(A, 64, "fp4", torch.uint8)
+    out = torch.empty(40, 30, dtype=torch.bfloat16, device=device)
+    ops.dequantize_4bit.out(packed, absmax, 64, "fp4", [40, 30], torch.bfloat16, out=out)
+    assert torch.equal(out, ops.dequantize_4bit(packed, absmax, 64, "fp4", [40, 30], torch.bfloat16))
+
+
+def test_quant_state_serialisation_round_trip():
+    A = torch.randn(100, 64, dtype=torch.bfloat16)
+    for nested in (False, True):
+        packed, state = F.quantize_4bit(A, quant_type="nf4", compress_statistics=nested)
+        d = state.as_dict(packed=True)
+        assert "quant_state.bitsandbytes__nf4" in d
+        back = F.QuantState.from_dict({"weight." + k: v for k, v in d.items()}, "cpu")
+        assert back == state
+        assert torch.equal(F.dequantize_4bit(packed, back), F.dequantize_4bit(packed, state))

@@ -1,0 +1,173 @@
+"""LLM.int8(): row quantization with outliers, int8 GEMM, dequantization and the fused layer."""
+
+import pytest
+import torch
+from conftest import non_contiguous
+
+import lowbit.functional as F
+from lowbit import reference
+
+ops = torch.ops.lowbit
+
+
+def with_outliers(M, K, cols, device, dtype, magnitude=20.0):
+    A = torch.randn(M, K, device=device)
+    A[:, cols] *= magnitude
+    return A.to(dtype)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 64), (7, 33), (128, 512), (2, 3, 65)])
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+def test_vectorwise_quant_matches_reference(device, dtype, shape, threshold):
+    A = torch.randn(shape, device=device) * 3
+    A = A.to(dtype)
+    q, stats, cols = ops.int8_vectorwise_quant(A, threshold)
+    rq, rstats, rcols = reference.int8_vectorwise_quant(A, threshold)
+    assert q.dtype == torch.int8 and q.shape == A.shape
+    assert torch.equal(stats, rstats)
+    assert torch.equal(q, rq)
+    if threshold == 0.0:
+        assert cols is None and rcols is None
+    else:
+        assert torch.equal(cols, rcols)
+
+
+def test_vectorwise_quant_outlier_columns(device, dtype):
+    A = with_outliers(16, 64, [3, 40], device, dtype)
+    A[:, 3] = A[:, 3].sign() * 20  # every element of the column is an outlier
+    A[5, 40] = 0.5  # a column is an outlier column when any of its elements is
+    q, stats, cols = ops.int8_vectorwise_quant(A, 6.0)
+    assert cols.tolist() == [3, 40]
+    assert torch.all(q[:, [3, 40]] == 0)
+    # row scale ignores outliers: every row's absmax is that of its other elements
+    kept = A.float().clone()
+    kept[kept.abs() >= 6.0] = 0
+    torch.testing.assert_close(stats, kept.abs().amax(1), rtol=0, atol=0)
+
+
+def test_vectorwise_quant_rounds_half_to_even():
+    # absmax 127 makes the scale exactly 1, so the codes are round-half-even of the values.
+    A = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, 3.49, -126.5]])
+    q, stats, _ = ops.int8_vectorwise_quant(A, 0.0)
+    assert q.tolist() == [[127, 0, 2, 2, 0, -2, 3, -126]]
+
+
+def test_vectorwise_dequant(device):
+    A = torch.randn(9, 70, device=device)
+    q, stats, _ = ops.int8_vectorwise_quant(A)
+    out = ops.int8_vectorwise_dequant(q, stats)
+    assert torch.equal(out, reference.int8_vectorwise_dequant(q, stats))
+    assert (out - A).abs().max() <= stats.max() / 127
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (1, 64, 64), (5, 17, 33), (128, 96, 256), (3, 4, 0)])
+def test_int8_matmul_exact(device, M, N, K):
+    A = torch.randint(-127, 128, (M, K), dtype=torch.int8, device=device)
+    B = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=device)
+    C = ops.int8_linear_matmul(A, B)
+    assert C.dtype == torch.int32 and C.shape == (M, N)
+    assert torch.equal(C, reference.int8_linear_matmul(A, B))
+
+
+def test_int8_matmul_leading_dims_out_and_strides(device):
+    A = torch.randint(-127, 128, (2, 3, 40), dtype=torch.int8, device=device)
+    B = torch.randint(-127, 128, (24, 40), dtype=torch.int8, device=device)
+    C = ops.int8_linear_matmul(A, B)
+    assert C.shape == (2, 3, 24)
+    out = torch.empty(2, 3, 24, dtype=torch.int32, device=device)
+    ops.int8_linear_matmul.out(A, B, out=out)
+    assert torch.equal(out, C)
+    assert torch.equal(ops.int8_linear_matmul(non_contiguous(A), B), C)
+
+
+@pytest.mark.parametrize("K", [133144])
+def test_int8_matmul_at_the_int32_limit(K):
+    # 127 * 127 * 133144 = 2147480344 < 2**31: the largest K that cannot overflow.
+    A = torch.full((1, K), 127, dtype=torch.int8)
+    B = torch.full((2, K), -127, dtype=torch.int8)
+    B[1] = 127
+    C = ops.int8_linear_matmul(A, B)
+    assert C.tolist() == [[-127 * 127 * K, 127 * 127 * K]]
+    with pytest.raises(ValueError, match="K = 133145 exceeds 133144"):
+        ops.int8_linear_matmul(torch.ones(1, K + 1, dtype=torch.int8), torch.ones(2, K + 1, dtype=torch.int8))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_mm_dequant(device, out_dtype, with_bias):
+    C = torch.randint(-(2**20), 2**20, (7, 33), dtype=torch.int32, device=device)
+    row = torch.rand(7, device=device) * 4
+    col = torch.rand(33, device=device) * 4
+    bias = torch.randn(33, device=device).to(out_dtype) if with_bias else None
+    out = ops.int8_mm_dequant(C, row, col, out_dtype, bias)
+    ref = reference.int8_mm_dequant(C, row, col, out_dtype, bias)
+    assert out.dtype == out_dtype
+    assert torch.equal(out, ref)
+
+
+def test_mm_dequant_defaults_to_float16_like_bitsandbytes():
+    C = torch.ones(2, 3, dtype=torch.int32)
+    assert ops.int8_mm_dequant(C, torch.ones(2), torch.ones(3)).dtype == torch.float16
+
+
+@pytest.mark.parametrize("M", [1, 17, 64])
+def test_int8_linear_accuracy_with_planted_outliers(device, dtype, M):
+    # The bitsandbytes bar: at most 1.75% of elements outside atol 0.01 / rtol 0.1 of the fp32
+    # product of the same int8-dequantized weight; outlier columns go through floating point.
+    K, N = 512, 256
+    A = with_outliers(M, K, [7, 100, 300], device, dtype)
+    W_float = torch.randn(N, K, device=device)
+    W, SCB, _ = ops.int8_vectorwise_quant(W_float)
+    bias = torch.randn(N, device=device).to(dtype)
+    out = ops.int8_linear(A, W, SCB, bias, 6.0)
+    assert out.dtype == dtype and out.shape == (M, N)
+    expected = A.float() @ reference.int8_weight_dequant(W, SCB).t() + bias.float()
+    scale = expected.abs().mean()
+    bad = ~torch.isclose(out.float() / scale, expected / scale, atol=0.01, rtol=0.1)
+    assert bad.float().mean().item() <= 0.0175
+    torch.testing.assert_close(out.float(), reference.int8_linear(A, W, SCB, bias, 6.0).float(), rtol=2e-2, atol=2e-2 * scale.item())
+
+
+def test_int8_linear_outlier_columns_are_computed_in_floating_point():
+    # With the outlier column's activations huge, an int8 path would lose the small ones; the
+    # float path gets the exact product for that column.
+    K, N = 64, 8
+    A = torch.zeros(2, K)
+    A[:, 5] = torch.tensor([1000.0, 7.0])
+    W_float = torch.randn(N, K)
+    W, SCB, _ = ops.int8_vectorwise_quant(W_float)
+    out = ops.int8_linear(A, W, SCB, None, 6.0)
+    expected = A @ reference.int8_weight_dequant(W, SCB).t()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
+    # without the split the 7.0 row quantizes against itself: still close, but int8-rounded
+    no_split = ops.int8_linear(A, W, SCB, None, 0.0)
+    torch.testing.assert_close(no_split, expected, rtol=0.02, atol=0.5)
+
+
+def test_int8_linear_bf16_large_activations_do_not_overflow():
+    # bf16 activations far beyond float16's range: never routed through float16.
+    A = torch.randn(4, 128, dtype=torch.bfloat16) * 1e6
+    W, SCB, _ = ops.int8_vectorwise_quant(torch.randn(16, 128))
+    out = ops.int8_linear(A, W, SCB, None, 0.0)
+    assert torch.isfinite(out).all() and out.abs().max() > 1e6
+
+
+def test_int8_linear_k_zero_gives_bias(device):
+    bias = torch.randn(5, device=device)
+    out = ops.int8_linear(torch.empty(3, 0, device=device), torch.empty(5, 0, dtype=torch.int8, device=device), torch.ones(5, device=device), bias, 6.0)
+    assert torch.equal(out, bias.expand(3, 5))
+
+
+def test_int8_linear_gradient_reaches_the_input():
+    W, SCB, _ = ops.int8_vectorwise_quant(torch.randn(16, 32))
+    A = torch.randn(3, 32, requires_grad=True)
+    F.int8_linear(A, W, SCB, None, 6.0).sum().backward()
+    torch.testing.assert_close(A.grad, reference.int8_weight_dequant(W, SCB).sum(0).expand(3, 32))
+
+
+def test_int8_double_quant():
+    A = torch.randn(20, 30)
+    q_row, q_col, s_row, s_col, _ = F.int8_double_quant(A)
+    assert torch.equal(q_row, ops.int8_vectorwise_quant(A)[0])
+    assert torch.equal(q_col, ops.int8_vectorwise_quant(A.t().contiguous())[0].t())
+    assert s_row.shape == (20,) and s_col.shape == (30,)
