@@ -3,8 +3,8 @@
 #include <Python.h>
 
 static PyModuleDef lowbit_module = {PyModuleDef_HEAD_INIT, "_C",
-                                    "lowbit's compiled ops (registered under torch.ops.lowbit)",
-                                    -1, nullptr};
+                                    "lowbit's compiled ops (registered under torch.ops.lowbit)", -1,
+                                    nullptr};
 
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* m = PyModule_Create(&lowbit_module);

@@ -33,8 +33,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& A,
   // Midpoints of the sorted code: the quantization rule of codebook.h.
   float bound[255];
   for (int i = 0; i < 255; ++i) {
-    TORCH_CHECK_VALUE(cv[i] <= cv[i + 1], "lowbit.", op,
-                      ": code must be sorted ascending (entry ", i + 1, " is below entry ", i, ")");
+    TORCH_CHECK_VALUE(cv[i] <= cv[i + 1], "lowbit.", op, ": code must be sorted ascending (entry ",
+                      i + 1, " is below entry ", i, ")");
     bound[i] = (cv[i] + cv[i + 1]) / 2.0f;
   }
   uint8_t zero_code = 0;

@@ -4,8 +4,8 @@
 #include "lowbit/codebook.h"
 #include "lowbit/cpu_kernels.h"
 #include "ops/common.h"
-#include "ops/ops.h"
 #include "ops/fourbit_args.h"
+#include "ops/ops.h"
 
 namespace lowbit::ops {
 

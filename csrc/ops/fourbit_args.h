@@ -43,9 +43,8 @@ inline int64_t check_shape(const char* op, at::IntArrayRef shape) {
 }
 
 // A packed 4-bit tensor of logical shape `shape` with its fp32 absmax; returns the element count.
-inline int64_t check_4bit_weight(const char* op, const at::Tensor& packed,
-                                 const at::Tensor& absmax, int64_t blocksize,
-                                 at::IntArrayRef shape) {
+inline int64_t check_4bit_weight(const char* op, const at::Tensor& packed, const at::Tensor& absmax,
+                                 int64_t blocksize, at::IntArrayRef shape) {
   check_blocksize(op, blocksize, kMin4bitBlock, kMax4bitBlock);
   const int64_t n = check_shape(op, shape);
   packed_storage_elems(op, packed.numel() * packed.element_size(), packed.scalar_type());

@@ -26,8 +26,8 @@ at::Tensor outlier_mask(const at::Tensor& a2, float threshold) {
 }
 
 // Quantizes a contiguous [rows, K] float tensor; col_mask may be undefined.
-void quantize_rows(const at::Tensor& a2, float threshold, const at::Tensor& col_mask,
-                   at::Tensor& q, at::Tensor& stats) {
+void quantize_rows(const at::Tensor& a2, float threshold, const at::Tensor& col_mask, at::Tensor& q,
+                   at::Tensor& stats) {
   const int64_t rows = a2.size(0), K = a2.size(1);
   const FloatType t = float_type(a2.scalar_type());
   const void* ap = a2.data_ptr();
@@ -118,8 +118,8 @@ void int8_linear_matmul_out_cpu(const at::Tensor& A, const at::Tensor& B, at::Te
   check_dtype(op, "out", out, at::kInt);
   std::vector<int64_t> shape(A.sizes().begin(), A.sizes().end());
   shape.back() = N;
-  TORCH_CHECK_VALUE(out.sizes() == at::IntArrayRef(shape), "lowbit.", op,
-                    ": out must have shape ", at::IntArrayRef(shape), ", got ", out.sizes());
+  TORCH_CHECK_VALUE(out.sizes() == at::IntArrayRef(shape), "lowbit.", op, ": out must have shape ",
+                    at::IntArrayRef(shape), ", got ", out.sizes());
   const at::Tensor a2 = A.contiguous().reshape({M, K}), b = B.contiguous();
   at::Tensor dst = out.is_contiguous() ? out : at::empty(shape, out.options());
   at::Tensor c2 = dst.view({M, N});
@@ -145,9 +145,8 @@ at::Tensor int8_mm_dequant_cpu(const at::Tensor& A, const at::Tensor& row_stats,
   const char* op = "int8_mm_dequant";
   const at::ScalarType out_dtype = dtype.value_or(at::kHalf);
   const auto [rows, N] = check_mm_dequant(op, A, row_stats, col_stats, out_dtype, bias);
-  at::Tensor out =
-      mm_dequant_2d(A.contiguous().reshape({rows, N}), row_stats, col_stats,
-                    bias.has_value() ? *bias : at::Tensor(), out_dtype);
+  at::Tensor out = mm_dequant_2d(A.contiguous().reshape({rows, N}), row_stats, col_stats,
+                                 bias.has_value() ? *bias : at::Tensor(), out_dtype);
   return out.reshape(A.sizes());
 }
 
@@ -178,8 +177,8 @@ at::Tensor int8_linear_cpu(const at::Tensor& A, const at::Tensor& W, const at::T
   const bool has_outliers = cols.defined() && cols.numel() > 0;
   // Without outliers, dequantize + bias straight into A's dtype. With them, stay in fp32 until
   // the outlier product (activation columns x dequantized weight columns, fp32) is added.
-  at::Tensor out = mm_dequant_2d(c, row_stats, W_scale, bias_t,
-                                 has_outliers ? at::kFloat : A.scalar_type());
+  at::Tensor out =
+      mm_dequant_2d(c, row_stats, W_scale, bias_t, has_outliers ? at::kFloat : A.scalar_type());
   if (has_outliers) {
     const at::Tensor a_out = a2.index_select(1, cols).to(at::kFloat);
     const at::Tensor w_out = w.index_select(1, cols).to(at::kFloat) *

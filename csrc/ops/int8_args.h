@@ -61,8 +61,8 @@ inline std::tuple<int64_t, int64_t> check_mm_dequant(const char* op, const at::T
   if (bias.has_value()) {
     check_float(op, "bias", bias->scalar_type());
     check_device(op, "bias", *bias, A, "A");
-    TORCH_CHECK_VALUE(bias->numel() == N, "lowbit.", op, ": bias must hold ", N,
-                      " values, got ", bias->numel());
+    TORCH_CHECK_VALUE(bias->numel() == N, "lowbit.", op, ": bias must hold ", N, " values, got ",
+                      bias->numel());
   }
   return {rows, N};
 }
@@ -83,13 +83,13 @@ inline std::tuple<int64_t, int64_t, int64_t> check_int8_linear(
   TORCH_CHECK_VALUE(A.size(-1) == K, "lowbit.", op, ": A's last dimension (", A.size(-1),
                     ") must equal W's K (", K, ")");
   check_k(op, K);
-  TORCH_CHECK_VALUE(W_scale.numel() == N, "lowbit.", op, ": W_scale must hold one value per row of W (",
-                    N, "), got ", W_scale.numel());
+  TORCH_CHECK_VALUE(W_scale.numel() == N, "lowbit.", op,
+                    ": W_scale must hold one value per row of W (", N, "), got ", W_scale.numel());
   if (bias.has_value()) {
     check_float(op, "bias", bias->scalar_type());
     check_device(op, "bias", *bias, A, "A");
-    TORCH_CHECK_VALUE(bias->numel() == N, "lowbit.", op, ": bias must hold ", N,
-                      " values, got ", bias->numel());
+    TORCH_CHECK_VALUE(bias->numel() == N, "lowbit.", op, ": bias must hold ", N, " values, got ",
+                      bias->numel());
   }
   return {leading_rows(A), N, K};
 }
