@@ -8,3 +8,7 @@ from lowbit import (
 )
 
 __version__ = "0.1.0"
+
+from lowbit.integrations import _register_if_available  # noqa: E402  (Transformers plug-in, lazy)
+
+_register_if_available()

@@ -44,7 +44,9 @@ def quiet_transformers():
     try:
         import transformers
     except ImportError:
-        raise CliError("this command needs transformers: pip install 'lowbit[transformers]'") from None
+        raise CliError(
+            "this command needs transformers: pip install 'lowbit[transformers]'"
+        ) from None
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     return transformers

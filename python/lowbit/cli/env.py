@@ -52,9 +52,7 @@ def collect() -> dict:
         "lowbit_with_cuda": bool(getattr(_C, "with_cuda", False)),
         "torch_cuda_version": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
-        "cuda_devices": [
-            torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())
-        ]
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         if torch.cuda.is_available()
         else [],
     }
@@ -73,7 +71,9 @@ def run(args) -> int:
     if flags is None:
         print(f"{'cpu flags':<22}unknown (no /proc/cpuinfo)")
     else:
-        print(f"{'cpu flags':<22}" + " ".join(f"{k}={'yes' if v else 'no'}" for k, v in flags.items()))
+        print(
+            f"{'cpu flags':<22}" + " ".join(f"{k}={'yes' if v else 'no'}" for k, v in flags.items())
+        )
     print(f"{'torch cpu capability':<22}{info['torch_cpu_capability']}")
     print(f"{'threads':<22}{info['threads']} (interop {info['interop_threads']})")
     print(f"{'lowbit built w/ CUDA':<22}{'yes' if info['lowbit_with_cuda'] else 'no'}")

@@ -48,7 +48,6 @@ def _add_quantize(sub) -> None:
     p.add_argument("--bits", type=int, choices=(4, 8), required=True)
     p.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4", help="4-bit format")
     p.add_argument("--double-quant", action="store_true", help="4-bit: quantize the scales too")
-    p.add_argument("--blocksize", type=int, default=64, help="4-bit block size (default 64)")
     p.add_argument(
         "--threshold", type=float, default=6.0, help="8-bit: LLM.int8() outlier threshold"
     )

@@ -47,7 +47,8 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
             try:
                 register_transformers()
             except Exception as e:  # a broken plug-in must never break `import transformers`
-                warnings.warn(f"lowbit: could not register the Transformers quantizer: {e!r}")
+                msg = f"lowbit: could not register the Transformers quantizer: {e!r}"
+                warnings.warn(msg, RuntimeWarning, stacklevel=2)
 
         spec.loader.exec_module = exec_then_register
         return spec

@@ -30,11 +30,11 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from lowbit import functional as F
 from lowbit import nn as lnn
 from lowbit.config import LowbitConfig as _LowbitConfig
 
 QUANT_METHOD = "lowbit"
+_FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 __all__ = ["QUANT_METHOD", "LowbitConfig", "LowbitHfQuantizer", "register"]
 
@@ -268,29 +268,23 @@ class LowbitHfQuantizer(HfQuantizer):
         ]
 
     def _dequantize(self, model, dtype=None):
+        # model.config.dtype, Transformers' default here, may be a name ("float32").
+        if isinstance(dtype, str):
+            dtype = _FLOAT_DTYPES.get(dtype.removeprefix("torch."))
         for name, module in list(model.named_modules()):
             if not isinstance(module, (lnn.Linear4bit, lnn.Linear8bitLt)):
                 continue
-            weight = dequantize_weight(module.weight)
-            if dtype is not None:
-                weight = weight.to(dtype)
+            weight = module.dequantize(dtype)
             new = torch.nn.Linear(
-                module.in_features, module.out_features, bias=module.bias is not None
-            ).to(device=weight.device, dtype=weight.dtype)
+                module.in_features, module.out_features, bias=module.bias is not None, device="meta"
+            )
             new.weight = torch.nn.Parameter(weight, requires_grad=False)
             if module.bias is not None:
-                new.bias = torch.nn.Parameter(module.bias.data.to(weight.dtype))
+                new.bias = torch.nn.Parameter(
+                    module.bias.data.to(weight.dtype), requires_grad=False
+                )
             model.set_submodule(name, new)
         return model
-
-
-def dequantize_weight(weight) -> torch.Tensor:
-    """The float [out, in] matrix a lowbit parameter stands for."""
-    if isinstance(weight, lnn.Params4bit) and weight.quant_state is not None:
-        return F.dequantize_4bit(weight.data, weight.quant_state)
-    if isinstance(weight, lnn.Int8Params) and weight.SCB is not None:
-        return F.int8_vectorwise_dequant(weight.data, weight.SCB)
-    return weight.data
 
 
 def register() -> None:
