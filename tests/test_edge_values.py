@@ -1,0 +1,144 @@
+"""Edge values and odd layouts: defined, tested results (the NaN/Inf/zero policy of
+csrc/include/lowbit/blockscale.h), the same on every device."""
+
+import pytest
+import torch
+
+import lowbit.functional as F
+from lowbit import reference
+
+ops = torch.ops.lowbit
+FINFO = {d: torch.finfo(d) for d in (torch.float32, torch.float16, torch.bfloat16)}
+
+
+def _round_trips(A, device):
+    """(8-bit blockwise, nf4, fp4) dequantized round trips of A, plus their absmax."""
+    code = F.create_dynamic_map().to(device)
+    q, am = ops.quantize_blockwise(A, code, 64)
+    out = [(ops.dequantize_blockwise(q, am, code, 64, A.dtype), am)]
+    for qt in ("nf4", "fp4"):
+        p, am4 = ops.quantize_4bit(A, 64, qt, torch.uint8)
+        out.append((ops.dequantize_4bit(p, am4, 64, qt, list(A.shape), A.dtype), am4))
+    return out
+
+
+def test_all_zero_tensor_comes_back_as_exact_zeros(device, dtype):
+    A = torch.zeros(3, 100, dtype=dtype, device=device)
+    for back, absmax in _round_trips(A, device):
+        assert torch.equal(back, A) and not back.isnan().any()
+        assert torch.all(absmax == 0)
+    q, stats, _ = ops.int8_vectorwise_quant(A, 6.0)
+    assert torch.all(q == 0) and torch.all(stats == 0)
+
+
+def test_constant_blocks_are_exact(device, dtype):
+    A = torch.full((256,), 3.5, dtype=dtype, device=device)
+    for back, _ in _round_trips(A, device):
+        assert torch.equal(back, A)  # +1.0 is in every code, so absmax * 1 is exact
+
+
+def test_subnormal_blocks_do_not_overflow(device):
+    tiny = torch.tensor([1e-45, -2e-45, 0.0, 3e-45] * 16, device=device)  # fp32 subnormals
+    for back, absmax in _round_trips(tiny, device):
+        assert torch.isfinite(back).all()
+        assert (back - tiny).abs().max() <= tiny.abs().max()
+    ref_q, ref_am = reference.quantize_4bit(tiny, 64, "nf4", torch.uint8)
+    assert torch.equal(ops.quantize_4bit(tiny, 64, "nf4", torch.uint8)[0], ref_q)
+
+
+def test_largest_finite_values(device, dtype):
+    big = FINFO[dtype].max
+    A = torch.tensor([big, -big, big / 2, 1.0] * 16, dtype=dtype, device=device)
+    for back, absmax in _round_trips(A, device):
+        assert torch.isfinite(back).all()
+        assert back[0] == big  # the +1 code times absmax
+        assert back[1] <= -0.99 * big  # the dynamic map's most negative code is -0.99296875
+    q, stats, _ = ops.int8_vectorwise_quant(A.reshape(4, 16), 0.0)
+    assert torch.isfinite(stats).all()
+
+def test_int8_path_never_overflows_through_float16(device):
+    # Activations at float16's largest value in bf16/fp32: the products exceed float16's range, so
+    # any detour through float16 would give Inf. lowbit stays in fp32 until the final rounding.
+    W, SCB, _ = ops.int8_vectorwise_quant(torch.randn(8, 16, device=device))
+    for dtype in (torch.bfloat16, torch.float32):
+        A = torch.full((4, 16), 65504.0, device=device).to(dtype)
+        for threshold in (0.0, 6.0):
+            out = ops.int8_linear(A, W, SCB, None, threshold)
+            assert torch.isfinite(out).all() and out.abs().max() > 65504
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nan_or_inf_poisons_exactly_its_block(device, dtype, bad):
+    A = torch.randn(4, 64, device=device).to(dtype)
+    A[1, 7] = bad
+    for back, absmax in _round_trips(A, device):
+        assert absmax.isnan().tolist() == [False, True, False, False]
+        assert back[1].isnan().all()
+        assert not back[[0, 2, 3]].isnan().any()
+    q, stats, _ = ops.int8_vectorwise_quant(A, 0.0)
+    assert stats.isnan().tolist() == [False, True, False, False] and torch.all(q[1] == 0)
+
+
+def test_inf_with_threshold_goes_to_the_float_path(device):
+    A = torch.randn(3, 32, device=device)
+    A[0, 4] = float("inf")
+    q, stats, cols = ops.int8_vectorwise_quant(A, 6.0)
+    assert cols.tolist() == [4] and torch.isfinite(stats).all()
+    W, SCB, _ = ops.int8_vectorwise_quant(torch.randn(8, 32, device=device))
+    out = ops.int8_linear(A, W, SCB, None, 6.0)
+    assert torch.isinf(out[0]).any() and torch.isfinite(out[1:]).all()
+
+
+def test_threshold_edges(device):
+    A = torch.ones(4, 8, device=device)
+    A[2, 3] = 6.0  # exactly at the threshold: an outlier (|a| >= threshold)
+    _, _, cols = ops.int8_vectorwise_quant(A, 6.0)
+    assert cols.tolist() == [3]
+    _, _, cols = ops.int8_vectorwise_quant(A, 6.0001)
+    assert cols.tolist() == []
+    every = torch.full((4, 8), 10.0, device=device)
+    q, stats, cols = ops.int8_vectorwise_quant(every, 6.0)
+    assert cols.tolist() == list(range(8)) and torch.all(q == 0) and torch.all(stats == 0)
+    W, SCB, _ = ops.int8_vectorwise_quant(torch.randn(5, 8, device=device))
+    out = ops.int8_linear(every, W, SCB, None, 6.0)  # all through the float path
+    torch.testing.assert_close(out, every @ reference.int8_weight_dequant(W, SCB).t())
+
+
+def test_empty_shapes(device):
+    W, SCB, _ = ops.int8_vectorwise_quant(torch.randn(5, 8, device=device))
+    assert ops.int8_linear(torch.empty(0, 8, device=device), W, SCB, None, 6.0).shape == (0, 5)
+    q, stats, cols = ops.int8_vectorwise_quant(torch.empty(0, 8, device=device), 6.0)
+    assert q.shape == (0, 8) and stats.shape == (0,) and cols.numel() == 0
+    q, stats, _ = ops.int8_vectorwise_quant(torch.empty(3, 0, device=device), 0.0)
+    assert q.shape == (3, 0) and stats.tolist() == [0.0, 0.0, 0.0]
+    C = ops.int8_linear_matmul(torch.empty(3, 0, dtype=torch.int8, device=device), torch.empty(4, 0, dtype=torch.int8, device=device))
+    assert torch.equal(C, torch.zeros(3, 4, dtype=torch.int32, device=device))
+    packed, absmax = ops.quantize_4bit(torch.randn(6, 64, device=device), 64, "nf4", torch.uint8)
+    code = F.get_4bit_type("nf4", device=device)
+    assert ops.gemv_4bit(torch.empty(0, 64, device=device), packed, [6, 64], absmax, code, 64).shape == (0, 6)
+
+
+def test_one_dimensional_and_three_dimensional_activations(device):
+    W, SCB, _ = ops.int8_vectorwise_quant(torch.randn(5, 8, device=device))
+    x = torch.randn(8, device=device)
+    one = ops.int8_linear(x, W, SCB, None, 6.0)
+    assert one.shape == (5,)
+    torch.testing.assert_close(one, ops.int8_linear(x[None], W, SCB, None, 6.0)[0])
+    x3 = torch.randn(2, 3, 8, device=device)
+    torch.testing.assert_close(ops.int8_linear(x3, W, SCB, None, 6.0), ops.int8_linear(x3.reshape(6, 8), W, SCB, None, 6.0).reshape(2, 3, 5))
+
+
+def test_expanded_and_offset_views(device, dtype):
+    base = torch.randn(1, 200, device=device).to(dtype)
+    expanded = base.expand(5, 200)  # stride 0 rows
+    offset = torch.randn(1100, device=device).to(dtype)[17 : 17 + 5 * 200].view(5, 200)
+    code = F.create_dynamic_map().to(device)
+    for view in (expanded, offset, offset.t()):
+        dense = view.contiguous()
+        assert all(torch.equal(a, b) for a, b in zip(ops.quantize_4bit(view, 64, "nf4", torch.uint8), ops.quantize_4bit(dense, 64, "nf4", torch.uint8)))
+        assert all(torch.equal(a, b) for a, b in zip(ops.quantize_blockwise(view, code, 64), ops.quantize_blockwise(dense, code, 64)))
+        got, want = ops.int8_vectorwise_quant(view, 2.0), ops.int8_vectorwise_quant(dense, 2.0)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    absmax = torch.rand(40, device=device)[::2]  # non-contiguous absmax
+    q = torch.randint(0, 255, (20, 64), dtype=torch.uint8, device=device)
+    assert torch.equal(ops.dequantize_blockwise(q, absmax, code, 64, torch.float32), ops.dequantize_blockwise(q, absmax.contiguous(), code, 64, torch.float32))
