@@ -12,3 +12,7 @@ __version__ = "0.1.0"
 from lowbit.integrations import _register_if_available  # noqa: E402  (Transformers plug-in, lazy)
 
 _register_if_available()
+
+from lowbit import nn  # noqa: E402, F401
+from lowbit.config import LowbitConfig  # noqa: E402, F401
+from lowbit.loading import from_pretrained, quantize_model, save_pretrained  # noqa: E402, F401

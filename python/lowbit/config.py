@@ -136,9 +136,13 @@ class LowbitConfig(_Base):
             "bnb_4bit_compute_dtype", bnb_4bit_compute_dtype, _FLOAT_DTYPES
         )
         if bnb_4bit_quant_type not in ("fp4", "nf4"):
-            raise ValueError(f"bnb_4bit_quant_type must be 'fp4' or 'nf4', got {bnb_4bit_quant_type!r}")
+            raise ValueError(
+                f"bnb_4bit_quant_type must be 'fp4' or 'nf4', got {bnb_4bit_quant_type!r}"
+            )
         self.bnb_4bit_quant_type = bnb_4bit_quant_type
-        self.bnb_4bit_use_double_quant = _bool("bnb_4bit_use_double_quant", bnb_4bit_use_double_quant)
+        self.bnb_4bit_use_double_quant = _bool(
+            "bnb_4bit_use_double_quant", bnb_4bit_use_double_quant
+        )
         storage = _dtype("bnb_4bit_quant_storage", bnb_4bit_quant_storage, _STORAGE_DTYPES)
         self.bnb_4bit_quant_storage = torch.uint8 if storage is None else storage
 

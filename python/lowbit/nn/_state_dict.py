@@ -62,7 +62,9 @@ def _decode_qs_json(key: str, t) -> dict:
     try:
         d = json.loads(bytes(t.reshape(-1).cpu().tolist()).decode("utf-8"))
     except (AttributeError, TypeError, ValueError, UnicodeDecodeError) as e:
-        raise _KeyProblem(f"{key}: the quant state is not UTF-8 JSON in a uint8 tensor ({e})") from None
+        raise _KeyProblem(
+            f"{key}: the quant state is not UTF-8 JSON in a uint8 tensor ({e})"
+        ) from None
     if not isinstance(d, dict):
         raise _KeyProblem(f"{key}: the quant state must be a JSON object, got {type(d).__name__}")
     return d
@@ -142,7 +144,9 @@ def load_4bit(module, state_dict, prefix, local_metadata, strict, missing, unexp
     try:
         if w is None:
             if aux:
-                raise _KeyProblem(f"{prefix}weight: missing, but {prefix}{next(iter(aux))} is present")
+                raise _KeyProblem(
+                    f"{prefix}weight: missing, but {prefix}{next(iter(aux))} is present"
+                )
             if strict:
                 missing.append(prefix + "weight")
         elif aux or not w.is_floating_point() or w.dim() != 2:
@@ -229,7 +233,9 @@ def _prequantized_8bit(module, w, scb, prefix) -> Int8Params:
             f"{prefix}SCB: missing; {prefix}weight holds int8 codes that need their per-row scales"
         )
     if not isinstance(scb, torch.Tensor) or not scb.is_floating_point():
-        raise _KeyProblem(f"{prefix}SCB: must be a float tensor, got {getattr(scb, 'dtype', scb)!r}")
+        raise _KeyProblem(
+            f"{prefix}SCB: must be a float tensor, got {getattr(scb, 'dtype', scb)!r}"
+        )
     if scb.numel() != module.out_features:
         raise _KeyProblem(
             f"{prefix}SCB: must hold one scale per output row ({module.out_features}), got "

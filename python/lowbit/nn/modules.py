@@ -87,7 +87,13 @@ class Linear4bit(nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, quantize: bool = True, **kwargs) -> Linear4bit:
         """A 4-bit copy of `linear` (quantized now unless it lives on the meta device)."""
-        m = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta", **kwargs)
+        m = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            device="meta",
+            **kwargs,
+        )
         m.load_state_dict(linear.state_dict(), assign=True)
         if quantize and not linear.weight.is_meta:
             m.quantize_()
@@ -151,7 +157,9 @@ class Linear4bit(nn.Linear):
             for k, v in qs.as_dict(packed=True).items():
                 destination[prefix + "weight." + k] = v if keep_vars else v.detach()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing, unexpected, errs
+    ):
         _run_pre_hooks(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errs)
         load_4bit(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errs)
 
@@ -289,7 +297,13 @@ class Linear8bitLt(nn.Linear):
     def from_linear(cls, linear: nn.Linear, quantize: bool = True, **kwargs) -> Linear8bitLt:
         """An int8 copy of `linear` (quantized now unless it lives on the meta device)."""
         kwargs.setdefault("has_fp16_weights", False)
-        m = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta", **kwargs)
+        m = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            device="meta",
+            **kwargs,
+        )
         m.load_state_dict(linear.state_dict(), assign=True)
         if quantize and not linear.weight.is_meta and not m.weight.has_fp16_weights:
             m.quantize_()
@@ -332,7 +346,9 @@ class Linear8bitLt(nn.Linear):
             destination[prefix + "SCB"] = scb if keep_vars else scb.detach()
             destination[prefix + "weight_format"] = torch.tensor(0, dtype=torch.uint8)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing, unexpected, errs
+    ):
         _run_pre_hooks(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errs)
         load_8bit(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errs)
 
