@@ -1,12 +1,12 @@
 // 8-bit blockwise quantization over a sorted 256-entry code (the dynamic map by default).
 #include <algorithm>
 
+#include "kernels.h"
 #include "load_store.h"
 #include "lowbit/blockscale.h"
 #include "lowbit/codebook.h"
-#include "lowbit/cpu_kernels.h"
 
-namespace lowbit::cpu {
+namespace lowbit::cpu::generic {
 
 namespace {
 
@@ -61,4 +61,4 @@ void dequantize_blockwise(const uint8_t* q, const float* absmax, const float* co
   });
 }
 
-}  // namespace lowbit::cpu
+}  // namespace lowbit::cpu::generic

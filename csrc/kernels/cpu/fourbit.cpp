@@ -2,12 +2,12 @@
 // block, and the fused dequantize + product used for small batches.
 #include <algorithm>
 
+#include "kernels.h"
 #include "load_store.h"
 #include "lowbit/blockscale.h"
 #include "lowbit/codebook.h"
-#include "lowbit/cpu_kernels.h"
 
-namespace lowbit::cpu {
+namespace lowbit::cpu::generic {
 
 namespace {
 
@@ -107,9 +107,10 @@ void gemm_4bit(const float* a, int64_t M, int64_t K, const uint8_t* packed, cons
         for (int u = 0; u < 8; ++u) acc[u] += x[k + u] * row_scratch[k + u];
       float tail = 0.0f;
       for (; k < K; ++k) tail += x[k] * row_scratch[k];
-      out[m * N + j] = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
+      out[m * N + j] =
+          ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
     }
   }
 }
 
-}  // namespace lowbit::cpu
+}  // namespace lowbit::cpu::generic

@@ -3,11 +3,11 @@
 #include <algorithm>
 #include <cmath>
 
+#include "kernels.h"
 #include "load_store.h"
 #include "lowbit/blockscale.h"
-#include "lowbit/cpu_kernels.h"
 
-namespace lowbit::cpu {
+namespace lowbit::cpu::generic {
 
 namespace {
 
@@ -145,4 +145,4 @@ void int8_mm_dequant(const int32_t* C, const float* row_stats, const float* col_
   });
 }
 
-}  // namespace lowbit::cpu
+}  // namespace lowbit::cpu::generic

@@ -1,0 +1,35 @@
+// Run-time choice of the CPU instruction set the kernels use (torch-free).
+//
+// Every hot kernel has a scalar generic version; on x86-64 there are also AVX2 (+FMA+F16C) and
+// AVX-512 (F+BW+VL+VNNI) versions, picked once per process from CPUID. One build therefore runs on
+// any x86-64 machine; builds for other architectures contain only the generic path.
+//
+// The environment variable LOWBIT_CPU_ISA=generic|avx2|avx512 forces a path. It is read once, the
+// first time a kernel runs. If the machine lacks the requested ISA, lowbit prints one warning to
+// stderr and falls back to the widest ISA the machine has that is not wider than the request
+// (e.g. avx512 -> avx2 on an AVX2-only machine); an unknown value warns and uses auto-detection.
+// The empty string and "auto" mean auto-detection.
+#pragma once
+
+namespace lowbit::cpu {
+
+// Ordered from narrowest to widest.
+enum class Isa : int { generic = 0, avx2 = 1, avx512 = 2 };
+
+// True if this build has kernels for `isa` and this CPU (and OS) can run them.
+bool isa_supported(Isa isa);
+// The widest supported ISA.
+Isa best_isa();
+// The ISA the kernels use: best_isa(), or the LOWBIT_CPU_ISA override (see above). Fixed for the
+// life of the process after the first call.
+Isa active_isa();
+// "generic", "avx2" or "avx512".
+const char* isa_name(Isa isa);
+
+}  // namespace lowbit::cpu
+
+// The same for callers without C++ linkage (Python's ctypes: lowbit.bench reads it from _C).
+extern "C" {
+__attribute__((visibility("default"))) const char* lowbit_cpu_isa_name();
+__attribute__((visibility("default"))) const char* lowbit_cpu_best_isa_name();
+}

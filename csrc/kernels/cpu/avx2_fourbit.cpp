@@ -1,0 +1,176 @@
+// 4-bit quantization, dequantization and the fused dequantize + product, AVX2 (+FMA+F16C).
+// Codes and dequantized values are bit-identical to the generic kernels; products differ from
+// them only by the order of the fp32 sums.
+#include <algorithm>
+
+#include "avx2_util.h"
+#include "fourbit_avx2.h"
+#include "kernels.h"
+#include "load_store.h"
+#include "lowbit/codebook.h"
+
+namespace lowbit::cpu::avx2 {
+
+namespace {
+
+// ---- quantize ----------------------------------------------------------------------------------
+
+// #{bounds < x} for 8 lanes: 15 compares, each mask (-1 where true) subtracted.
+inline __m256i bucket16x8(const __m256* bound, __m256 x) {
+  __m256i k = _mm256_setzero_si256();
+  for (int i = 0; i < 15; ++i)
+    k = _mm256_sub_epi32(k, _mm256_castps_si256(_mm256_cmp_ps(bound[i], x, _CMP_LT_OQ)));
+  return k;
+}
+
+// 32 normalised values -> 16 packed bytes. The four int32 count vectors are narrowed with
+// packs (which interleaves 128-bit lanes), mapped through order[] with one pshufb, put back in
+// element order with a dword permute, and paired: byte j = code[2j] << 4 | code[2j + 1].
+inline void encode32(const __m256* bound, __m256i order, const __m256 x[4], uint8_t* out) {
+  const __m256i k01 = _mm256_packs_epi32(bucket16x8(bound, x[0]), bucket16x8(bound, x[1]));
+  const __m256i k23 = _mm256_packs_epi32(bucket16x8(bound, x[2]), bucket16x8(bound, x[3]));
+  // Dwords now hold elements [0-3, 8-11, 16-19, 24-27 | 4-7, 12-15, 20-23, 28-31].
+  __m256i codes = _mm256_shuffle_epi8(order, _mm256_packs_epi16(k01, k23));
+  codes = _mm256_permutevar8x32_epi32(codes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  // As 16-bit words (little endian) each holds (even code, odd code) = (low byte, high byte).
+  const __m256i pair =
+      _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(codes, _mm256_set1_epi16(0x00ff)), 4),
+                      _mm256_srli_epi16(codes, 8));
+  const __m256i bytes = _mm256_permute4x64_epi64(_mm256_packus_epi16(pair, pair), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_castsi256_si128(bytes));
+}
+
+template <typename T>
+void quantize_impl(const T* a, int64_t n, int64_t bs, const Codebook16& cb, uint8_t* packed,
+                   float* absmax, int64_t b0, int64_t b1) {
+  __m256 bound[15];
+  for (int i = 0; i < 15; ++i) bound[i] = _mm256_set1_ps(cb.bound[i]);
+  // order[] in both 128-bit lanes for pshufb (counts are 0..15, so no index has bit 7 set).
+  const __m256i order =
+      _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cb.order)));
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t start = b * bs, len = std::min(n, start + bs) - start;
+    const T* x = a + start;
+    uint8_t* out = packed + start / 2;  // start is even: bs is even
+    float m;
+    bool bad;
+    simd::absmax_scan(x, len, m, bad);
+    const BlockScale s = make_block_scale(m, bad);
+    absmax[b] = s.absmax;
+    if (s.mode == BlockMode::zero || s.mode == BlockMode::nonfinite) {
+      std::fill(out, out + (len + 1) / 2, uint8_t(cb.zero_code * 17));  // zero code, both nibbles
+      continue;
+    }
+    const bool divide = s.mode == BlockMode::divide;
+    const __m256 inv = _mm256_set1_ps(s.inv), am = _mm256_set1_ps(s.absmax);
+    int64_t i = 0;
+    for (; i + 32 <= len; i += 32) {
+      __m256 xn[4];
+      for (int u = 0; u < 4; ++u) {
+        const __m256 v = simd::load8(x + i + 8 * u);
+        xn[u] = divide ? _mm256_div_ps(v, am) : _mm256_mul_ps(v, inv);
+      }
+      encode32(bound, order, xn, out + i / 2);
+    }
+    // Tail (< 32 elements, i even): scalar, the odd last element paired with the zero code.
+    for (; i < len; i += 2) {
+      const int c0 = cb.order[bucket16(cb.bound, normalize(to_float(x[i]), s))];
+      const int c1 = i + 1 < len ? cb.order[bucket16(cb.bound, normalize(to_float(x[i + 1]), s))]
+                                 : cb.zero_code;
+      out[i / 2] = uint8_t((c0 << 4) | c1);
+    }
+  }
+}
+
+// ---- dequantize --------------------------------------------------------------------------------
+
+template <typename T>
+void decode_range(const uint8_t* packed, const float* absmax, const float* code, int64_t bs,
+                  int64_t e0, int64_t e1, T* dst) {
+  const simd::Lut16 lut(code);
+  int64_t e = e0;
+  while (e < e1) {
+    const int64_t b = e / bs;
+    const int64_t seg_end = std::min(e1, (b + 1) * bs);
+    const float s = absmax[b];
+    if (e & 1) {  // odd start: one low nibble first
+      *dst++ = from_float<T>(code[packed[e >> 1] & 0xF] * s);
+      ++e;
+    }
+    const __m256 sv = _mm256_set1_ps(s);
+    const uint8_t* p = packed + (e >> 1);
+    const int64_t chunks = (seg_end - e) / 16;
+    for (int64_t c = 0; c < chunks; ++c, p += 8, dst += 16) {
+      __m256 lo, hi;
+      decode16(lut, p, lo, hi);
+      simd::store8(dst, _mm256_mul_ps(lo, sv));
+      simd::store8(dst + 8, _mm256_mul_ps(hi, sv));
+    }
+    e += 16 * chunks;
+    for (; e + 1 < seg_end; e += 2, ++p) {
+      *dst++ = from_float<T>(code[*p >> 4] * s);
+      *dst++ = from_float<T>(code[*p & 0xF] * s);
+    }
+    if (e < seg_end) {  // odd end: one high nibble
+      *dst++ = from_float<T>(code[*p >> 4] * s);
+      ++e;
+    }
+  }
+}
+
+// ---- product -----------------------------------------------------------------------------------
+
+// Dot product of two fp32 rows with four independent accumulators.
+inline float dot(const float* x, const float* w, int64_t K) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                   _mm256_setzero_ps()};
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32)
+    for (int u = 0; u < 4; ++u)
+      acc[u] =
+          _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8 * u), _mm256_loadu_ps(w + k + 8 * u), acc[u]);
+  for (; k + 8 <= K; k += 8)
+    acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(w + k), acc[0]);
+  float sum =
+      simd::hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+  for (; k < K; ++k) sum += x[k] * w[k];
+  return sum;
+}
+
+}  // namespace
+
+void quantize_4bit(FloatType t, const void* a, int64_t n, int64_t blocksize, const Codebook16& cb,
+                   uint8_t* packed, float* absmax, int64_t block_begin, int64_t block_end) {
+  dispatch_float(t, [&](auto tag) {
+    using T = decltype(tag);
+    quantize_impl(static_cast<const T*>(a), n, blocksize, cb, packed, absmax, block_begin,
+                  block_end);
+  });
+}
+
+void dequantize_4bit(const uint8_t* packed, const float* absmax, const float* code16, int64_t n,
+                     int64_t blocksize, FloatType t, void* out, int64_t block_begin,
+                     int64_t block_end) {
+  const int64_t e0 = block_begin * blocksize, e1 = std::min(n, block_end * blocksize);
+  if (e0 >= e1) return;
+  dispatch_float(t, [&](auto tag) {
+    using T = decltype(tag);
+    decode_range(packed, absmax, code16, blocksize, e0, e1, static_cast<T*>(out) + e0);
+  });
+}
+
+void gemm_4bit(const float* a, int64_t M, int64_t K, const uint8_t* packed, const float* absmax,
+               const float* code16, int64_t blocksize, float* out, int64_t N, int64_t n_begin,
+               int64_t n_end, float* row_scratch) {
+  if (M == 1 && gemv_fast_path_ok(K, blocksize)) {
+    gemv_4bit_avx2(a, K, packed, absmax, code16, blocksize, out, n_begin, n_end, row_scratch);
+    return;
+  }
+  // General shapes: decode each weight row once, then one dot product per activation row.
+  for (int64_t j = n_begin; j < n_end; ++j) {
+    decode_range(packed, absmax, code16, blocksize, j * K, (j + 1) * K, row_scratch);
+    for (int64_t m = 0; m < M; ++m) out[m * N + j] = dot(a + m * K, row_scratch, K);
+  }
+}
+
+}  // namespace lowbit::cpu::avx2

@@ -1,0 +1,116 @@
+// Helpers for the AVX2 (+FMA+F16C) kernels; included only by translation units compiled with
+// -mavx2 -mfma -mf16c (and the AVX-512 ones, which are supersets).
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "lowbit/blockscale.h"
+#include "lowbit/numeric.h"
+
+namespace lowbit::cpu::simd {
+
+// ---- 8 elements of a float type <-> 8 fp32 lanes -----------------------------------------------
+// Widening is exact for every type. Narrowing rounds to nearest-even exactly like numeric.h, so a
+// SIMD store is bit-identical to from_float<T>() of the same fp32 value.
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const half_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256 load8(const bfloat16_t* p) {
+  // bf16 is the top half of an fp32: zero-extend to 32 bits and shift up.
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(half_t* p, __m256 v) {
+  // F16C rounds to nearest-even, overflows to Inf and keeps NaN quiet, as to_half() does.
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+// fp32 -> bf16 bit patterns in the 8 low halves of the int32 lanes (upper halves zero).
+inline __m256i to_bf16_bits(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  // Round to nearest-even on bit 16: add 0x7fff plus the lowest kept bit, then truncate.
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i rounded =
+      _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+  // NaN (|u| > 0x7f800000) keeps its sign and top mantissa bits and is forced quiet.
+  const __m256i mag = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
+  const __m256i is_nan = _mm256_cmpgt_epi32(mag, _mm256_set1_epi32(0x7f800000));
+  const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+  return _mm256_blendv_epi8(rounded, quiet, is_nan);
+}
+inline void store8(bfloat16_t* p, __m256 v) {
+  const __m256i w = to_bf16_bits(v);
+  // packus works within 128-bit lanes: [w0..3 w0..3 | w4..7 w4..7]; gather qwords 0 and 2.
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(w, w), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+
+// |x| by clearing the sign bit.
+inline __m256 abs8(__m256 v) {
+  return _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)));
+}
+
+// Horizontal sums.
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// A 16-entry fp32 table in two registers. lookup16(i) returns table[i & 15] per lane: vpermps
+// uses only bits 0..2 of each index, and blendv picks the upper half by bit 31 of `sel`, so the
+// caller passes the index with bit 3 moved to bit 31 (both may carry junk in other bits).
+struct Lut16 {
+  __m256 lo, hi;
+  explicit Lut16(const float* table) : lo(_mm256_loadu_ps(table)), hi(_mm256_loadu_ps(table + 8)) {}
+  __m256 lookup(__m256i idx, __m256i sel) const {
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx),
+                            _mm256_castsi256_ps(sel));
+  }
+  // Index in bits 0..3 of each lane, other bits zero.
+  __m256 lookup(__m256i idx) const { return lookup(idx, _mm256_slli_epi32(idx, 28)); }
+};
+
+// Absmax of n elements and whether any is NaN or +-Inf (the fold of blockscale.h, 8 at a time).
+template <typename T>
+inline void absmax_scan(const T* a, int64_t n, float& m_out, bool& bad_out) {
+  __m256 m = _mm256_setzero_ps();
+  // !(|x| <= FLT_MAX) flags NaN and +-Inf; max_ps(m, |x|) would drop NaN silently.
+  __m256 bad = _mm256_setzero_ps();
+  const __m256 big = _mm256_set1_ps(3.4028234663852886e38f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = abs8(load8(a + i));
+    m = _mm256_max_ps(m, v);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, big, _CMP_NLE_UQ));
+  }
+  float mm = hmax(m);
+  bool bb = _mm256_movemask_ps(bad) != 0;
+  for (; i < n; ++i) {
+    const float v = abs_f(to_float(a[i]));
+    mm = v > mm ? v : mm;
+    bb = bb || !(v <= 3.4028234663852886e38f);
+  }
+  m_out = mm;
+  bad_out = bb;
+}
+
+}  // namespace lowbit::cpu::simd

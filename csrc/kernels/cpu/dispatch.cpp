@@ -1,0 +1,95 @@
+// The public kernel entry points (lowbit/cpu_kernels.h): each forwards to the kernel set of the
+// active ISA (lowbit/cpu_isa.h). The ISA is fixed at the first call, so the switch is a
+// well-predicted branch on a constant.
+#include "kernels.h"
+#include "lowbit/cpu_isa.h"
+
+namespace lowbit::cpu {
+
+#if defined(LOWBIT_CPU_X86)
+// Calls NS::NAME(args) for the active ISA; avx512 falls back to avx2 for kernels it lacks.
+#define LOWBIT_DISPATCH(NAME, ...)       \
+  switch (active_isa()) {                \
+    case Isa::avx512:                    \
+    case Isa::avx2:                      \
+      return avx2::NAME(__VA_ARGS__);    \
+    default:                             \
+      return generic::NAME(__VA_ARGS__); \
+  }
+#define LOWBIT_DISPATCH_512(NAME, ...)   \
+  switch (active_isa()) {                \
+    case Isa::avx512:                    \
+      return avx512::NAME(__VA_ARGS__);  \
+    case Isa::avx2:                      \
+      return avx2::NAME(__VA_ARGS__);    \
+    default:                             \
+      return generic::NAME(__VA_ARGS__); \
+  }
+#else
+#define LOWBIT_DISPATCH(NAME, ...) return generic::NAME(__VA_ARGS__);
+#define LOWBIT_DISPATCH_512(NAME, ...) return generic::NAME(__VA_ARGS__);
+#endif
+
+void quantize_blockwise(FloatType t, const void* a, int64_t n, int64_t blocksize,
+                        const float* bound255, uint8_t zero_code, uint8_t* q, float* absmax,
+                        int64_t block_begin, int64_t block_end) {
+  LOWBIT_DISPATCH(quantize_blockwise, t, a, n, blocksize, bound255, zero_code, q, absmax,
+                  block_begin, block_end)
+}
+
+void dequantize_blockwise(const uint8_t* q, const float* absmax, const float* code256, int64_t n,
+                          int64_t blocksize, FloatType t, void* out, int64_t block_begin,
+                          int64_t block_end) {
+  LOWBIT_DISPATCH(dequantize_blockwise, q, absmax, code256, n, blocksize, t, out, block_begin,
+                  block_end)
+}
+
+void quantize_4bit(FloatType t, const void* a, int64_t n, int64_t blocksize, const Codebook16& cb,
+                   uint8_t* packed, float* absmax, int64_t block_begin, int64_t block_end) {
+  LOWBIT_DISPATCH(quantize_4bit, t, a, n, blocksize, cb, packed, absmax, block_begin, block_end)
+}
+
+void dequantize_4bit(const uint8_t* packed, const float* absmax, const float* code16, int64_t n,
+                     int64_t blocksize, FloatType t, void* out, int64_t block_begin,
+                     int64_t block_end) {
+  LOWBIT_DISPATCH(dequantize_4bit, packed, absmax, code16, n, blocksize, t, out, block_begin,
+                  block_end)
+}
+
+void gemm_4bit(const float* a, int64_t M, int64_t K, const uint8_t* packed, const float* absmax,
+               const float* code16, int64_t blocksize, float* out, int64_t N, int64_t n_begin,
+               int64_t n_end, float* row_scratch) {
+  LOWBIT_DISPATCH_512(gemm_4bit, a, M, K, packed, absmax, code16, blocksize, out, N, n_begin, n_end,
+                      row_scratch)
+}
+
+void int8_outlier_columns(FloatType t, const void* a, int64_t rows, int64_t K, float threshold,
+                          uint8_t* mask, int64_t c_begin, int64_t c_end) {
+  LOWBIT_DISPATCH(int8_outlier_columns, t, a, rows, K, threshold, mask, c_begin, c_end)
+}
+
+void int8_vectorwise_quant(FloatType t, const void* a, int64_t rows, int64_t K, float threshold,
+                           const uint8_t* col_mask, int8_t* q, float* row_stats, int64_t r_begin,
+                           int64_t r_end) {
+  LOWBIT_DISPATCH(int8_vectorwise_quant, t, a, rows, K, threshold, col_mask, q, row_stats, r_begin,
+                  r_end)
+}
+
+void int8_vectorwise_dequant(const int8_t* q, const float* stats, int64_t K, float* out,
+                             int64_t r_begin, int64_t r_end) {
+  LOWBIT_DISPATCH(int8_vectorwise_dequant, q, stats, K, out, r_begin, r_end)
+}
+
+void int8_gemm(const int8_t* A, const int8_t* B, int32_t* C, int64_t M, int64_t N, int64_t K,
+               int64_t n_begin, int64_t n_end) {
+  LOWBIT_DISPATCH_512(int8_gemm, A, B, C, M, N, K, n_begin, n_end)
+}
+
+void int8_mm_dequant(const int32_t* C, const float* row_stats, const float* col_stats,
+                     FloatType bias_t, const void* bias, int64_t N, FloatType out_t, void* out,
+                     int64_t r_begin, int64_t r_end) {
+  LOWBIT_DISPATCH(int8_mm_dequant, C, row_stats, col_stats, bias_t, bias, N, out_t, out, r_begin,
+                  r_end)
+}
+
+}  // namespace lowbit::cpu

@@ -1,0 +1,59 @@
+// The per-ISA kernel sets behind the public entry points of lowbit/cpu_kernels.h. Each namespace
+// (generic, avx2, avx512) declares the kernels it implements with the public signatures;
+// dispatch.cpp picks one set per call from active_isa(). avx512 implements only the kernels where
+// 512-bit registers or VNNI pay off and forwards the rest to avx2.
+#pragma once
+
+#include "lowbit/cpu_kernels.h"
+
+// The full kernel list, declared once per namespace.
+#define LOWBIT_CPU_KERNEL_DECLS                                                                    \
+  void quantize_blockwise(FloatType t, const void* a, int64_t n, int64_t blocksize,                \
+                          const float* bound255, uint8_t zero_code, uint8_t* q, float* absmax,     \
+                          int64_t block_begin, int64_t block_end);                                 \
+  void dequantize_blockwise(const uint8_t* q, const float* absmax, const float* code256,           \
+                            int64_t n, int64_t blocksize, FloatType t, void* out,                  \
+                            int64_t block_begin, int64_t block_end);                               \
+  void quantize_4bit(FloatType t, const void* a, int64_t n, int64_t blocksize,                     \
+                     const Codebook16& cb, uint8_t* packed, float* absmax, int64_t block_begin,    \
+                     int64_t block_end);                                                           \
+  void dequantize_4bit(const uint8_t* packed, const float* absmax, const float* code16, int64_t n, \
+                       int64_t blocksize, FloatType t, void* out, int64_t block_begin,             \
+                       int64_t block_end);                                                         \
+  void gemm_4bit(const float* a, int64_t M, int64_t K, const uint8_t* packed, const float* absmax, \
+                 const float* code16, int64_t blocksize, float* out, int64_t N, int64_t n_begin,   \
+                 int64_t n_end, float* row_scratch);                                               \
+  void int8_outlier_columns(FloatType t, const void* a, int64_t rows, int64_t K, float threshold,  \
+                            uint8_t* mask, int64_t c_begin, int64_t c_end);                        \
+  void int8_vectorwise_quant(FloatType t, const void* a, int64_t rows, int64_t K, float threshold, \
+                             const uint8_t* col_mask, int8_t* q, float* row_stats,                 \
+                             int64_t r_begin, int64_t r_end);                                      \
+  void int8_vectorwise_dequant(const int8_t* q, const float* stats, int64_t K, float* out,         \
+                               int64_t r_begin, int64_t r_end);                                    \
+  void int8_gemm(const int8_t* A, const int8_t* B, int32_t* C, int64_t M, int64_t N, int64_t K,    \
+                 int64_t n_begin, int64_t n_end);                                                  \
+  void int8_mm_dequant(const int32_t* C, const float* row_stats, const float* col_stats,           \
+                       FloatType bias_t, const void* bias, int64_t N, FloatType out_t, void* out,  \
+                       int64_t r_begin, int64_t r_end);
+
+namespace lowbit::cpu {
+
+namespace generic {
+LOWBIT_CPU_KERNEL_DECLS
+}  // namespace generic
+
+#if defined(LOWBIT_CPU_X86)
+namespace avx2 {
+LOWBIT_CPU_KERNEL_DECLS
+}  // namespace avx2
+
+namespace avx512 {
+void gemm_4bit(const float* a, int64_t M, int64_t K, const uint8_t* packed, const float* absmax,
+               const float* code16, int64_t blocksize, float* out, int64_t N, int64_t n_begin,
+               int64_t n_end, float* row_scratch);
+void int8_gemm(const int8_t* A, const int8_t* B, int32_t* C, int64_t M, int64_t N, int64_t K,
+               int64_t n_begin, int64_t n_end);
+}  // namespace avx512
+#endif
+
+}  // namespace lowbit::cpu

@@ -1,0 +1,230 @@
+"""Every CPU ISA path (generic, avx2, avx512) this machine supports gives the generic kernels'
+answers: codes, absmax, int32 products and dequantized values bit for bit; fused 4-bit products to
+fp32 reassociation tolerance. Each ISA runs in a subprocess with LOWBIT_CPU_ISA set (the ISA is
+fixed per process); the same seeded inputs are built in every process."""
+
+import ctypes
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import lowbit
+from lowbit import functional, reference
+
+ISA_ORDER = ["generic", "avx2", "avx512"]
+
+
+def _lib():
+    return ctypes.CDLL(lowbit._C.__file__)
+
+
+def _best_isa() -> str:
+    fn = _lib().lowbit_cpu_best_isa_name
+    fn.restype = ctypes.c_char_p
+    return fn().decode()
+
+
+SUPPORTED = ISA_ORDER[: ISA_ORDER.index(_best_isa()) + 1]
+FAST = [isa for isa in SUPPORTED if isa != "generic"]
+
+# Builds every case from a fixed seed and saves {name: outputs}; run once per ISA.
+CASES_SCRIPT = textwrap.dedent(
+    r"""
+    import ctypes, sys, torch, lowbit
+    from lowbit import functional as F
+    ops = torch.ops.lowbit
+    torch.manual_seed(0)
+    lib = ctypes.CDLL(lowbit._C.__file__)
+    lib.lowbit_cpu_isa_name.restype = ctypes.c_char_p
+    out = {"isa": lib.lowbit_cpu_isa_name().decode()}
+    DT = [torch.float32, torch.float16, torch.bfloat16]
+
+    def special(a):
+        # zero block, NaN, Inf and a tiny subnormal block at the start (blocks >= 64 elements)
+        f = a.reshape(-1)
+        if f.numel() >= 512:
+            f[:64] = 0
+            f[64] = float("nan")
+            f[200] = float("inf")
+            f[256:320] = 1e-40
+        return a
+
+    code8 = F.create_dynamic_map(signed=True)
+    for shape in [(1,), (63,), (4097,), (1000, 37), (512, 4096)]:
+        for dt in DT:
+            a = special(torch.randn(shape) * 3).to(dt)
+            for bs in [64, 256, 4096]:
+                q, m = ops.quantize_blockwise(a, code8, bs)
+                out[f"qb/{shape}/{dt}/{bs}"] = (q, m)
+                for odt in DT:
+                    out[f"dqb/{shape}/{dt}/{bs}/{odt}"] = ops.dequantize_blockwise(q, m, code8, bs, odt)
+            for qt in ["nf4", "fp4"]:
+                for bs in [32, 64, 128, 4096]:
+                    p, m = ops.quantize_4bit(a, bs, qt, torch.uint8)
+                    out[f"q4/{shape}/{dt}/{qt}/{bs}"] = (p, m)
+                    for odt in DT:
+                        out[f"dq4/{shape}/{dt}/{qt}/{bs}/{odt}"] = ops.dequantize_4bit(p, m, bs, qt, a.shape, odt)
+
+    # Fused 4-bit products: LLM shapes and odd ones (K not a multiple of 64 / 128, odd N, M > 1).
+    for (N, K) in [(33, 64), (17, 128), (64, 4096), (40, 11008), (11, 100), (300, 4096)]:
+        w = torch.randn(N, K)
+        for qt in ["nf4", "fp4"]:
+            cb = F.get_4bit_type(qt)
+            for bs in [32, 64, 128, 256]:
+                p, m = ops.quantize_4bit(w, bs, qt, torch.uint8)
+                for M in [1, 3]:
+                    for dt in [torch.float32, torch.bfloat16]:
+                        x = torch.randn(M, K).to(dt)
+                        out[f"gemv4/{N}/{K}/{qt}/{bs}/{M}/{dt}"] = ops.gemv_4bit(x, p, [N, K], m, cb, bs)
+
+    # LLM.int8(): row quantization (with and without outliers), the int8 GEMM with -128 present,
+    # its dequantization, and the fused layer.
+    for (M, K) in [(1, 7), (1, 4096), (5, 333), (67, 4096), (130, 1024)]:
+        for dt in DT:
+            a = torch.randn(M, K)
+            if K > 10:
+                a[0, 3] = 9.0
+                a[-1, 5] = -7.5
+            a = a.to(dt)
+            for th in [0.0, 6.0]:
+                out[f"vq/{M}/{K}/{dt}/{th}"] = ops.int8_vectorwise_quant(a, th)
+    for (M, N, K) in [(1, 1, 1), (1, 37, 4096), (1, 4096, 4096), (3, 5, 17), (7, 33, 300), (130, 67, 1024), (48, 50, 64)]:
+        A = torch.randint(-128, 128, (M, K), dtype=torch.int8)
+        B = torch.randint(-128, 128, (N, K), dtype=torch.int8)
+        A.view(-1)[0] = -128
+        B.view(-1)[0] = -128
+        C = ops.int8_linear_matmul(A, B)
+        out[f"mm8/{M}/{N}/{K}"] = C
+        rs, cs = torch.rand(M) * 5, torch.rand(N) * 5
+        for dt in DT:
+            out[f"mmdq/{M}/{N}/{K}/{dt}"] = ops.int8_mm_dequant(C, rs, cs, dt, torch.randn(N).to(dt))
+    for (M, N, K) in [(1, 4096, 4096), (1, 33, 100), (9, 65, 256), (130, 96, 1024)]:
+        W = torch.randn(N, K)
+        Wq, Ws, _ = ops.int8_vectorwise_quant(W, 0.0)
+        for dt in DT:
+            x = torch.randn(M, K)
+            x[0, 1] = 8.0
+            x = x.to(dt)
+            out[f"lin8/{M}/{N}/{K}/{dt}"] = ops.int8_linear(x, Wq, Ws, torch.randn(N).to(dt), 6.0)
+    torch.save(out, sys.argv[1])
+    """
+)
+
+
+def _run_cases(isa: str, path: str) -> dict:
+    env = dict(os.environ, LOWBIT_CPU_ISA=isa)
+    subprocess.run([sys.executable, "-c", CASES_SCRIPT, path], env=env, check=True)
+    return torch.load(path)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    d = tmp_path_factory.mktemp("isa")
+    return {isa: _run_cases(isa, str(d / f"{isa}.pt")) for isa in SUPPORTED}
+
+
+def _flat(v):
+    if isinstance(v, (tuple, list)):
+        return [t for x in v for t in _flat(x)]
+    return [v] if isinstance(v, torch.Tensor) else []
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """Float tensors as their bit patterns, so NaNs compare equal (payload and sign included)."""
+    if not t.is_floating_point():
+        return t
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+@pytest.mark.parametrize("isa", SUPPORTED)
+def test_forced_isa_is_active(results, isa):
+    assert results[isa]["isa"] == isa
+
+
+@pytest.mark.skipif(not FAST, reason="this machine has no SIMD path")
+@pytest.mark.parametrize("isa", FAST)
+def test_exact_ops_match_generic(results, isa):
+    gen, got = results["generic"], results[isa]
+    checked = 0
+    for key, ref in gen.items():
+        if key == "isa" or key.startswith("gemv4/"):
+            continue
+        for r, g in zip(_flat(ref), _flat(got[key]), strict=True):
+            assert r.dtype == g.dtype and r.shape == g.shape, key
+            assert torch.equal(_bits(r), _bits(g)), f"{isa} differs from generic on {key}"
+            checked += 1
+    assert checked > 500
+
+
+@pytest.mark.skipif(not FAST, reason="this machine has no SIMD path")
+@pytest.mark.parametrize("isa", FAST)
+def test_4bit_products_match_generic(results, isa):
+    gen, got = results["generic"], results[isa]
+    keys = [k for k in gen if k.startswith("gemv4/")]
+    assert len(keys) > 100
+    for key in keys:
+        r, g = gen[key].float(), got[key].float()
+        K = int(key.split("/")[2])
+        # fp32 sums in another order: error ~ sqrt(K) ulps of the partial sums; bf16 outputs may
+        # then round to a neighbouring value.
+        bf16 = "bfloat16" in key
+        tol = (8e-3 if bf16 else 2e-5 * K**0.5) * r.abs().max().clamp_min(1.0)
+        assert (r - g).abs().max() <= tol, f"{isa} differs from generic on {key}"
+
+
+def test_generic_path_matches_reference(results):
+    # The generic kernels stay the spec's twin: spot-check codes and absmax against reference.py.
+    # The inputs are rebuilt here exactly as the subprocess built them (seed 0, same order).
+    gen = results["generic"]
+    torch.manual_seed(0)
+    code8 = functional.create_dynamic_map(signed=True)
+    for shape in [(1,), (63,), (4097,), (1000, 37)]:
+        for dt in [torch.float32, torch.float16, torch.bfloat16]:
+            a = torch.randn(shape) * 3
+            f = a.reshape(-1)
+            if f.numel() >= 512:
+                f[:64] = 0
+                f[64] = float("nan")
+                f[200] = float("inf")
+                f[256:320] = 1e-40
+            a = a.to(dt)
+            for bs in [64, 256, 4096]:
+                q, m = gen[f"qb/{shape}/{dt}/{bs}"]
+                rq, rm = reference.quantize_blockwise(a, code8, bs)
+                assert torch.equal(q, rq) and torch.equal(m.nan_to_num(-1), rm.nan_to_num(-1))
+            for qt in ["nf4", "fp4"]:
+                for bs in [32, 64, 128, 4096]:
+                    p, m = gen[f"q4/{shape}/{dt}/{qt}/{bs}"]
+                    rp, rm = reference.quantize_4bit(a, bs, qt, torch.uint8)
+                    assert torch.equal(p, rp) and torch.equal(m.nan_to_num(-1), rm.nan_to_num(-1))
+        if shape == (1000, 37):
+            break
+
+
+def _active_isa_with(value: str) -> subprocess.CompletedProcess:
+    code = (
+        "import ctypes, torch, lowbit; lib = ctypes.CDLL(lowbit._C.__file__); "
+        "lib.lowbit_cpu_isa_name.restype = ctypes.c_char_p; "
+        "torch.ops.lowbit.quantize_4bit(torch.ones(64), 64, 'nf4', torch.uint8); "
+        "print(lib.lowbit_cpu_isa_name().decode())"
+    )
+    env = dict(os.environ, LOWBIT_CPU_ISA=value)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+
+
+def test_unsupported_isa_falls_back_with_a_warning():
+    if "avx512" in SUPPORTED:
+        pytest.skip("this machine supports every ISA")
+    r = _active_isa_with("avx512")
+    assert r.stdout.strip() == SUPPORTED[-1]
+    assert "LOWBIT_CPU_ISA=avx512" in r.stderr and "using " + SUPPORTED[-1] in r.stderr
+
+
+def test_unknown_isa_value_warns_and_autodetects():
+    r = _active_isa_with("sse9")
+    assert r.stdout.strip() == SUPPORTED[-1]
+    assert "not one of" in r.stderr
