@@ -1,0 +1,84 @@
+// Torch-free CUDA kernels: raw device pointers + sizes + the stream to launch on.
+//
+// Every function enqueues its kernel(s) on `stream` and returns the launch status
+// (cudaGetLastError() after the launch; cudaSuccess when there was nothing to launch). They never
+// synchronise, never allocate and never touch the current device: the ATen wrappers in
+// csrc/ops/cuda_ops.cpp set the device guard, pick the stream and check arguments first.
+//
+// The semantics are those of the CPU kernels in cpu_kernels.h, bit for bit: the same per-block
+// scale policy (blockscale.h), the same nearest-code rule (codebook.h) and the same
+// round-to-nearest-even conversions (numeric.h). Only fp32 sums whose order is not fixed by the
+// format (the dot products of gemv_4bit) may differ in the last bits.
+//
+// All element counts and offsets are int64: a tensor may hold more than 2^31 elements.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "lowbit/codebook.h"
+#include "lowbit/numeric.h"
+
+namespace lowbit::cuda {
+
+// A 16-entry code table passed by value (kernel parameter space), so no device copy is needed.
+struct Code16 {
+  float v[16];
+};
+
+// ---- 8-bit blockwise (csrc/kernels/cuda/blockwise.cu) -----------------------------------------
+// Blocks run over the flattened tensor of n elements; block b covers [b*bs, min(n, (b+1)*bs)).
+// code256: the sorted 256-entry code, in device memory (the wrapper has checked the order). Each
+// thread block derives the 255 midpoints and the code nearest 0 from it in shared memory, exactly
+// as the CPU wrapper does on the host. blocksize: a power of two in [64, 4096].
+cudaError_t quantize_blockwise(FloatType t, const void* a, int64_t n, int64_t blocksize,
+                               const float* code256, uint8_t* q, float* absmax,
+                               cudaStream_t stream);
+// out[i] = code256[q[i]] * absmax[i / bs], rounded once to the output type.
+cudaError_t dequantize_blockwise(const uint8_t* q, const float* absmax, const float* code256,
+                                 int64_t n, int64_t blocksize, FloatType t, void* out,
+                                 cudaStream_t stream);
+
+// ---- 4-bit (csrc/kernels/cuda/fourbit.cu) -----------------------------------------------------
+// Packing: element 2j in the HIGH nibble of byte j, element 2j+1 in the low nibble; an odd n pads
+// the last low nibble with cb.zero_code. blocksize: a power of two in [32, 4096] (so even: a block
+// never splits a byte).
+cudaError_t quantize_4bit(FloatType t, const void* a, int64_t n, int64_t blocksize,
+                          const Codebook16& cb, uint8_t* packed, float* absmax,
+                          cudaStream_t stream);
+cudaError_t dequantize_4bit(const uint8_t* packed, const float* absmax, const Code16& code,
+                            int64_t n, int64_t blocksize, FloatType t, void* out,
+                            cudaStream_t stream);
+// out[m, j] = sum_k a[m, k] * W[j, k], a [M, K] and out [M, N] both of type t (contiguous), W
+// [N, K] 4-bit packed over its flattened index j*K + k with blocks of `blocksize` on that index.
+// code16: the 16-entry code in device memory. fp32 products and sums, rounded once to t.
+cudaError_t gemv_4bit(FloatType t, const void* a, int64_t M, int64_t K, const uint8_t* packed,
+                      const float* absmax, const float* code16, int64_t blocksize, void* out,
+                      int64_t N, cudaStream_t stream);
+
+// ---- LLM.int8() (csrc/kernels/cuda/int8.cu) ---------------------------------------------------
+// mask[c] = 1 if any |a[r, c]| >= threshold over the rows of a [rows, K], else 0 (all K entries
+// are written).
+cudaError_t int8_outlier_columns(FloatType t, const void* a, int64_t rows, int64_t K,
+                                 float threshold, uint8_t* mask, cudaStream_t stream);
+// Per row: row_stats[r] = max |a[r, c]| over elements with |a| < threshold (every element when
+// threshold == 0); q = round-half-even(a * (127 / row_stats)), 0 for elements at or above the
+// threshold and in columns flagged in col_mask (may be null). A row holding NaN/Inf below the
+// threshold gets row_stats NaN and zero codes; an all-zero row gets 0 and zero codes.
+cudaError_t int8_vectorwise_quant(FloatType t, const void* a, int64_t rows, int64_t K,
+                                  float threshold, const uint8_t* col_mask, int8_t* q,
+                                  float* row_stats, cudaStream_t stream);
+// out[r, c] = q[r, c] * stats[r] / 127 in fp32 (as (q * stats) * (1 / 127)).
+cudaError_t int8_vectorwise_dequant(const int8_t* q, const float* stats, int64_t rows, int64_t K,
+                                    float* out, cudaStream_t stream);
+// C[m, n] = sum_k A[m, k] * B[n, k] with A [M, K], B [N, K] (both K-contiguous), int32 sums.
+// K <= 133144 (the wrapper checks it) so |C| < 2^31. K == 0 writes zeros.
+cudaError_t int8_gemm(const int8_t* A, const int8_t* B, int32_t* C, int64_t M, int64_t N, int64_t K,
+                      cudaStream_t stream);
+// out[m, n] = float(C[m, n]) * (row[m] * col[n]) * (1 / 16129) + bias[n]; bias may be null.
+cudaError_t int8_mm_dequant(const int32_t* C, const float* row_stats, const float* col_stats,
+                            FloatType bias_t, const void* bias, int64_t rows, int64_t N,
+                            FloatType out_t, void* out, cudaStream_t stream);
+
+}  // namespace lowbit::cuda

@@ -1,0 +1,79 @@
+// Helpers shared by the CUDA kernels (torch-free): element-type dispatch, launch geometry, warp
+// and block reductions.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "lowbit/numeric.h"
+
+namespace lowbit::cuda {
+
+// Dispatch a FloatType once on the host; the functor receives a value of the element type.
+template <typename F>
+inline void dispatch_float(FloatType t, F&& f) {
+  switch (t) {
+    case FloatType::f32:
+      f(float{});
+      break;
+    case FloatType::f16:
+      f(half_t{});
+      break;
+    case FloatType::bf16:
+      f(bfloat16_t{});
+      break;
+  }
+}
+
+// Device loads/stores of one element as fp32. The conversions are numeric.h's (round to nearest
+// even, the same NaN bit patterns as the CPU kernels), not cuda_fp16's, so that even a NaN's bits
+// match the CPU output.
+template <typename T>
+__device__ __forceinline__ float load_f(const T* p, int64_t i) {
+  return to_float(p[i]);
+}
+template <typename T>
+__device__ __forceinline__ void store_f(T* p, int64_t i, float v) {
+  p[i] = from_float<T>(v);
+}
+
+// log2 of a power of two (block sizes), so block indices are shifts rather than 64-bit divisions.
+inline int log2_pow2(int64_t x) {
+  int s = 0;
+  while ((int64_t(1) << s) < x) ++s;
+  return s;
+}
+
+inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Grid size for grid-stride loops: enough blocks to fill the machine, never above the hardware
+// limit of gridDim.x (2^31 - 1); the kernels loop over whatever the grid does not cover.
+inline unsigned grid_for(int64_t work_items, int64_t items_per_block,
+                         int64_t cap = int64_t(1) << 20) {
+  int64_t g = div_up(work_items, items_per_block);
+  if (g > cap) g = cap;
+  if (g < 1) g = 1;
+  return unsigned(g);
+}
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float w = __shfl_xor_sync(kFullMask, v, o);
+    v = w > v ? w : v;  // inputs are never NaN (absmax_fold keeps NaN out of the max)
+  }
+  return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
+  return v;
+}
+
+__device__ __forceinline__ bool warp_any(bool b) { return __any_sync(kFullMask, b) != 0; }
+
+}  // namespace lowbit::cuda

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# One run on a GPU machine: build lowbit with its CUDA kernels, run the CUDA tests (then the whole
+# suite), and the GPU benchmarks when benchmarks/ has any. Everything it produces goes under $OUT
+# (default ./out): env.txt, build.log, test_cuda.log + .xml, test_all.log + .xml, bench_*.log.
+#
+#   OUT=/some/dir bash tools/gpu_run.sh            # on the lent GPU machine, from the repo root
+#
+# The machine may have no network: nothing is downloaded. The installed torch must be a CUDA
+# build; the kernels are compiled only for the GPU present (LOWBIT_CUDA_ARCHS overrides, e.g.
+# "80;90"), which keeps the build to a minute or two. Exit status: non-zero if the build or the
+# CUDA tests fail (the whole-suite result is reported but may fail for reasons unrelated to CUDA,
+# e.g. optional packages missing offline).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+PYTHON=${PYTHON:-python}
+JOBS=$(nproc 2>/dev/null || echo 4)
+status=0
+say() { echo "gpu_run: $*" | tee -a "$OUT/summary.txt"; }
+
+# ---- environment --------------------------------------------------------------------------------
+{
+  date -u
+  nvidia-smi || true
+  command -v nvcc && nvcc --version
+  "$PYTHON" -c 'import torch, sys; print("python", sys.version); print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available()); print([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])'
+  "$PYTHON" -m pip list 2>/dev/null | grep -iE "torch|scikit|pytest|numpy|transformers|bitsandbytes" || true
+} >"$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+if ! "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.version.cuda and torch.cuda.is_available() else 1)'; then
+  say "FAILED: the installed torch has no CUDA or sees no GPU"
+  exit 1
+fi
+ARCHS=${LOWBIT_CUDA_ARCHS:-$("$PYTHON" -c 'import torch; print("%d%d" % torch.cuda.get_device_capability())')}
+
+# ---- build --------------------------------------------------------------------------------------
+# pip + scikit-build-core when present (the supported install), else plain CMake with the .so
+# copied next to the Python sources and PYTHONPATH pointing there.
+export CMAKE_BUILD_PARALLEL_LEVEL=$JOBS
+t0=$(date +%s)
+if "$PYTHON" -c 'import scikit_build_core' 2>/dev/null; then
+  "$PYTHON" -m pip install --no-build-isolation --no-deps -v \
+    -C cmake.define.LOWBIT_CUDA=ON "-C" "cmake.define.CMAKE_CUDA_ARCHITECTURES=$ARCHS" \
+    -C build-dir=build/gpu . >"$OUT/build.log" 2>&1
+  build_rc=$?
+else
+  {
+    cmake -S . -B build/gpu-cmake -DCMAKE_BUILD_TYPE=Release -DLOWBIT_CUDA=ON \
+      "-DCMAKE_CUDA_ARCHITECTURES=$ARCHS" "-DPython_EXECUTABLE=$(command -v "$PYTHON")" &&
+      cmake --build build/gpu-cmake -j "$JOBS" &&
+      cp build/gpu-cmake/_C*.so python/lowbit/
+  } >"$OUT/build.log" 2>&1
+  build_rc=$?
+  export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if [ $build_rc -ne 0 ]; then
+  tail -60 "$OUT/build.log"
+  say "FAILED: build (see build.log)"
+  exit 1
+fi
+say "build OK in $(($(date +%s) - t0)) s for sm_$ARCHS"
+if ! (cd /tmp && "$PYTHON" -c 'import lowbit._C as c, sys; sys.exit(0 if c.with_cuda else 1)'); then
+  say "FAILED: lowbit._C was built without CUDA"
+  exit 1
+fi
+
+# ---- tests --------------------------------------------------------------------------------------
+export HF_HUB_OFFLINE=1
+"$PYTHON" -m pytest -q -rs tests/test_cuda.py --junitxml="$OUT/test_cuda.xml" >"$OUT/test_cuda.log" 2>&1
+rc=$?
+tail -25 "$OUT/test_cuda.log"
+if [ $rc -ne 0 ]; then
+  say "FAILED: tests/test_cuda.py (rc $rc)"
+  status=1
+else
+  say "tests/test_cuda.py passed"
+fi
+"$PYTHON" -m pytest -q tests --junitxml="$OUT/test_all.xml" >"$OUT/test_all.log" 2>&1
+rc=$?
+say "whole suite: rc $rc ($(tail -1 "$OUT/test_all.log"))"
+
+# ---- benchmarks ---------------------------------------------------------------------------------
+# Any benchmarks/*.py whose name or text mentions cuda/gpu; run from the repo root.
+found=0
+for b in benchmarks/*.py; do
+  [ -f "$b" ] || continue
+  if [[ "$b" == *gpu* || "$b" == *cuda* ]] || grep -qiE "cuda|gpu" "$b"; then
+    found=1
+    name=$(basename "$b" .py)
+    timeout 300 "$PYTHON" "$b" >"$OUT/bench_$name.log" 2>&1
+    say "benchmark $b: rc $? (bench_$name.log)"
+  fi
+done
+[ $found -eq 1 ] || say "no GPU benchmark in benchmarks/ yet"
+for f in BENCHMARKS.md benchmarks/results; do [ -e "$f" ] && cp -r "$f" "$OUT/"; done
+exit $status
