@@ -315,7 +315,7 @@ class Linear8bitLt(nn.Linear):
 
     @property
     def is_quantized(self) -> bool:
-        return isinstance(self.weight, Int8Params) and self.weight.is_quantized
+        return isinstance(self.weight, Int8Params) and self.weight.has_codes
 
     def quantize_(self, device=None) -> Linear8bitLt:
         """Quantize the float weight in place (on `device`, default its own); no-op once done."""

@@ -182,7 +182,9 @@ class Int8Params(torch.nn.Parameter):
         return self.data if self.SCB is not None else None
 
     @property
-    def is_quantized(self) -> bool:
+    def has_codes(self) -> bool:
+        """True once quantized: int8 codes with their scales. (Not `is_quantized`: that name is
+        torch.Tensor's flag for qint8 tensors, and FakeTensor refuses tensors that set it.)"""
         return self.SCB is not None and self.dtype == torch.int8
 
     def _quantize(self, device) -> Int8Params:
@@ -204,7 +206,7 @@ class Int8Params(torch.nn.Parameter):
 
     def to(self, *args, **kwargs):
         device, dtype, non_blocking = _parse_device(*args, **kwargs)
-        quantized = self.is_quantized
+        quantized = self.has_codes
         if (
             not quantized
             and not self.has_fp16_weights
@@ -239,7 +241,7 @@ class Int8Params(torch.nn.Parameter):
         return (_rebuild_int8params, (self.data, self.requires_grad, state))
 
     def __repr__(self):
-        kind = "quantized" if self.is_quantized else "not quantized"
+        kind = "quantized" if self.has_codes else "not quantized"
         return f"Int8Params({kind}, data={tuple(self.shape)} {self.dtype})"
 
 
