@@ -100,15 +100,19 @@ def _count_calls(monkeypatch, name):
     return calls
 
 
+def _move(m, how):
+    return {"to": m.to, "cpu": m.cpu, "explicit": m.quantize_}[how](
+        *(["cpu"] if how == "to" else [])
+    )
+
+
 @pytest.mark.parametrize("move", ["to", "cpu", "explicit"])
 def test_4bit_quantizes_once(monkeypatch, move):
     calls = _count_calls(monkeypatch, "quantize_4bit")
     m = Linear4bit(64, 32, quant_type="nf4")
     assert m.weight.dtype == torch.float32 and not m.is_quantized
     for _ in range(3):
-        m = {"to": lambda: m.to("cpu"), "cpu": lambda: m.cpu(), "explicit": lambda: m.quantize_()}[
-            move
-        ]()
+        m = _move(m, move)
     assert m.is_quantized and m.weight.dtype == torch.uint8
     assert len(calls) == 1
     m(torch.randn(2, 64))  # forward never re-quantizes either
@@ -121,9 +125,7 @@ def test_8bit_quantizes_once(monkeypatch, move):
     m = Linear8bitLt(64, 32, has_fp16_weights=False)
     assert m.weight.dtype == torch.float32 and not m.is_quantized
     for _ in range(3):
-        m = {"to": lambda: m.to("cpu"), "cpu": lambda: m.cpu(), "explicit": lambda: m.quantize_()}[
-            move
-        ]()
+        m = _move(m, move)
     assert m.is_quantized and m.weight.dtype == torch.int8 and m.weight.SCB.dtype == torch.float32
     assert len(calls) == 1
 
