@@ -52,14 +52,21 @@ def quiet_transformers():
     return transformers
 
 
+def is_quantized_linear(module) -> bool:
+    from lowbit import nn as lnn
+
+    return isinstance(module, (lnn.Linear8bitLt, lnn.Linear4bit))
+
+
 def linear_modules(model):
     """(name, module) of every float nn.Linear and every lowbit quantized linear layer."""
     import torch
 
-    from lowbit import nn as lnn
-
-    kinds = (torch.nn.Linear, lnn.Linear8bitLt, lnn.Linear4bit)
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) or is_quantized_linear(m)
+    ]
 
 
 def _unique_bytes(tensors) -> int:

@@ -64,15 +64,53 @@ def _source_is_conv1d(module) -> bool:
     return isinstance(source, type) and issubclass(source, Conv1D)
 
 
-def replace_with_lowbit_linear(model, modules_to_not_convert, config, pre_quantized: bool):
+def quantized_modules_in_checkpoint(checkpoint_files) -> set[str] | None:
+    """Names of the modules a pre-quantized checkpoint stores quantized (they own a
+    `weight.quant_state.*` or an `SCB` key); None when the files cannot be listed cheaply."""
+    from safetensors import safe_open
+
+    if not checkpoint_files:
+        return None
+    names = set()
+    for file in checkpoint_files:
+        if not str(file).endswith(".safetensors"):
+            return None
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if ".weight.quant_state." in key:
+                    names.add(key.partition(".weight.quant_state.")[0])
+                elif key.endswith(".SCB"):
+                    names.add(key[: -len(".SCB")])
+    return names
+
+
+def _in_checkpoint(name: str, stored: set[str], prefix: str) -> bool:
+    # Checkpoint keys may carry the base-model prefix ("model.") that module names lack, or not.
+    if name in stored or (prefix and f"{prefix}.{name}" in stored):
+        return True
+    return bool(prefix) and name.startswith(prefix + ".") and name[len(prefix) + 1 :] in stored
+
+
+def replace_with_lowbit_linear(
+    model, modules_to_not_convert, config, pre_quantized: bool, stored: set[str] | None = None
+):
     """Swap every nn.Linear / Conv1D not matched by `modules_to_not_convert` (Transformers'
-    should_convert_module rules: prefix, regex or suffix) for an empty lowbit layer on meta."""
+    should_convert_module rules: prefix, regex or suffix) for an empty lowbit layer on meta.
+
+    `stored` (pre-quantized loading): the modules the checkpoint holds quantized. It overrides
+    the skip list, so a checkpoint written with other skip rules (bitsandbytes replaces the
+    default skips by the user's list; lowbit adds to them) still loads layer for layer.
+    """
     four_bit = _is_4bit(config)
+    prefix = getattr(model, "base_model_prefix", "") or ""
     replaced = 0
     for name, module in list(model.named_modules()):
         if not (type(module) is torch.nn.Linear or isinstance(module, Conv1D)):
             continue
-        if not should_convert_module(name, modules_to_not_convert):
+        if stored is not None:
+            if not _in_checkpoint(name, stored, prefix):
+                continue
+        elif not should_convert_module(name, modules_to_not_convert):
             continue
         if isinstance(module, Conv1D):
             in_features, out_features = module.weight.shape
@@ -220,15 +258,23 @@ class LowbitHfQuantizer(HfQuantizer):
         # Quantizing needs a float copy of one weight next to its codes.
         return {key: val * 0.90 for key, val in max_memory.items()}
 
-    def _process_model_before_weight_loading(self, model, device_map=None, **kwargs):
+    def _process_model_before_weight_loading(
+        self, model, device_map=None, checkpoint_files=None, **kwargs
+    ):
         config = self.quantization_config
+        # lowbit's rule (as lowbit.quantize_model): the user's skip list adds to the default
+        # skips (lm_head, tied output embeddings) instead of replacing them.
         self.modules_to_not_convert = self.get_modules_to_not_convert(
-            model, config.llm_int8_skip_modules, model._keep_in_fp32_modules
+            model,
+            config.llm_int8_skip_modules,
+            model._keep_in_fp32_modules,
+            add_default_skips=True,
         )
         if config.llm_int8_enable_fp32_cpu_offload and isinstance(device_map, dict):
             self.modules_to_not_convert += [k for k, v in device_map.items() if v == "cpu"]
+        stored = quantized_modules_in_checkpoint(checkpoint_files) if self.pre_quantized else None
         replace_with_lowbit_linear(
-            model, self.modules_to_not_convert, config, pre_quantized=self.pre_quantized
+            model, self.modules_to_not_convert, config, self.pre_quantized, stored=stored
         )
         return model
 
