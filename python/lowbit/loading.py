@@ -519,6 +519,10 @@ def _saved_quant_config(hf_config) -> LowbitConfig | None:
         return None
     qd = qc if isinstance(qc, dict) else qc.to_dict()
     method = getattr(qd.get("quant_method"), "value", qd.get("quant_method"))
+    if method is None and any(k in qd for k in ("load_in_4bit", "load_in_8bit", "bits")):
+        method = (
+            "bitsandbytes"  # diff-serialised BitsAndBytesConfig: defaults (and method) left out
+        )
     if method not in ("lowbit", "bitsandbytes"):
         raise ValueError(
             f"cannot load a checkpoint quantized with {method!r}; lowbit reads lowbit and bitsandbytes checkpoints"
@@ -576,6 +580,9 @@ def from_pretrained(
     skip = _skip_list(model, config, skip_modules) if config is not None else []
     dmap = _resolve_device_map(model, device_map, config, dtype, skip, max_memory)
     device_of = _device_lookup(dmap)
+    for name, mod in model.named_modules():  # every module holding tensors needs a place
+        if next(mod.parameters(recurse=False), None) is not None:
+            device_of(name)
     accel = any(_is_accelerator(d) for d in dmap.values())
     offloaded = [m for m, d in dmap.items() if d in ("cpu", "disk")] if accel else []
     if offloaded and config is not None:
