@@ -210,3 +210,58 @@ def test_import_lowbit_does_not_import_the_quantizer_registry():
     code = "import sys, lowbit; print('transformers.quantizers.auto' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# ---- QLoRA with PEFT on a model quantized by the plug-in ---------------------------------------
+
+
+@pytest.mark.parametrize("name", ["nf4", "int8"])
+def test_qlora_trains_and_merges(tiny_llama, input_ids, name):
+    peft = pytest.importorskip("peft", reason="QLoRA needs peft")
+    from lowbit.integrations.peft import merge_and_unload
+
+    model = _load(tiny_llama, quantization_config=LowbitConfig(**CONFIGS[name]))
+    model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    lora = peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"]
+    )
+    model = peft.get_peft_model(model, lora)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    losses = []
+    for _ in range(4):
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    # The quantized base stays frozen: codes and scales are bit-identical after training.
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[n], p) for n, p in frozen.items())
+
+    logits = _logits(model, input_ids)
+    merged = merge_and_unload(model, requantize=False)
+    assert type(merged.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert isinstance(merged.model.layers[0].self_attn.k_proj, (lnn.Linear4bit, lnn.Linear8bitLt))
+    if name == "nf4":  # the same float weight, whether split into base + LoRA or merged
+        torch.testing.assert_close(_logits(merged, input_ids), logits, rtol=1e-3, atol=1e-3)
+    else:  # LLM.int8() also rounds the activations; the merged float layer does not
+        assert _cosine(_logits(merged, input_ids), logits) > 0.9995
+
+
+def test_merge_requantizes_in_the_same_format(tiny_llama, input_ids):
+    peft = pytest.importorskip("peft", reason="QLoRA needs peft")
+    from lowbit.integrations.peft import merge_and_unload
+
+    model = _load(tiny_llama, quantization_config=LowbitConfig(**CONFIGS["fp4-double"]))
+    lora = peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)
+    model = peft.get_peft_model(model, lora)
+    logits = _logits(model, input_ids)
+    merged = merge_and_unload(model)
+    q = merged.model.layers[0].self_attn.q_proj
+    assert isinstance(q, lnn.Linear4bit) and q.is_quantized
+    assert q.weight.quant_type == "fp4" and q.weight.quant_state.nested
+    assert _cosine(_logits(merged, input_ids), logits) > 0.97

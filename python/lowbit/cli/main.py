@@ -32,7 +32,7 @@ def _add_demo(sub) -> None:
     )
     p.add_argument("--model", metavar="DIR", help="a Transformers encoder checkpoint directory")
     p.add_argument("--sentences", metavar="FILE", help="sentences to embed, one per line")
-    p.add_argument("--repeats", type=int, default=10, help="timed forward passes (default 10)")
+    p.add_argument("--repeats", type=int, default=5, help="timed forward passes (default 5)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
