@@ -29,6 +29,10 @@ at::Tensor outlier_mask(const at::Tensor& a2, float threshold) {
 void quantize_rows(const at::Tensor& a2, float threshold, const at::Tensor& col_mask, at::Tensor& q,
                    at::Tensor& stats) {
   const int64_t rows = a2.size(0), K = a2.size(1);
+  if (K == 0) {  // empty rows: scale 0, no codes (and no kernel call on null data pointers)
+    stats.zero_();
+    return;
+  }
   const FloatType t = float_type(a2.scalar_type());
   const void* ap = a2.data_ptr();
   const uint8_t* mp = col_mask.defined() ? col_mask.data_ptr<uint8_t>() : nullptr;
