@@ -21,7 +21,9 @@ def _packed(n=4096, blocksize=64):
 @pytest.mark.parametrize("bad", BAD_FLOAT_DTYPES, ids=str)
 def test_float_inputs_reject_other_dtypes(bad):
     A = torch.ones(64, 64).to(bad)
-    with pytest.raises(TypeError, match="quantize_blockwise: A must be float32, float16 or bfloat16"):
+    with pytest.raises(
+        TypeError, match="quantize_blockwise: A must be float32, float16 or bfloat16"
+    ):
         ops.quantize_blockwise(A, CODE8, 64)
     with pytest.raises(TypeError, match="quantize_4bit: A must be"):
         ops.quantize_4bit(A, 64, "nf4", torch.uint8)
@@ -54,9 +56,13 @@ def test_code_and_codes_dtypes():
     with pytest.raises(TypeError, match="code must be torch.float32"):
         ops.quantize_blockwise(torch.randn(64), CODE8.to(torch.int8), 64)
     with pytest.raises(TypeError, match="dequantize_blockwise: A must be torch.uint8"):
-        ops.dequantize_blockwise(torch.zeros(64, dtype=torch.int8), torch.ones(1), CODE8, 64, torch.float32)
+        ops.dequantize_blockwise(
+            torch.zeros(64, dtype=torch.int8), torch.ones(1), CODE8, 64, torch.float32
+        )
     with pytest.raises(TypeError, match="int8_linear_matmul: A must be torch.int8"):
-        ops.int8_linear_matmul(torch.zeros(2, 4, dtype=torch.uint8), torch.zeros(3, 4, dtype=torch.int8))
+        ops.int8_linear_matmul(
+            torch.zeros(2, 4, dtype=torch.uint8), torch.zeros(3, 4, dtype=torch.int8)
+        )
     with pytest.raises(TypeError, match="int8_linear: W must be torch.int8"):
         ops.int8_linear(torch.randn(2, 4), torch.zeros(3, 4), torch.ones(3), None, 0.0)
     with pytest.raises(ValueError, match="code must hold 256 values"):
@@ -135,12 +141,16 @@ def test_inconsistent_sizes():
 def test_out_tensors_of_the_wrong_kind():
     q, absmax = ops.quantize_blockwise(torch.randn(10, 10), CODE8, 64)
     with pytest.raises(TypeError, match="out must be torch.float32, got torch.float16"):
-        ops.dequantize_blockwise.out(q, absmax, CODE8, 64, torch.float32, out=torch.empty(10, 10, dtype=torch.float16))
+        ops.dequantize_blockwise.out(
+            q, absmax, CODE8, 64, torch.float32, out=torch.empty(10, 10, dtype=torch.float16)
+        )
     with pytest.raises(ValueError, match="out must have shape"):
         ops.dequantize_blockwise.out(q, absmax, CODE8, 64, torch.float32, out=torch.empty(100))
     packed, absmax4 = _packed()
     with pytest.raises(ValueError, match="out must have shape"):
-        ops.dequantize_4bit.out(packed, absmax4, 64, "nf4", [4096], torch.float32, out=torch.empty(4095))
+        ops.dequantize_4bit.out(
+            packed, absmax4, 64, "nf4", [4096], torch.float32, out=torch.empty(4095)
+        )
     A = torch.ones(2, 4, dtype=torch.int8)
     with pytest.raises(TypeError, match="out must be torch.int32"):
         ops.int8_linear_matmul.out(A, A, out=torch.empty(2, 2, dtype=torch.int64))
@@ -157,7 +167,9 @@ def test_inputs_are_never_mutated():
     ops.int8_vectorwise_quant(A, 6.0)  # bitsandbytes zeroes outliers in place and restores them
     W, SCB, _ = ops.int8_vectorwise_quant(torch.randn(8, 64))
     ops.int8_linear(A, W, SCB, None, 6.0)
-    assert torch.equal(A.isnan(), before.isnan()) and torch.equal(A.nan_to_num(), before.nan_to_num())
+    assert torch.equal(A.isnan(), before.isnan()) and torch.equal(
+        A.nan_to_num(), before.nan_to_num()
+    )
 
 
 def test_functional_requires_enough_to_dequantize():

@@ -39,7 +39,7 @@ def test_constant_blocks_are_exact(device, dtype):
 
 def test_subnormal_blocks_do_not_overflow(device):
     tiny = torch.tensor([1e-45, -2e-45, 0.0, 3e-45] * 16, device=device)  # fp32 subnormals
-    for back, absmax in _round_trips(tiny, device):
+    for back, _absmax in _round_trips(tiny, device):
         assert torch.isfinite(back).all()
         assert (back - tiny).abs().max() <= tiny.abs().max()
     ref_q, ref_am = reference.quantize_4bit(tiny, 64, "nf4", torch.uint8)
@@ -49,12 +49,13 @@ def test_subnormal_blocks_do_not_overflow(device):
 def test_largest_finite_values(device, dtype):
     big = FINFO[dtype].max
     A = torch.tensor([big, -big, big / 2, 1.0] * 16, dtype=dtype, device=device)
-    for back, absmax in _round_trips(A, device):
+    for back, _absmax in _round_trips(A, device):
         assert torch.isfinite(back).all()
         assert back[0] == big  # the +1 code times absmax
         assert back[1] <= -0.99 * big  # the dynamic map's most negative code is -0.99296875
     q, stats, _ = ops.int8_vectorwise_quant(A.reshape(4, 16), 0.0)
     assert torch.isfinite(stats).all()
+
 
 def test_int8_path_never_overflows_through_float16(device):
     # Activations at float16's largest value in bf16/fp32: the products exceed float16's range, so
@@ -111,11 +112,16 @@ def test_empty_shapes(device):
     assert q.shape == (0, 8) and stats.shape == (0,) and cols.numel() == 0
     q, stats, _ = ops.int8_vectorwise_quant(torch.empty(3, 0, device=device), 0.0)
     assert q.shape == (3, 0) and stats.tolist() == [0.0, 0.0, 0.0]
-    C = ops.int8_linear_matmul(torch.empty(3, 0, dtype=torch.int8, device=device), torch.empty(4, 0, dtype=torch.int8, device=device))
+    C = ops.int8_linear_matmul(
+        torch.empty(3, 0, dtype=torch.int8, device=device),
+        torch.empty(4, 0, dtype=torch.int8, device=device),
+    )
     assert torch.equal(C, torch.zeros(3, 4, dtype=torch.int32, device=device))
     packed, absmax = ops.quantize_4bit(torch.randn(6, 64, device=device), 64, "nf4", torch.uint8)
     code = F.get_4bit_type("nf4", device=device)
-    assert ops.gemv_4bit(torch.empty(0, 64, device=device), packed, [6, 64], absmax, code, 64).shape == (0, 6)
+    assert ops.gemv_4bit(
+        torch.empty(0, 64, device=device), packed, [6, 64], absmax, code, 64
+    ).shape == (0, 6)
 
 
 def test_one_dimensional_and_three_dimensional_activations(device):
@@ -125,7 +131,10 @@ def test_one_dimensional_and_three_dimensional_activations(device):
     assert one.shape == (5,)
     torch.testing.assert_close(one, ops.int8_linear(x[None], W, SCB, None, 6.0)[0])
     x3 = torch.randn(2, 3, 8, device=device)
-    torch.testing.assert_close(ops.int8_linear(x3, W, SCB, None, 6.0), ops.int8_linear(x3.reshape(6, 8), W, SCB, None, 6.0).reshape(2, 3, 5))
+    torch.testing.assert_close(
+        ops.int8_linear(x3, W, SCB, None, 6.0),
+        ops.int8_linear(x3.reshape(6, 8), W, SCB, None, 6.0).reshape(2, 3, 5),
+    )
 
 
 def test_expanded_and_offset_views(device, dtype):
@@ -135,10 +144,24 @@ def test_expanded_and_offset_views(device, dtype):
     code = F.create_dynamic_map().to(device)
     for view in (expanded, offset, offset.t()):
         dense = view.contiguous()
-        assert all(torch.equal(a, b) for a, b in zip(ops.quantize_4bit(view, 64, "nf4", torch.uint8), ops.quantize_4bit(dense, 64, "nf4", torch.uint8)))
-        assert all(torch.equal(a, b) for a, b in zip(ops.quantize_blockwise(view, code, 64), ops.quantize_blockwise(dense, code, 64)))
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(
+                ops.quantize_4bit(view, 64, "nf4", torch.uint8),
+                ops.quantize_4bit(dense, 64, "nf4", torch.uint8),
+            )
+        )
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(
+                ops.quantize_blockwise(view, code, 64), ops.quantize_blockwise(dense, code, 64)
+            )
+        )
         got, want = ops.int8_vectorwise_quant(view, 2.0), ops.int8_vectorwise_quant(dense, 2.0)
         assert all(torch.equal(a, b) for a, b in zip(got, want))
     absmax = torch.rand(40, device=device)[::2]  # non-contiguous absmax
     q = torch.randint(0, 255, (20, 64), dtype=torch.uint8, device=device)
-    assert torch.equal(ops.dequantize_blockwise(q, absmax, code, 64, torch.float32), ops.dequantize_blockwise(q, absmax.contiguous(), code, 64, torch.float32))
+    assert torch.equal(
+        ops.dequantize_blockwise(q, absmax, code, 64, torch.float32),
+        ops.dequantize_blockwise(q, absmax.contiguous(), code, 64, torch.float32),
+    )

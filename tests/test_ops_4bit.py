@@ -3,9 +3,9 @@ double quantization and the fused dequantize + product."""
 
 import pytest
 import torch
-from conftest import non_contiguous
 
 import lowbit.functional as F
+from conftest import non_contiguous
 from lowbit import reference
 
 ops = torch.ops.lowbit
@@ -16,7 +16,9 @@ NF4_DESIGN = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.394917488098144
               -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
               0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
               0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0]  # fmt: skip
-FP4_DESIGN = [v / 12 for v in [0, 0.0625, 8, 12, 4, 6, 2, 3, -0.0, -0.0625, -8, -12, -4, -6, -2, -3]]
+FP4_DESIGN = [
+    v / 12 for v in [0, 0.0625, 8, 12, 4, 6, 2, 3, -0.0, -0.0625, -8, -12, -4, -6, -2, -3]
+]
 
 
 def test_code_tables_are_the_designed_ones():
@@ -76,7 +78,9 @@ def test_round_trip_error(quant_type, bar):
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
 def test_double_quant(quant_type):
     A = torch.randn(1024, 1024)
-    packed, state = F.quantize_4bit(A, blocksize=64, quant_type=quant_type, compress_statistics=True)
+    packed, state = F.quantize_4bit(
+        A, blocksize=64, quant_type=quant_type, compress_statistics=True
+    )
     plain, plain_state = F.quantize_4bit(A, blocksize=64, quant_type=quant_type)
     assert torch.equal(packed, plain)  # only the statistics are compressed
     assert state.nested and state.absmax.dtype == torch.uint8 and state.state2.blocksize == 256
@@ -88,7 +92,9 @@ def test_double_quant(quant_type):
     assert (F.dequantize_4bit(packed, state) - A).abs().mean().item() < bar
 
 
-@pytest.mark.parametrize("storage", [torch.uint8, torch.int8, torch.bfloat16, torch.float16, torch.float32, torch.int32])
+@pytest.mark.parametrize(
+    "storage", [torch.uint8, torch.int8, torch.bfloat16, torch.float16, torch.float32, torch.int32]
+)
 def test_quant_storage_reinterprets_the_same_bytes(device, storage):
     A = torch.randn(64, 64, device=device)
     ref, ref_absmax = ops.quantize_4bit(A, 64, "nf4", torch.uint8)
@@ -96,7 +102,9 @@ def test_quant_storage_reinterprets_the_same_bytes(device, storage):
     assert packed.dtype == storage and packed.dim() == 2 and packed.shape[1] == 1
     assert torch.equal(packed.view(torch.uint8).reshape(-1, 1), ref)
     out = ops.dequantize_4bit(packed, absmax, 64, "nf4", [64, 64], torch.float32)
-    assert torch.equal(out, ops.dequantize_4bit(ref, ref_absmax, 64, "nf4", [64, 64], torch.float32))
+    assert torch.equal(
+        out, ops.dequantize_4bit(ref, ref_absmax, 64, "nf4", [64, 64], torch.float32)
+    )
 
 
 def test_quant_storage_that_cannot_hold_the_bytes_is_refused():
@@ -105,7 +113,9 @@ def test_quant_storage_that_cannot_hold_the_bytes_is_refused():
 
 
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
-@pytest.mark.parametrize("M,N,K", [(1, 64, 64), (1, 33, 65), (3, 100, 129), (16, 256, 512), (1, 1, 1)])
+@pytest.mark.parametrize(
+    "M,N,K", [(1, 64, 64), (1, 33, 65), (3, 100, 129), (16, 256, 512), (1, 1, 1)]
+)
 def test_gemv_matches_reference(device, dtype, quant_type, M, N, K):
     W = torch.randn(N, K, device=device)
     packed, absmax = ops.quantize_4bit(W, 64, quant_type, torch.uint8)
@@ -163,7 +173,9 @@ def test_dequantize_out_variant(device):
     packed, absmax = ops.quantize_4bit(A, 64, "fp4", torch.uint8)
     out = torch.empty(40, 30, dtype=torch.bfloat16, device=device)
     ops.dequantize_4bit.out(packed, absmax, 64, "fp4", [40, 30], torch.bfloat16, out=out)
-    assert torch.equal(out, ops.dequantize_4bit(packed, absmax, 64, "fp4", [40, 30], torch.bfloat16))
+    assert torch.equal(
+        out, ops.dequantize_4bit(packed, absmax, 64, "fp4", [40, 30], torch.bfloat16)
+    )
 
 
 def test_quant_state_serialisation_round_trip():

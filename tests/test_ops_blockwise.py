@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from conftest import non_contiguous
 
 import lowbit.functional as F
+from conftest import non_contiguous
 from lowbit import reference
 
 ops = torch.ops.lowbit

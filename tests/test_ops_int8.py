@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from conftest import non_contiguous
 
 import lowbit.functional as F
+from conftest import non_contiguous
 from lowbit import reference
 
 ops = torch.ops.lowbit
@@ -89,7 +89,9 @@ def test_int8_matmul_at_the_int32_limit(K):
     C = ops.int8_linear_matmul(A, B)
     assert C.tolist() == [[-127 * 127 * K, 127 * 127 * K]]
     with pytest.raises(ValueError, match="K = 133145 exceeds 133144"):
-        ops.int8_linear_matmul(torch.ones(1, K + 1, dtype=torch.int8), torch.ones(2, K + 1, dtype=torch.int8))
+        ops.int8_linear_matmul(
+            torch.ones(1, K + 1, dtype=torch.int8), torch.ones(2, K + 1, dtype=torch.int8)
+        )
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -125,7 +127,12 @@ def test_int8_linear_accuracy_with_planted_outliers(device, dtype, M):
     scale = expected.abs().mean()
     bad = ~torch.isclose(out.float() / scale, expected / scale, atol=0.01, rtol=0.1)
     assert bad.float().mean().item() <= 0.0175
-    torch.testing.assert_close(out.float(), reference.int8_linear(A, W, SCB, bias, 6.0).float(), rtol=2e-2, atol=2e-2 * scale.item())
+    torch.testing.assert_close(
+        out.float(),
+        reference.int8_linear(A, W, SCB, bias, 6.0).float(),
+        rtol=2e-2,
+        atol=2e-2 * scale.item(),
+    )
 
 
 def test_int8_linear_outlier_columns_are_computed_in_floating_point():
@@ -154,7 +161,13 @@ def test_int8_linear_bf16_large_activations_do_not_overflow():
 
 def test_int8_linear_k_zero_gives_bias(device):
     bias = torch.randn(5, device=device)
-    out = ops.int8_linear(torch.empty(3, 0, device=device), torch.empty(5, 0, dtype=torch.int8, device=device), torch.ones(5, device=device), bias, 6.0)
+    out = ops.int8_linear(
+        torch.empty(3, 0, device=device),
+        torch.empty(5, 0, dtype=torch.int8, device=device),
+        torch.ones(5, device=device),
+        bias,
+        6.0,
+    )
     assert torch.equal(out, bias.expand(3, 5))
 
 

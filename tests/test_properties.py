@@ -19,18 +19,27 @@ values = st.floats(min_value=-1e4, max_value=1e4, allow_nan=False, allow_infinit
 @st.composite
 def tensors(draw, max_numel=3000):
     n = draw(st.integers(min_value=0, max_value=max_numel))
-    data = draw(arrays("float32", n, elements=values | st.sampled_from([0.0, 1e-30, -1e-38, 5e-45])))
+    data = draw(
+        arrays("float32", n, elements=values | st.sampled_from([0.0, 1e-30, -1e-38, 5e-45]))
+    )
     return torch.from_numpy(data.copy()).to(draw(DTYPES))
 
 
 @SETTINGS
-@given(A=tensors(), blocksize=st.sampled_from([32, 64, 128, 256, 1024, 4096]), quant_type=st.sampled_from(["nf4", "fp4"]))
+@given(
+    A=tensors(),
+    blocksize=st.sampled_from([32, 64, 128, 256, 1024, 4096]),
+    quant_type=st.sampled_from(["nf4", "fp4"]),
+)
 def test_4bit_matches_reference_and_round_trips(A, blocksize, quant_type):
     packed, absmax = ops.quantize_4bit(A, blocksize, quant_type, torch.uint8)
     rpacked, rabsmax = reference.quantize_4bit(A, blocksize, quant_type, torch.uint8)
     assert torch.equal(packed, rpacked) and torch.equal(absmax, rabsmax)
     back = ops.dequantize_4bit(packed, absmax, blocksize, quant_type, list(A.shape), torch.float32)
-    assert torch.equal(back, reference.dequantize_4bit(packed, absmax, blocksize, quant_type, A.shape, torch.float32))
+    assert torch.equal(
+        back,
+        reference.dequantize_4bit(packed, absmax, blocksize, quant_type, A.shape, torch.float32),
+    )
     # every element is within half the code's largest gap (x absmax) of its input:
     # NF4 (-1 .. -0.696): 0.1520; FP4 (8/12 .. 12/12): 0.1667
     scale = absmax.repeat_interleave(blocksize)[: A.numel()]
@@ -47,7 +56,9 @@ def test_8bit_matches_reference_and_round_trips(A, blocksize):
     assert torch.equal(q, rq) and torch.equal(absmax, rabsmax)
     back = ops.dequantize_blockwise(q, absmax, code, blocksize, torch.float32)
     scale = absmax.repeat_interleave(blocksize)[: A.numel()]
-    assert torch.all((back - A.float()).abs() <= 0.00704 * scale * (1 + 1e-6) + 1e-38)  # half the largest gap
+    assert torch.all(
+        (back - A.float()).abs() <= 0.00704 * scale * (1 + 1e-6) + 1e-38
+    )  # half the largest gap
 
 
 @SETTINGS
