@@ -153,6 +153,52 @@ def test_generate(tiny_llama, input_ids, tmp_path, name):
     assert torch.equal(again, out)
 
 
+def _tiny_gpt2(path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64)
+    config.bos_token_id = config.eos_token_id = 0
+    GPT2LMHeadModel(config).save_pretrained(path)
+
+
+def _tiny_tied_bf16_llama(path):
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+
+
+@pytest.mark.parametrize(
+    "make, name",
+    [(_tiny_gpt2, "nf4"), (_tiny_gpt2, "int8"), (_tiny_tied_bf16_llama, "fp4-double")],
+    ids=["gpt2-conv1d-nf4", "gpt2-conv1d-int8", "llama-tied-bf16-fp4"],
+)
+def test_other_architectures(tmp_path, input_ids, make, name):
+    """GPT-2 keeps its weights in Conv1D ([in, out]); a tied bf16 Llama must stay bf16 and keep
+    its output head tied to the (float) embeddings."""
+    torch.manual_seed(0)
+    make(tmp_path / "src")
+    reference = _logits(_load(tmp_path / "src"), input_ids).float()
+    model = _load(tmp_path / "src", quantization_config=LowbitConfig(**CONFIGS[name]))
+    quantized = [m for m in model.modules() if isinstance(m, (lnn.Linear4bit, lnn.Linear8bitLt))]
+    assert len(quantized) == (8 if make is _tiny_gpt2 else 14)
+    logits = _logits(model, input_ids)
+    assert _cosine(logits.float(), reference) > 0.98
+    if make is _tiny_tied_bf16_llama:
+        assert model.dtype == torch.bfloat16 and logits.dtype == torch.bfloat16
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.save_pretrained(tmp_path / "q")
+    reloaded = _load(tmp_path / "q")
+    assert torch.equal(_logits(reloaded, input_ids), logits)
+    assert torch.equal(_logits(lowbit.from_pretrained(tmp_path / "q"), input_ids), logits)
+
+
 def test_skip_modules(tiny_llama):
     config = LowbitConfig(load_in_4bit=True, llm_int8_skip_modules=["q_proj", "lm_head"])
     model = _load(tiny_llama, quantization_config=config)
