@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from lowbit.cli.errors import CliError
@@ -119,3 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as e:
         print(f"lowbit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `lowbit env | head`: the reader has gone; point stdout at devnull so the interpreter's
+        # final flush does not raise again, and exit quietly as other command-line tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        print(f"lowbit {args.command}: interrupted", file=sys.stderr)
+        return 130
