@@ -227,6 +227,11 @@ def test_lowbit_and_transformers_read_each_others_checkpoints(tiny_llama, input_
     assert torch.equal(_logits(_load(tmp_path / "lowbit"), input_ids), logits)
 
 
+def test_a_config_without_bits_is_refused(tiny_llama):
+    with pytest.raises(ValueError, match="neither load_in_4bit nor load_in_8bit"):
+        AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=LowbitConfig())
+
+
 def test_disk_offload_is_refused(tiny_llama):
     with pytest.raises(ValueError, match="disk"):
         AutoModelForCausalLM.from_pretrained(

@@ -46,8 +46,9 @@ else:
     class LowbitConfig(_LowbitConfig, QuantizationConfigMixin):
         """lowbit.LowbitConfig as a Transformers QuantizationConfigMixin.
 
-        register_quantization_config only accepts mixin subclasses, while lowbit.config must not
-        import Transformers. lowbit.LowbitConfig's own methods come first in the MRO; the mixin
+        register_quantization_config only accepts mixin subclasses, and lowbit.LowbitConfig is
+        one only when Transformers was importable as lowbit.config loaded (Transformers is an
+        optional dependency). lowbit.LowbitConfig's own methods come first in the MRO; the mixin
         adds what Transformers calls besides (to_json_string, to_diff_dict, update). The class
         keeps the name LowbitConfig because Transformers compares config classes by name when a
         config passed to from_pretrained meets the one stored in config.json.
@@ -230,6 +231,10 @@ class LowbitHfQuantizer(HfQuantizer):
         return _is_4bit(self.quantization_config)
 
     def validate_environment(self, *args, **kwargs):
+        if getattr(self.quantization_config, "bits", 4) is None:
+            raise ValueError(
+                "lowbit: the quantization config selects neither load_in_4bit nor load_in_8bit"
+            )
         device_map = kwargs.get("device_map")
         if isinstance(device_map, dict) and "disk" in device_map.values():
             raise ValueError(
