@@ -227,6 +227,19 @@ def test_lowbit_and_transformers_read_each_others_checkpoints(tiny_llama, input_
     assert torch.equal(_logits(_load(tmp_path / "lowbit"), input_ids), logits)
 
 
+@pytest.mark.parametrize("name, key", [("int8", "SCB"), ("nf4", "weight.absmax")])
+def test_a_corrupt_checkpoint_is_refused(tiny_llama, tmp_path, name, key):
+    from safetensors.torch import save_file
+
+    _load(tiny_llama, quantization_config=LowbitConfig(**CONFIGS[name])).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    bad = "model.layers.0.self_attn.q_proj." + key
+    tensors[bad] = tensors[bad][:5]  # too few scales for the layer
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(RuntimeError, match="conversion"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
 def test_a_config_without_bits_is_refused(tiny_llama):
     with pytest.raises(ValueError, match="neither load_in_4bit nor load_in_8bit"):
         AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=LowbitConfig())

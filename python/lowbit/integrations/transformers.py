@@ -177,8 +177,8 @@ class LowbitQuantize(ConversionOps):
 
 
 class LowbitDeserialize(ConversionOps):
-    """Pre-quantized loading: gather `weight` and its `weight.*` / `SCB` companions into one
-    quantized parameter, exactly as stored (no re-quantization)."""
+    """Pre-quantized loading: gather `weight` and its `weight.*` / `SCB` companions and load them
+    into the layer exactly as stored (no re-quantization)."""
 
     def __init__(self, hf_quantizer):
         self.hf_quantizer = hf_quantizer
@@ -188,21 +188,12 @@ class LowbitDeserialize(ConversionOps):
         if len(input_dict) == 1:
             return input_dict
         tensors = {k: (v[0] if isinstance(v, list) else v) for k, v in input_dict.items()}
-        weight = tensors.pop("weight")
         module, _ = get_module_from_name(model, full_layer_name)
-        if "SCB" in tensors:
-            scb = tensors["SCB"].to(device=weight.device, dtype=torch.float32).reshape(-1)
-            param = lnn.Int8Params(weight, requires_grad=False, has_fp16_weights=False, SCB=scb)
-        else:
-            param = lnn.Params4bit.from_prequantized(
-                data=weight,
-                quantized_stats=tensors,
-                requires_grad=False,
-                device=weight.device,
-                module=module,
-            )
+        # The layer's own loader checks every key against the others (shapes, scale counts,
+        # quant-state JSON) and raises naming the bad one; Transformers adds the layer's name.
+        module.load_state_dict(tensors, strict=False, assign=True)
         module._is_hf_initialized = True
-        return {"weight": param}
+        return {"weight": module.weight}
 
 
 _PREQUANTIZED_4BIT_KEYS = [
