@@ -1,55 +1,88 @@
 // The M = 1 product with a 4-bit weight (GEMV), AVX2 + FMA: the decode is fused into the dot
 // product, so each weight byte is read once and never written out.
 //
-// Nibble order trick: a 32-byte load of the weight row is seen as 8 dwords; dword i holds
-// elements 8i .. 8i + 7 of the 64-element chunk. Shifting all dwords right by 4s puts one nibble
-// of each in bits 0..3, and vpermps (which reads only bits 0..2 of each index) plus a blend on
-// bit 3 (moved to bit 31 by a left shift of 28 - 4s) looks it up in the 16-entry code table held
-// in two registers. So each shift s yields 8 decoded weights, one per dword, with no unpacking.
-// Nibble s of dword i (little endian) is byte 4i + s/2; the low nibble (even s) holds the odd
-// element, so shift s decodes elements 8i + f(s) with f(s) = 2 * (s / 2) + (s even ? 1 : 0).
-// The activations are permuted once per call to the same order:
-//     xp[64c + 8s + i] = x[64c + 8i + f(s)].
-// Each block's partial sum is scaled once by its absmax (the sums reassociate vs. generic).
+// Decode with byte shuffles: the 16 code values are fp32, so their 4 bytes form 4 byte tables of
+// 16 entries, and vpshufb looks up 32 nibbles in one table at once. For one 32-byte load of the
+// weight row (64 elements): the high nibbles (even elements) and low nibbles (odd elements) are
+// split into two planes of 32 bytes; per plane, 4 vpshufb give byte 0..3 of each code value and
+// two rounds of unpacks (bytes -> 16-bit pairs -> 32-bit floats) rebuild 4 vectors of 8 fp32.
+// The unpacks work inside 128-bit lanes, so vector q (0..3) of a plane holds at position
+// p = 4l + i (lane l, i = 0..3) the nibble of byte j = 16l + 4q + i. Instead of undoing that
+// order, the activations are permuted once per call to match it:
+//     xp[64c + 32P + 8q + p] = x[64c + 2 * (16 * (p / 4) + 4q + p % 4) + P]
+// (P = 0: high-nibble plane, P = 1: low-nibble plane). Per 64 weights: 3 ops to split nibbles,
+// 24 shuffles and 8 FMAs, with no gathers and no table in memory.
+// Each block's partial sum is scaled once by its absmax (the sums reassociate vs. generic); lanes
+// 0..3 of every vector come from bytes 0..15 (elements 0..31), which for blocksize 32 is one
+// block and lanes 4..7 the next.
 #include "fourbit_avx2.h"
 
 namespace lowbit::cpu::avx2 {
 
 namespace {
 
-constexpr int f_of_shift(int s) { return 2 * (s >> 1) + ((s & 1) ? 0 : 1); }
+// Byte b (0..3) of each of the 16 fp32 code values, in both 128-bit lanes for vpshufb.
+struct ByteTables {
+  __m256i t[4];
+  explicit ByteTables(const float* code) {
+    alignas(16) uint8_t bytes[4][16];
+    for (int v = 0; v < 16; ++v) {
+      const uint32_t u = float_bits(code[v]);
+      for (int b = 0; b < 4; ++b) bytes[b][v] = uint8_t(u >> (8 * b));
+    }
+    for (int b = 0; b < 4; ++b)
+      t[b] =
+          _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(bytes[b])));
+  }
+};
 
-// Sum over one 64-element chunk into two accumulators (even / odd shifts, for latency).
-inline void chunk_fma(const simd::Lut16& lut, const uint8_t* w8, const float* xp, __m256& acc0,
-                      __m256& acc1) {
+// 32 nibbles (one per byte, values 0..15) -> 32 code values times xp, into acc.
+inline void plane_fma(const ByteTables& L, __m256i nib, const float* xp, __m256* acc) {
+  const __m256i b0 = _mm256_shuffle_epi8(L.t[0], nib), b1 = _mm256_shuffle_epi8(L.t[1], nib);
+  const __m256i b2 = _mm256_shuffle_epi8(L.t[2], nib), b3 = _mm256_shuffle_epi8(L.t[3], nib);
+  // 16-bit halves: (byte0, byte1) = low half, (byte2, byte3) = high half of each float.
+  const __m256i l0 = _mm256_unpacklo_epi8(b0, b1), l1 = _mm256_unpackhi_epi8(b0, b1);
+  const __m256i h0 = _mm256_unpacklo_epi8(b2, b3), h1 = _mm256_unpackhi_epi8(b2, b3);
+  acc[0] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(l0, h0)), _mm256_loadu_ps(xp),
+                           acc[0]);
+  acc[1] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(l0, h0)),
+                           _mm256_loadu_ps(xp + 8), acc[1]);
+  acc[2] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(l1, h1)),
+                           _mm256_loadu_ps(xp + 16), acc[2]);
+  acc[3] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(l1, h1)),
+                           _mm256_loadu_ps(xp + 24), acc[3]);
+}
+
+// One 64-element chunk into eight independent accumulators (FMA latency, not throughput, would
+// bound a single chain).
+inline void chunk_fma(const ByteTables& L, const uint8_t* w8, const float* xp, __m256* acc) {
   const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w8));
-#define LOWBIT_SHIFT_STEP(S, ACC)                                                                  \
-  ACC = _mm256_fmadd_ps(lut.lookup(_mm256_srli_epi32(w, 4 * S), _mm256_slli_epi32(w, 28 - 4 * S)), \
-                        _mm256_loadu_ps(xp + 8 * S), ACC)
-  LOWBIT_SHIFT_STEP(0, acc0);
-  LOWBIT_SHIFT_STEP(1, acc1);
-  LOWBIT_SHIFT_STEP(2, acc0);
-  LOWBIT_SHIFT_STEP(3, acc1);
-  LOWBIT_SHIFT_STEP(4, acc0);
-  LOWBIT_SHIFT_STEP(5, acc1);
-  LOWBIT_SHIFT_STEP(6, acc0);
-  LOWBIT_SHIFT_STEP(7, acc1);
-#undef LOWBIT_SHIFT_STEP
+  const __m256i low4 = _mm256_set1_epi8(0x0f);
+  // vpshufb reads bits 0..3 (and zeroes the lane if bit 7 is set), so both planes are masked.
+  plane_fma(L, _mm256_and_si256(_mm256_srli_epi16(w, 4), low4), xp, acc);
+  plane_fma(L, _mm256_and_si256(w, low4), xp + 32, acc + 4);
+}
+
+inline __m256 sum8(const __m256* a) {
+  return _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])),
+                       _mm256_add_ps(_mm256_add_ps(a[4], a[5]), _mm256_add_ps(a[6], a[7])));
 }
 
 }  // namespace
 
 void permute_activations(const float* x, int64_t K, float* xp) {
   for (int64_t c = 0; c < K; c += 64)
-    for (int s = 0; s < 8; ++s)
-      for (int i = 0; i < 8; ++i) xp[c + 8 * s + i] = x[c + 8 * i + f_of_shift(s)];
+    for (int P = 0; P < 2; ++P)
+      for (int q = 0; q < 4; ++q)
+        for (int p = 0; p < 8; ++p)
+          xp[c + 32 * P + 8 * q + p] = x[c + 2 * (16 * (p / 4) + 4 * q + p % 4) + P];
 }
 
 void gemv_4bit_avx2(const float* x, int64_t K, const uint8_t* packed, const float* absmax,
                     const float* code16, int64_t bs, float* out, int64_t n_begin, int64_t n_end,
                     float* xp) {
   permute_activations(x, K, xp);
-  const simd::Lut16 lut(code16);
+  const ByteTables lut(code16);
   for (int64_t j = n_begin; j < n_end; ++j) {
     const uint8_t* wrow = packed + j * K / 2;  // K even: rows start on a byte
     __m256 total = _mm256_setzero_ps();
@@ -57,10 +90,11 @@ void gemv_4bit_avx2(const float* x, int64_t K, const uint8_t* packed, const floa
       // Dwords 0..3 (elements 0..31) are one block, dwords 4..7 the next.
       const float* sc = absmax + j * K / 32;
       for (int64_t c = 0; c < K / 64; ++c) {
-        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-        chunk_fma(lut, wrow + 32 * c, xp + 64 * c, acc0, acc1);
+        __m256 acc[8];
+        for (auto& v : acc) v = _mm256_setzero_ps();
+        chunk_fma(lut, wrow + 32 * c, xp + 64 * c, acc);
         const __m256 scale = _mm256_set_m128(_mm_set1_ps(sc[2 * c + 1]), _mm_set1_ps(sc[2 * c]));
-        total = _mm256_fmadd_ps(_mm256_add_ps(acc0, acc1), scale, total);
+        total = _mm256_fmadd_ps(sum8(acc), scale, total);
       }
     } else {
       // Segments of the row that share one block: [e, min(row end, next block start)).
@@ -69,10 +103,11 @@ void gemv_4bit_avx2(const float* x, int64_t K, const uint8_t* packed, const floa
       while (e < row_end) {
         const int64_t b = e / bs;
         const int64_t seg_end = std::min(row_end, (b + 1) * bs);
-        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        __m256 acc[8];
+        for (auto& v : acc) v = _mm256_setzero_ps();
         for (int64_t k = e - j * K; k < seg_end - j * K; k += 64)
-          chunk_fma(lut, wrow + k / 2, xp + k, acc0, acc1);
-        total = _mm256_fmadd_ps(_mm256_add_ps(acc0, acc1), _mm256_set1_ps(absmax[b]), total);
+          chunk_fma(lut, wrow + k / 2, xp + k, acc);
+        total = _mm256_fmadd_ps(sum8(acc), _mm256_set1_ps(absmax[b]), total);
         e = seg_end;
       }
     }

@@ -1,0 +1,294 @@
+"""CPU ratio benchmarks: `python -m lowbit bench --device cpu [--quick]`.
+
+Every figure is a ratio against a baseline timed in the same process on the same shapes: torch
+F.linear with bf16 weights, torch.ao dynamic int8 Linear (fbgemm), bitsandbytes' CPU backend
+and a plain tensor copy (memory bandwidth). Weights and inputs rotate over enough copies that the
+working set exceeds the last-level cache; each time is the median of several repeats, with all
+of torch's threads. The table goes to stdout and to benchmarks/results/cpu.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import lowbit
+from lowbit import functional as LF
+
+ops = torch.ops.lowbit
+LLC_BYTES = 32 << 20  # rotate so that every timed working set exceeds this (x4)
+
+
+def cpu_isa() -> str:
+    """The kernels' active ISA, read from the extension without going through torch."""
+    fn = ctypes.CDLL(lowbit._C.__file__).lowbit_cpu_isa_name
+    fn.restype = ctypes.c_char_p
+    return fn().decode()
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def copies_for(nbytes: int) -> int:
+    return max(2, -(-4 * LLC_BYTES // max(nbytes, 1)))
+
+
+def timeit(fn, args_list, repeats: int) -> float:
+    """Median seconds of fn(*args) over `repeats` calls, cycling through args_list."""
+    fn(*args_list[0])
+    fn(*args_list[-1])
+    times = []
+    for i in range(repeats):
+        a = args_list[i % len(args_list)]
+        t0 = time.perf_counter()
+        fn(*a)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@dataclass
+class Row:
+    case: str
+    ours_ms: float
+    base_name: str
+    base_ms: float
+    bar: float | None  # required ratio base/ours (speed-up); None: information only
+    extra: str = ""
+
+    @property
+    def ratio(self) -> float:
+        return self.base_ms / self.ours_ms
+
+    def status(self) -> str:
+        if self.bar is None:
+            return ""
+        if self.ratio >= self.bar:
+            return "met"
+        return f"MISSED by {100 * (1 - self.ratio / self.bar):.0f}%"
+
+
+def _copy_bandwidth(repeats: int) -> float:
+    """Bytes moved (read + write) per second by a plain copy_ of 64 MiB buffers."""
+    n = 64 << 20
+    src = [torch.empty(n, dtype=torch.uint8).random_() for _ in range(2)]
+    dst = [torch.empty(n, dtype=torch.uint8) for _ in range(2)]
+    t = timeit(lambda s, d: d.copy_(s), list(zip(src, dst)), repeats)
+    return 2 * n / t
+
+
+def bench_gemv4(rows, shapes, repeats, copy_bw):
+    code = LF.get_4bit_type("nf4")
+    for N, K in shapes:
+        w = torch.randn(N, K)
+        packed, absmax = ops.quantize_4bit(w, 64, "nf4", torch.uint8)
+        qbytes = packed.numel() + absmax.numel() * 4
+        nq = copies_for(qbytes)
+        qs = [(packed.clone(), absmax.clone()) for _ in range(nq)]
+        wb = w.to(torch.bfloat16)
+        wbs = [wb.clone() for _ in range(copies_for(wb.numel() * 2))]
+        del w
+        xb = torch.randn(1, K, dtype=torch.bfloat16)
+        t_base = timeit(lambda W: F.linear(xb, W), [(W,) for W in wbs], repeats)
+        for dt in (torch.bfloat16, torch.float32):
+            x = xb.to(dt)
+            t = timeit(lambda p, m: ops.gemv_4bit(x, p, [N, K], m, code, 64), qs, repeats)
+            bw = qbytes / t
+            tag = "bf16" if dt == torch.bfloat16 else "fp32"
+            bar = 2.5 if (N, K) == (4096, 4096) else 3.0
+            rows.append(
+                Row(f"NF4 GEMV M=1 {N}x{K} ({tag} act)", 1e3 * t, "bf16 F.linear", 1e3 * t_base,
+                    bar, f"{bw / 1e9:.1f} GB/s = {100 * bw / copy_bw:.0f}% of copy (bar 75%)")
+            )
+        del qs, wbs
+
+
+def bench_int8(rows, shapes, ms, repeats, qdyn: bool):
+    for N, K in shapes:
+        w = torch.randn(N, K)
+        wq, ws, _ = ops.int8_vectorwise_quant(w, 0.0)
+        q8 = [(wq.clone(), ws.clone()) for _ in range(copies_for(wq.numel()))]
+        wb = w.to(torch.bfloat16)
+        wbs = [wb.clone() for _ in range(copies_for(wb.numel() * 2))]
+        dyn = []
+        if qdyn:
+            for _ in range(copies_for(wq.numel())):
+                lin = torch.nn.Linear(K, N, bias=False)
+                lin.weight.data.copy_(w)
+                dyn.append(torch.ao.quantization.quantize_dynamic(lin, {torch.nn.Linear}, torch.qint8))
+        del w
+        for M in ms:
+            reps = repeats if M <= 128 else max(3, repeats // 3)
+            xb = torch.randn(M, K, dtype=torch.bfloat16)
+            t = timeit(lambda W, s: ops.int8_linear(xb, W, s, None, 6.0), q8, reps)
+            t_base = timeit(lambda W: F.linear(xb, W), [(W,) for W in wbs], reps)
+            bar = 1.7 if M == 1 else 1.5
+            rows.append(Row(f"LLM.int8 linear M={M} {N}x{K}", 1e3 * t, "bf16 F.linear",
+                            1e3 * t_base, bar))
+            if qdyn and M > 1:
+                xf = xb.float()
+                t_dyn = timeit(lambda m: m(xf), [(m,) for m in dyn], reps)
+                rows.append(Row(f"LLM.int8 linear M={M} {N}x{K}", 1e3 * t,
+                                "torch dynamic int8 Linear", 1e3 * t_dyn, 1.0))
+        del q8, wbs, dyn
+
+
+def bench_nf4_gemm(rows, shapes, ms, repeats):
+    for N, K in shapes:
+        w = torch.randn(N, K)
+        packed, absmax = ops.quantize_4bit(w, 64, "nf4", torch.uint8)
+        qs = [(packed.clone(), absmax.clone()) for _ in range(copies_for(packed.numel()))]
+        wb = w.to(torch.bfloat16)
+        wbs = [wb.clone() for _ in range(copies_for(wb.numel() * 2))]
+        del w
+        for M in ms:
+            reps = repeats if M <= 128 else max(3, repeats // 3)
+            xb = torch.randn(M, K, dtype=torch.bfloat16)
+
+            def nf4(p, m):
+                W = ops.dequantize_4bit(p, m, 64, "nf4", [N, K], torch.bfloat16)
+                return F.linear(xb, W)
+
+            t = timeit(nf4, qs, reps)
+            t_base = timeit(lambda W: F.linear(xb, W), [(W,) for W in wbs], reps)
+            rows.append(Row(f"NF4 dequant+F.linear M={M} {N}x{K} (bf16)", 1e3 * t,
+                            "bf16 F.linear", 1e3 * t_base, 0.8))
+        del qs, wbs
+
+
+def bench_quant(rows, shape, repeats, copy_bw):
+    """Blockwise 8-bit (blocksize 4096) and NF4 (blocksize 64) quantize / dequantize of a bf16
+    tensor: ratio vs bitsandbytes' CPU backend (both allocate their outputs) and, with
+    preallocated outputs, bandwidth (bytes read + written) vs a plain copy."""
+    try:
+        import bitsandbytes.functional as BF
+    except Exception:  # bitsandbytes missing or broken: bandwidth only
+        BF = None
+    n = shape[0] * shape[1]
+    A = torch.randn(shape, dtype=torch.bfloat16)
+    As = [(A.clone(),) for _ in range(copies_for(n * 2))]
+    code8 = LF.create_dynamic_map(signed=True)
+    cases = []
+    # (name, ours, bnb, bytes moved, args for ours, args for bnb)
+    q8 = [ops.quantize_blockwise(a, code8, 4096) for (a,) in As]
+    out16 = [torch.empty(shape, dtype=torch.bfloat16) for _ in range(2)]
+    q4 = [ops.quantize_4bit(a, 64, "nf4", torch.uint8) for (a,) in As]
+    cases.append(("8-bit blockwise quantize", lambda a: ops.quantize_blockwise(a, code8, 4096),
+                  (lambda a: BF.quantize_blockwise(a, blocksize=4096)) if BF else None,
+                  n * 3, As, As))
+    # Both sides allocate their outputs (bitsandbytes' CPU backend has no out= form); the
+    # bandwidth column times our out= form, since a fresh 32 MiB output costs page faults.
+    cases.append(("8-bit blockwise dequantize",
+                  lambda q, m: ops.dequantize_blockwise(q, m, code8, 4096, torch.bfloat16),
+                  (lambda qs: BF.dequantize_blockwise(*qs)) if BF else None, n * 3, q8,
+                  [(BF.quantize_blockwise(a, blocksize=4096),) for (a,) in As[:2]] if BF else None))
+    cases.append(("NF4 quantize", lambda a: ops.quantize_4bit(a, 64, "nf4", torch.uint8),
+                  (lambda a: BF.quantize_4bit(a, blocksize=64, quant_type="nf4")) if BF else None,
+                  n * 2 + n // 2, As, As))
+    cases.append(("NF4 dequantize",
+                  lambda p, m: ops.dequantize_4bit(p, m, 64, "nf4", list(shape), torch.bfloat16),
+                  (lambda p, s: BF.dequantize_4bit(p, s)) if BF else None, n * 2 + n // 2, q4,
+                  [BF.quantize_4bit(a, blocksize=64, quant_type="nf4") for (a,) in As[:2]]
+                  if BF else None))
+    for name, ours, bnb, nbytes, args, bargs in cases:
+        t = timeit(ours, args, repeats)
+        t_bw = t  # quantize has no out= form: its time includes allocating the outputs
+        if name.startswith("8-bit blockwise dequantize"):
+            fn = lambda q, m, o: ops.dequantize_blockwise.out(q, m, code8, 4096, torch.bfloat16, out=o)  # noqa: E731
+        elif name.startswith("NF4 dequantize"):
+            fn = lambda p, m, o: ops.dequantize_4bit.out(p, m, 64, "nf4", list(shape), torch.bfloat16, out=o)  # noqa: E731
+        else:
+            fn = None
+        if fn is not None:
+            t_bw = timeit(fn, [(*a, out16[i % 2]) for i, a in enumerate(args)], repeats)
+        bw = nbytes / t_bw
+        extra = f"{bw / 1e9:.1f} GB/s = {100 * bw / copy_bw:.0f}% of copy (bar 60%)"
+        label = f"{name} {shape[0]}x{shape[1]} bf16"
+        if bnb is not None:
+            t_b = timeit(bnb, bargs, max(3, repeats // 2))
+            rows.append(Row(label, 1e3 * t, "bitsandbytes CPU", 1e3 * t_b, 3.0, extra))
+        else:
+            rows.append(Row(label, 1e3 * t, "(bitsandbytes missing)", 1e3 * t, None, extra))
+
+
+def render(rows, header: list[str]) -> str:
+    lines = header + [
+        "",
+        "| case | lowbit ms | baseline | baseline ms | speed-up | bar | status | notes |",
+        "|---|---:|---|---:|---:|---:|---|---|",
+    ]
+    for r in rows:
+        bar = f">= {r.bar:g}x" if r.bar is not None else ""
+        lines.append(f"| {r.case} | {r.ours_ms:.2f} | {r.base_name} | {r.base_ms:.2f} | "
+                     f"{r.ratio:.2f}x | {bar} | {r.status()} | {r.extra} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lowbit bench", description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu"], help="only cpu is benchmarked here")
+    p.add_argument("--quick", action="store_true", help="fewer shapes and repeats (< 2 minutes)")
+    p.add_argument("--out", default=os.path.join("benchmarks", "results", "cpu.md"),
+                   help="where to write the table (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    quick = args.quick
+    repeats = 7 if quick else 15
+    t_start = time.perf_counter()
+    try:
+        import bitsandbytes
+
+        bnb_version = bitsandbytes.__version__
+    except Exception:
+        bnb_version = "not installed"
+    copy_bw = _copy_bandwidth(repeats)
+    rows: list[Row] = []
+    gemv_shapes = [(4096, 4096), (11008, 4096), (4096, 11008)]
+    if not quick:
+        gemv_shapes += [(14336, 4096), (4096, 14336)]
+    bench_gemv4(rows, gemv_shapes, repeats * 2, copy_bw)
+    bench_int8(rows, [(4096, 4096)] if quick else [(4096, 4096), (11008, 4096)], [1], repeats * 2,
+               qdyn=False)
+    bench_int8(rows, [(4096, 4096)], [128] if quick else [128, 512, 2048], repeats, qdyn=True)
+    bench_nf4_gemm(rows, [(4096, 4096)], [128] if quick else [128, 512, 2048], repeats)
+    bench_quant(rows, (4096, 4096) if quick else (8192, 4096), repeats, copy_bw)
+    header = [
+        "## lowbit CPU benchmark",
+        "",
+        f"- command: `python -m lowbit bench --device cpu{' --quick' if quick else ''}`",
+        f"- CPU: {cpu_model()}, {os.cpu_count()} logical CPUs; kernels ISA: **{cpu_isa()}**",
+        f"- torch {torch.__version__}, {torch.get_num_threads()} threads; bitsandbytes {bnb_version}",
+        f"- copy bandwidth (read + write): {copy_bw / 1e9:.1f} GB/s; speed-up = baseline ms / lowbit ms;"
+        f" medians of {repeats}+ runs, weights rotated over > {4 * LLC_BYTES >> 20} MiB",
+        f"- total bench time {time.perf_counter() - t_start:.0f} s",
+    ]
+    text = render(rows, header)
+    print(text)
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(text)
+        print(f"written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
