@@ -75,7 +75,7 @@ def _measure(name, model_dir, batch, repeats, reference):
     start = time.perf_counter()
     model = AutoModel.from_pretrained(model_dir, dtype=torch.float32)
     if VARIANTS[name] is not None:
-        quantize_model(model, LowbitConfig(**VARIANTS[name]))
+        quantize_model(model, LowbitConfig(**VARIANTS[name]), progress=False)
     model.eval()
     load_s = time.perf_counter() - start
     linear_b, model_b = _model.memory_bytes(model)
