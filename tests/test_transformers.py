@@ -63,6 +63,8 @@ def float_logits(tiny_llama, input_ids):
 
 
 def _load(path, **kwargs):
+    # The plug-in's default device is the GPU when lowbit has CUDA kernels; these tests are on CPU.
+    kwargs.setdefault("device_map", "cpu")
     model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert not info["mismatched_keys"] and not info["error_msgs"], info
@@ -237,7 +239,7 @@ def test_a_corrupt_checkpoint_is_refused(tiny_llama, tmp_path, name, key):
     tensors[bad] = tensors[bad][:5]  # too few scales for the layer
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(RuntimeError, match="conversion"):
-        AutoModelForCausalLM.from_pretrained(tmp_path)
+        AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu")
 
 
 def test_a_config_without_bits_is_refused(tiny_llama):
