@@ -247,6 +247,14 @@ def test_a_config_without_bits_is_refused(tiny_llama):
         AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=LowbitConfig())
 
 
+def test_quantize_model_then_transformers_save_and_reload(tiny_llama, input_ids, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    lowbit.quantize_model(model, LowbitConfig(**CONFIGS["int8"]), progress=False)
+    logits = _logits(model, input_ids)
+    model.save_pretrained(tmp_path)  # Transformers' own save, no quantizer attached
+    assert torch.equal(_logits(_load(tmp_path), input_ids), logits)
+
+
 def test_disk_offload_is_refused(tiny_llama):
     with pytest.raises(ValueError, match="disk"):
         AutoModelForCausalLM.from_pretrained(
