@@ -118,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(f"lowbit.cli.{args.command}")
         return module.run(args)
     except CliError as e:
-        print(f"lowbit {args.command}: error: {e}", file=sys.stderr)
+        # One line, even when the message wraps a library error that spans several.
+        message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"lowbit {args.command}: error: {message}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # `lowbit env | head`: the reader has gone; point stdout at devnull so the interpreter's
