@@ -165,3 +165,12 @@ def test_expanded_and_offset_views(device, dtype):
         ops.dequantize_blockwise(q, absmax, code, 64, torch.float32),
         ops.dequantize_blockwise(q, absmax.contiguous(), code, 64, torch.float32),
     )
+
+
+def test_int8_row_with_a_tiny_scale_keeps_its_zeros(device):
+    # absmax 1e-38: 127 / absmax overflows fp32, so the row divides first; 0 stays 0 (not
+    # 0 * Inf = NaN -> -127) and the largest element still gets code 127.
+    A = torch.tensor([[1e-38, 0.0, -5e-39, 2.5e-39]], device=device)
+    q, stats, _ = ops.int8_vectorwise_quant(A, 0.0)
+    assert q.tolist() == [[127, 0, -64, 32]] and stats.tolist() == [pytest.approx(1e-38)]
+    assert torch.equal(q, reference.int8_vectorwise_quant(A, 0.0)[0])

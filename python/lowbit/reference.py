@@ -141,7 +141,9 @@ def int8_vectorwise_quant(A: torch.Tensor, threshold: float = 0.0):
     finite_abs = torch.where(torch.isfinite(kept), kept.abs(), torch.zeros_like(kept))
     m = finite_abs.amax(dim=1) if K else torch.zeros(a.shape[0], device=a.device)
     scale = torch.full_like(m, 127.0) / m  # true division (127.0 / m in torch is 127 * (1 / m))
-    codes = torch.round(torch.clamp(a * scale[:, None], -127.0, 127.0))
+    # a row whose 127 / m overflows (tiny m) divides first: (a / m) * 127 (blockscale.h)
+    scaled = torch.where(torch.isinf(scale)[:, None], (a / m[:, None]) * 127.0, a * scale[:, None])
+    codes = torch.round(torch.clamp(scaled, -127.0, 127.0))
     codes = torch.where(is_outlier | (bad | (m == 0))[:, None], torch.zeros_like(codes), codes)
     if outlier_cols is not None and outlier_cols.numel():
         codes[:, outlier_cols] = 0

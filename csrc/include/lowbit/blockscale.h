@@ -5,7 +5,8 @@
 // reciprocal rounded to fp32 once per block (as bitsandbytes does). Special blocks:
 //   * absmax == 0 (all zeros): every element gets the code nearest 0 and absmax stays 0, so the
 //     block dequantizes to exact zeros (never 0/0 = NaN).
-//   * 1 / absmax overflows (absmax is a tiny subnormal): x / absmax instead, so nothing becomes Inf.
+//   * 1 / absmax overflows (absmax is a tiny subnormal): x / absmax instead, so nothing becomes
+//   Inf.
 //   * the block holds a NaN or +-Inf: absmax is stored as NaN and every code is the zero code, so
 //     the whole block dequantizes to NaN: the damage stays visible and stays inside the block.
 #pragma once
@@ -55,6 +56,15 @@ LOWBIT_HD BlockScale make_block_scale(float m, bool bad) {
 // The normalised value of x in a block of mode normal or divide.
 LOWBIT_HD float normalize(float x, const BlockScale& s) {
   return s.mode == BlockMode::normal ? x * s.inv : x / s.absmax;
+}
+
+// LLM.int8() row scaling: v * (127 / absmax). When 127 / absmax overflows (absmax below ~3.7e-37)
+// the row divides instead, (v / absmax) * 127, so a 0 stays 0 (never 0 * Inf = NaN) and tiny
+// values still get their codes.
+LOWBIT_HD bool int8_scale_overflows(float scale) { return !(scale <= 3.4028234663852886e38f); }
+
+LOWBIT_HD float int8_scale_value(float v, float absmax, float scale) {
+  return int8_scale_overflows(scale) ? (v / absmax) * 127.0f : v * scale;
 }
 
 }  // namespace lowbit

@@ -8,6 +8,7 @@
 #include "int8_gemm_avx2.h"
 #include "kernels.h"
 #include "load_store.h"
+#include "lowbit/blockscale.h"
 
 namespace lowbit::cpu::avx2 {
 
@@ -75,7 +76,9 @@ void vectorwise_quant_impl(const T* a, int64_t K, float threshold, const uint8_t
     // Pass 2: round-half-even(clamp(v * scale)), zero for outliers and masked columns.
     const __m256 sv = _mm256_set1_ps(scale), hi = _mm256_set1_ps(127.0f),
                  lo = _mm256_set1_ps(-127.0f);
-    for (c = 0; c + 8 <= K; c += 8) {
+    // A row whose scale overflows (tiny absmax) divides instead: the scalar loop handles it.
+    const int64_t vec_end = int8_scale_overflows(scale) ? 0 : K;
+    for (c = 0; c + 8 <= vec_end; c += 8) {
       const __m256 v = simd::load8(row + c);
       const __m256 y = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_mul_ps(v, sv)));
       __m256i code =
@@ -86,7 +89,8 @@ void vectorwise_quant_impl(const T* a, int64_t K, float threshold, const uint8_t
     }
     for (; c < K; ++c) {
       const float v = to_float(row[c]);
-      const float code = std::nearbyint(std::min(127.0f, std::max(-127.0f, v * scale)));
+      const float code =
+          std::nearbyint(std::min(127.0f, std::max(-127.0f, int8_scale_value(v, mx, scale))));
       qrow[c] = abs_f(v) >= ths ? int8_t(0) : int8_t(code);
     }
     if (col_mask)

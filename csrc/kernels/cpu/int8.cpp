@@ -49,7 +49,8 @@ void vectorwise_quant_impl(const T* a, int64_t /*rows*/, int64_t K, float thresh
     for (int64_t c = 0; c < K; ++c) {
       const float v = to_float(row[c]);
       // nearbyint rounds half to even in the default rounding mode; |v * scale| <= 127 + 1 ulp.
-      const float code = std::nearbyint(std::min(127.0f, std::max(-127.0f, v * scale)));
+      const float code =
+          std::nearbyint(std::min(127.0f, std::max(-127.0f, int8_scale_value(v, m, scale))));
       qrow[c] = (split && abs_f(v) >= threshold) ? int8_t(0) : int8_t(code);
     }
     if (col_mask)

@@ -90,7 +90,10 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t c = threadIdx.x; c < K; c += blockDim.x) {
       const float v = load_f(row, c);
       // rintf rounds half to even, as nearbyint does in the CPU's default rounding mode.
-      const float code = rintf(clamp127(__fmul_rn(v, scale)));
+      // Tiny absmax: 127 / m overflows, so divide first (blockscale.h, int8_scale_value).
+      const float scaled =
+          int8_scale_overflows(scale) ? __fmul_rn(__fdiv_rn(v, m), 127.0f) : __fmul_rn(v, scale);
+      const float code = rintf(clamp127(scaled));
       int8_t out = (split && abs_f(v) >= threshold) ? int8_t(0) : int8_t(code);
       if (col_mask != nullptr && col_mask[c]) out = 0;
       qrow[c] = out;
