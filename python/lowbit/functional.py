@@ -33,6 +33,8 @@ __all__ = [
     "int8_mm_dequant",
     "int8_double_quant",
     "int8_linear",
+    "pack_dict_to_tensor",
+    "unpack_tensor_to_dict",
 ]
 
 _ops = torch.ops.lowbit
@@ -144,7 +146,7 @@ class QuantState:
             return qs
         tensors = {k: v for k, v in qs.items() if isinstance(v, torch.Tensor)}
         rest = {k: v for k, v in qs.items() if not isinstance(v, torch.Tensor)}
-        tensors["quant_state.bitsandbytes__" + self.quant_type] = _pack_json(rest)
+        tensors["quant_state.bitsandbytes__" + self.quant_type] = pack_dict_to_tensor(rest)
         return tensors
 
     @classmethod
@@ -164,7 +166,7 @@ class QuantState:
                 raise ValueError(
                     f"quant state: expected one key ending in one of {cls.valid_qs_type_keys}, got {qs_keys}"
                 )
-            qs_dict.update(_unpack_json(qs_dict.pop(qs_keys[0])))
+            qs_dict.update(unpack_tensor_to_dict(qs_dict.pop(qs_keys[0])))
         qs_dict = {k.split(".")[-1]: v for k, v in qs_dict.items()}
         unknown = set(qs_dict) - set(cls.valid_qs_keys)
         if unknown:
@@ -208,11 +210,14 @@ class QuantState:
         )
 
 
-def _pack_json(d: dict[str, Any]) -> torch.Tensor:
+def pack_dict_to_tensor(d: dict[str, Any]) -> torch.Tensor:
+    """A dict as UTF-8 JSON bytes in a 1-D uint8 tensor (bitsandbytes' packed quant-state)."""
     return torch.tensor(list(json.dumps(d).encode("utf-8")), dtype=torch.uint8)
 
 
-def _unpack_json(t: torch.Tensor) -> dict[str, Any]:
+def unpack_tensor_to_dict(t: torch.Tensor) -> dict[str, Any]:
+    """The inverse of pack_dict_to_tensor, for untrusted input: type, size (<= 64 KiB), UTF-8 and
+    JSON-object checks before anything is used; ValueError otherwise."""
     if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1:
         raise ValueError("quant state: the packed quant_state must be a 1-D uint8 tensor")
     if t.numel() > _MAX_STATE_JSON_BYTES:

@@ -11,8 +11,6 @@ load_state_dict raises as one RuntimeError whatever `strict` says.
 
 from __future__ import annotations
 
-import json
-
 import torch
 from torch import nn
 
@@ -60,14 +58,9 @@ def _load_bias(module, own, prefix, strict, missing_keys, error_msgs, assign):
 
 def _decode_qs_json(key: str, t) -> dict:
     try:
-        d = json.loads(bytes(t.reshape(-1).cpu().tolist()).decode("utf-8"))
-    except (AttributeError, TypeError, ValueError, UnicodeDecodeError) as e:
-        raise _KeyProblem(
-            f"{key}: the quant state is not UTF-8 JSON in a uint8 tensor ({e})"
-        ) from None
-    if not isinstance(d, dict):
-        raise _KeyProblem(f"{key}: the quant state must be a JSON object, got {type(d).__name__}")
-    return d
+        return F.unpack_tensor_to_dict(t.reshape(-1) if isinstance(t, torch.Tensor) else t)
+    except ValueError as e:
+        raise _KeyProblem(f"{key}: {e}") from None
 
 
 def _prequantized_4bit(module, w, aux, prefix) -> Params4bit:
