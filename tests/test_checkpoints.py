@@ -19,7 +19,12 @@ pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def saved_nf4(tmp_path_factory):
     path = tmp_path_factory.mktemp("nf4")
-    model = lowbit.quantize_model(tiny_llama(), lowbit.LowbitConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True))
+    model = lowbit.quantize_model(
+        tiny_llama(),
+        lowbit.LowbitConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True
+        ),
+    )
     lowbit.save_pretrained(model, path)
     return path
 
@@ -59,18 +64,55 @@ def _set_json(tensors, **fields):
 
 
 CORRUPTIONS = {
-    "dtype name not in the whitelist": (lambda t: _set_json(t, dtype="__import__('os').system"), "dtype must be one of"),
-    "blocksize outside the allowed set": (lambda t: _set_json(t, blocksize=48), "blocksize must be one of"),
+    "dtype name not in the whitelist": (
+        lambda t: _set_json(t, dtype="__import__('os').system"),
+        "dtype must be one of",
+    ),
+    "blocksize outside the allowed set": (
+        lambda t: _set_json(t, blocksize=48),
+        "blocksize must be one of",
+    ),
     "negative shape": (lambda t: _set_json(t, shape=[-4, 16]), "shape entries must be positive"),
-    "int64-overflowing shape": (lambda t: _set_json(t, shape=[2**40, 2**40]), "too many elements|must hold"),
-    "absmax length": (lambda t: t.__setitem__(next(k for k in t if k.endswith(".weight.absmax")), torch.zeros(3, dtype=torch.uint8)), "absmax must hold"),
-    "quant_map length": (lambda t: t.__setitem__(next(k for k in t if k.endswith(".weight.quant_map")), torch.zeros(15)), "quant_map must hold 16"),
-    "nested quant_map dtype": (lambda t: t.__setitem__(next(k for k in t if k.endswith("nested_quant_map")), torch.zeros(256, dtype=torch.float16)), "nested_quant_map must be torch.float32"),
-    "JSON not UTF-8": (lambda t: t.__setitem__(_state_key(t), torch.tensor([0xFF, 0xFE, 0x7B], dtype=torch.uint8)), "not valid UTF-8 JSON"),
-    "JSON too large": (lambda t: t.__setitem__(_state_key(t), torch.full((70000,), 32, dtype=torch.uint8)), "exceeds"),
-    "JSON not an object": (lambda t: t.__setitem__(_state_key(t), torch.tensor(list(b"[1, 2]"), dtype=torch.uint8)), "JSON object"),
+    "int64-overflowing shape": (
+        lambda t: _set_json(t, shape=[2**40, 2**40]),
+        "too many elements|must hold",
+    ),
+    "absmax length": (
+        lambda t: t.__setitem__(
+            next(k for k in t if k.endswith(".weight.absmax")), torch.zeros(3, dtype=torch.uint8)
+        ),
+        "absmax must hold",
+    ),
+    "quant_map length": (
+        lambda t: t.__setitem__(
+            next(k for k in t if k.endswith(".weight.quant_map")), torch.zeros(15)
+        ),
+        "quant_map must hold 16",
+    ),
+    "nested quant_map dtype": (
+        lambda t: t.__setitem__(
+            next(k for k in t if k.endswith("nested_quant_map")),
+            torch.zeros(256, dtype=torch.float16),
+        ),
+        "nested_quant_map must be torch.float32",
+    ),
+    "JSON not UTF-8": (
+        lambda t: t.__setitem__(_state_key(t), torch.tensor([0xFF, 0xFE, 0x7B], dtype=torch.uint8)),
+        "not valid UTF-8 JSON",
+    ),
+    "JSON too large": (
+        lambda t: t.__setitem__(_state_key(t), torch.full((70000,), 32, dtype=torch.uint8)),
+        "exceeds",
+    ),
+    "JSON not an object": (
+        lambda t: t.__setitem__(_state_key(t), torch.tensor(list(b"[1, 2]"), dtype=torch.uint8)),
+        "JSON object",
+    ),
     "unknown quant-state key": (lambda t: _set_json(t, evil=1), "unknown keys"),
-    "missing aux key": (lambda t: t.pop(next(k for k in t if k.endswith(".weight.absmax"))), "absmax"),
+    "missing aux key": (
+        lambda t: t.pop(next(k for k in t if k.endswith(".weight.absmax"))),
+        "absmax",
+    ),
 }
 
 

@@ -213,7 +213,9 @@ def _active_isa_with(value: str) -> subprocess.CompletedProcess:
         "print(lib.lowbit_cpu_isa_name().decode())"
     )
     env = dict(os.environ, LOWBIT_CPU_ISA=value)
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
 
 
 def test_unsupported_isa_falls_back_with_a_warning():

@@ -112,8 +112,14 @@ def bench_gemv4(rows, shapes, repeats, copy_bw):
             tag = "bf16" if dt == torch.bfloat16 else "fp32"
             bar = 2.5 if (N, K) == (4096, 4096) else 3.0
             rows.append(
-                Row(f"NF4 GEMV M=1 {N}x{K} ({tag} act)", 1e3 * t, "bf16 F.linear", 1e3 * t_base,
-                    bar, f"{bw / 1e9:.1f} GB/s = {100 * bw / copy_bw:.0f}% of copy (bar 75%)")
+                Row(
+                    f"NF4 GEMV M=1 {N}x{K} ({tag} act)",
+                    1e3 * t,
+                    "bf16 F.linear",
+                    1e3 * t_base,
+                    bar,
+                    f"{bw / 1e9:.1f} GB/s = {100 * bw / copy_bw:.0f}% of copy (bar 75%)",
+                )
             )
         del qs, wbs
 
@@ -130,7 +136,9 @@ def bench_int8(rows, shapes, ms, repeats, qdyn: bool):
             for _ in range(copies_for(wq.numel())):
                 lin = torch.nn.Linear(K, N, bias=False)
                 lin.weight.data.copy_(w)
-                dyn.append(torch.ao.quantization.quantize_dynamic(lin, {torch.nn.Linear}, torch.qint8))
+                dyn.append(
+                    torch.ao.quantization.quantize_dynamic(lin, {torch.nn.Linear}, torch.qint8)
+                )
         del w
         for M in ms:
             reps = repeats if M <= 128 else max(3, repeats // 3)
@@ -138,13 +146,21 @@ def bench_int8(rows, shapes, ms, repeats, qdyn: bool):
             t = timeit(lambda W, s: ops.int8_linear(xb, W, s, None, 6.0), q8, reps)
             t_base = timeit(lambda W: F.linear(xb, W), [(W,) for W in wbs], reps)
             bar = 1.7 if M == 1 else 1.5
-            rows.append(Row(f"LLM.int8 linear M={M} {N}x{K}", 1e3 * t, "bf16 F.linear",
-                            1e3 * t_base, bar))
+            rows.append(
+                Row(f"LLM.int8 linear M={M} {N}x{K}", 1e3 * t, "bf16 F.linear", 1e3 * t_base, bar)
+            )
             if qdyn and M > 1:
                 xf = xb.float()
                 t_dyn = timeit(lambda m: m(xf), [(m,) for m in dyn], reps)
-                rows.append(Row(f"LLM.int8 linear M={M} {N}x{K}", 1e3 * t,
-                                "torch dynamic int8 Linear", 1e3 * t_dyn, 1.0))
+                rows.append(
+                    Row(
+                        f"LLM.int8 linear M={M} {N}x{K}",
+                        1e3 * t,
+                        "torch dynamic int8 Linear",
+                        1e3 * t_dyn,
+                        1.0,
+                    )
+                )
         del q8, wbs, dyn
 
 
@@ -166,8 +182,15 @@ def bench_nf4_gemm(rows, shapes, ms, repeats):
 
             t = timeit(nf4, qs, reps)
             t_base = timeit(lambda W: F.linear(xb, W), [(W,) for W in wbs], reps)
-            rows.append(Row(f"NF4 dequant+F.linear M={M} {N}x{K} (bf16)", 1e3 * t,
-                            "bf16 F.linear", 1e3 * t_base, 0.8))
+            rows.append(
+                Row(
+                    f"NF4 dequant+F.linear M={M} {N}x{K} (bf16)",
+                    1e3 * t,
+                    "bf16 F.linear",
+                    1e3 * t_base,
+                    0.8,
+                )
+            )
         del qs, wbs
 
 
@@ -188,30 +211,61 @@ def bench_quant(rows, shape, repeats, copy_bw):
     q8 = [ops.quantize_blockwise(a, code8, 4096) for (a,) in As]
     out16 = [torch.empty(shape, dtype=torch.bfloat16) for _ in range(2)]
     q4 = [ops.quantize_4bit(a, 64, "nf4", torch.uint8) for (a,) in As]
-    cases.append(("8-bit blockwise quantize", lambda a: ops.quantize_blockwise(a, code8, 4096),
-                  (lambda a: BF.quantize_blockwise(a, blocksize=4096)) if BF else None,
-                  n * 3, As, As))
+    cases.append(
+        (
+            "8-bit blockwise quantize",
+            lambda a: ops.quantize_blockwise(a, code8, 4096),
+            (lambda a: BF.quantize_blockwise(a, blocksize=4096)) if BF else None,
+            n * 3,
+            As,
+            As,
+        )
+    )
     # Both sides allocate their outputs (bitsandbytes' CPU backend has no out= form); the
     # bandwidth column times our out= form, since a fresh 32 MiB output costs page faults.
-    cases.append(("8-bit blockwise dequantize",
-                  lambda q, m: ops.dequantize_blockwise(q, m, code8, 4096, torch.bfloat16),
-                  (lambda qs: BF.dequantize_blockwise(*qs)) if BF else None, n * 3, q8,
-                  [(BF.quantize_blockwise(a, blocksize=4096),) for (a,) in As[:2]] if BF else None))
-    cases.append(("NF4 quantize", lambda a: ops.quantize_4bit(a, 64, "nf4", torch.uint8),
-                  (lambda a: BF.quantize_4bit(a, blocksize=64, quant_type="nf4")) if BF else None,
-                  n * 2 + n // 2, As, As))
-    cases.append(("NF4 dequantize",
-                  lambda p, m: ops.dequantize_4bit(p, m, 64, "nf4", list(shape), torch.bfloat16),
-                  (lambda p, s: BF.dequantize_4bit(p, s)) if BF else None, n * 2 + n // 2, q4,
-                  [BF.quantize_4bit(a, blocksize=64, quant_type="nf4") for (a,) in As[:2]]
-                  if BF else None))
+    cases.append(
+        (
+            "8-bit blockwise dequantize",
+            lambda q, m: ops.dequantize_blockwise(q, m, code8, 4096, torch.bfloat16),
+            (lambda qs: BF.dequantize_blockwise(*qs)) if BF else None,
+            n * 3,
+            q8,
+            [(BF.quantize_blockwise(a, blocksize=4096),) for (a,) in As[:2]] if BF else None,
+        )
+    )
+    cases.append(
+        (
+            "NF4 quantize",
+            lambda a: ops.quantize_4bit(a, 64, "nf4", torch.uint8),
+            (lambda a: BF.quantize_4bit(a, blocksize=64, quant_type="nf4")) if BF else None,
+            n * 2 + n // 2,
+            As,
+            As,
+        )
+    )
+    cases.append(
+        (
+            "NF4 dequantize",
+            lambda p, m: ops.dequantize_4bit(p, m, 64, "nf4", list(shape), torch.bfloat16),
+            (lambda p, s: BF.dequantize_4bit(p, s)) if BF else None,
+            n * 2 + n // 2,
+            q4,
+            [BF.quantize_4bit(a, blocksize=64, quant_type="nf4") for (a,) in As[:2]]
+            if BF
+            else None,
+        )
+    )
     for name, ours, bnb, nbytes, args, bargs in cases:
         t = timeit(ours, args, repeats)
         t_bw = t  # quantize has no out= form: its time includes allocating the outputs
         if name.startswith("8-bit blockwise dequantize"):
-            fn = lambda q, m, o: ops.dequantize_blockwise.out(q, m, code8, 4096, torch.bfloat16, out=o)  # noqa: E731
+            fn = lambda q, m, o: ops.dequantize_blockwise.out(
+                q, m, code8, 4096, torch.bfloat16, out=o
+            )  # noqa: E731
         elif name.startswith("NF4 dequantize"):
-            fn = lambda p, m, o: ops.dequantize_4bit.out(p, m, 64, "nf4", list(shape), torch.bfloat16, out=o)  # noqa: E731
+            fn = lambda p, m, o: ops.dequantize_4bit.out(
+                p, m, 64, "nf4", list(shape), torch.bfloat16, out=o
+            )  # noqa: E731
         else:
             fn = None
         if fn is not None:
@@ -234,8 +288,10 @@ def render(rows, header: list[str]) -> str:
     ]
     for r in rows:
         bar = f">= {r.bar:g}x" if r.bar is not None else ""
-        lines.append(f"| {r.case} | {r.ours_ms:.2f} | {r.base_name} | {r.base_ms:.2f} | "
-                     f"{r.ratio:.2f}x | {bar} | {r.status()} | {r.extra} |")
+        lines.append(
+            f"| {r.case} | {r.ours_ms:.2f} | {r.base_name} | {r.base_ms:.2f} | "
+            f"{r.ratio:.2f}x | {bar} | {r.status()} | {r.extra} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -243,8 +299,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m lowbit bench", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu"], help="only cpu is benchmarked here")
     p.add_argument("--quick", action="store_true", help="fewer shapes and repeats (< 2 minutes)")
-    p.add_argument("--out", default=os.path.join("benchmarks", "results", "cpu.md"),
-                   help="where to write the table (default: %(default)s)")
+    p.add_argument(
+        "--out",
+        default=os.path.join("benchmarks", "results", "cpu.md"),
+        help="where to write the table (default: %(default)s)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     args = p.parse_args(argv)
     if args.threads:
@@ -265,8 +324,13 @@ def main(argv=None) -> int:
     if not quick:
         gemv_shapes += [(14336, 4096), (4096, 14336)]
     bench_gemv4(rows, gemv_shapes, repeats * 2, copy_bw)
-    bench_int8(rows, [(4096, 4096)] if quick else [(4096, 4096), (11008, 4096)], [1], repeats * 2,
-               qdyn=False)
+    bench_int8(
+        rows,
+        [(4096, 4096)] if quick else [(4096, 4096), (11008, 4096)],
+        [1],
+        repeats * 2,
+        qdyn=False,
+    )
     bench_int8(rows, [(4096, 4096)], [128] if quick else [128, 512, 2048], repeats, qdyn=True)
     bench_nf4_gemm(rows, [(4096, 4096)], [128] if quick else [128, 512, 2048], repeats)
     bench_quant(rows, (4096, 4096) if quick else (8192, 4096), repeats, copy_bw)
