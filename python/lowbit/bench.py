@@ -258,16 +258,17 @@ def bench_quant(rows, shape, repeats, copy_bw):
     for name, ours, bnb, nbytes, args, bargs in cases:
         t = timeit(ours, args, repeats)
         t_bw = t  # quantize has no out= form: its time includes allocating the outputs
+        fn = None
         if name.startswith("8-bit blockwise dequantize"):
-            fn = lambda q, m, o: ops.dequantize_blockwise.out(
-                q, m, code8, 4096, torch.bfloat16, out=o
-            )  # noqa: E731
+
+            def fn(q, m, o):
+                return ops.dequantize_blockwise.out(q, m, code8, 4096, torch.bfloat16, out=o)
+
         elif name.startswith("NF4 dequantize"):
-            fn = lambda p, m, o: ops.dequantize_4bit.out(
-                p, m, 64, "nf4", list(shape), torch.bfloat16, out=o
-            )  # noqa: E731
-        else:
-            fn = None
+
+            def fn(p, m, o):
+                return ops.dequantize_4bit.out(p, m, 64, "nf4", list(shape), torch.bfloat16, out=o)
+
         if fn is not None:
             t_bw = timeit(fn, [(*a, out16[i % 2]) for i, a in enumerate(args)], repeats)
         bw = nbytes / t_bw

@@ -18,14 +18,15 @@ from typing import Any
 
 import torch
 
-try:  # subclassing Transformers' mixin lets the plug-in register this class as it is
-    from transformers.utils.quantization_config import QuantizationConfigMixin as _Base
-except ImportError:  # transformers is optional: the config is useful to quantize_model alone
 
-    class _Base:  # type: ignore[no-redef]
-        def to_json_file(self, json_file_path):
-            with open(json_file_path, "w", encoding="utf-8") as f:
-                f.write(self.to_json_string())
+class _Base:
+    """What Transformers needs of a quantization config beyond our own methods. Deliberately not
+    transformers' QuantizationConfigMixin: importing Transformers would double `import lowbit`'s
+    time, and the plug-in (lowbit.integrations.transformers) works with this class as it is."""
+
+    def to_json_file(self, json_file_path):
+        with open(json_file_path, "w", encoding="utf-8") as f:
+            f.write(self.to_json_string())
 
 
 FORMAT_VERSION = 1
