@@ -143,6 +143,22 @@ def test_from_dict_kwargs_follow_transformers_convention():
         LowbitConfig.from_dict({"bits": 8}, other=1)
 
 
-def test_is_a_transformers_quantization_config():
+def test_has_the_interface_transformers_uses_without_importing_it():
+    # Not a QuantizationConfigMixin subclass on purpose (importing Transformers would double the
+    # time of `import lowbit`); tests/test_transformers.py shows the plug-in works with it.
     qc = pytest.importorskip("transformers.utils.quantization_config")
-    assert issubclass(LowbitConfig, qc.QuantizationConfigMixin)
+    for name in (
+        "to_dict",
+        "to_diff_dict",
+        "to_json_string",
+        "to_json_file",
+        "from_dict",
+        "post_init",
+        "get_loading_attributes",
+    ):
+        assert callable(getattr(LowbitConfig, name)), name
+        assert hasattr(qc.QuantizationConfigMixin, name) or name in (
+            "post_init",
+            "get_loading_attributes",
+        )
+    assert LowbitConfig(load_in_4bit=True).quant_method == "lowbit"
