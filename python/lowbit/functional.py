@@ -35,6 +35,7 @@ __all__ = [
     "int8_linear",
     "pack_dict_to_tensor",
     "unpack_tensor_to_dict",
+    "decode_absmax",
 ]
 
 _ops = torch.ops.lowbit
@@ -358,8 +359,9 @@ def quantize_blockwise(
     return q, state
 
 
-def _absmax_of(state: QuantState) -> torch.Tensor:
-    """The fp32 per-block absmax, decoding double quantization (absmax = dequant(q) + offset)."""
+def decode_absmax(state: QuantState) -> torch.Tensor:
+    """The fp32 per-block absmax of a state, decoding double quantization
+    (absmax = dequantize_blockwise(q, state2) + offset)."""
     if not state.nested:
         return state.absmax
     return dequantize_blockwise(state.absmax, state.state2) + state.offset
@@ -383,7 +385,7 @@ def dequantize_blockwise(
             blocksize=blocksize,
             dtype=torch.float32,
         )
-    am = _absmax_of(quant_state)
+    am = decode_absmax(quant_state)
     dtype = out.dtype if out is not None else quant_state.dtype
     code = quant_state.code.to(A.device)
     if out is not None:
@@ -460,7 +462,7 @@ def dequantize_4bit(
             blocksize=blocksize,
             quant_type=quant_type,
         )
-    am = _absmax_of(quant_state)
+    am = decode_absmax(quant_state)
     shape = list(quant_state.shape)
     if out is not None:
         _ops.dequantize_4bit.out(
@@ -506,7 +508,7 @@ def gemv_4bit(
     if state is None:
         raise ValueError("gemv_4bit: state (the weight's QuantState) is required")
     result = _ops.gemv_4bit(
-        A, B, list(state.shape), _absmax_of(state), state.code.to(A.device), state.blocksize
+        A, B, list(state.shape), decode_absmax(state), state.code.to(A.device), state.blocksize
     )
     if out is not None:
         out.copy_(result)

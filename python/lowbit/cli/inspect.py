@@ -92,7 +92,7 @@ def _describe(ckpt: Checkpoint, module: str, roles: dict[str, str]) -> dict | No
         except ValueError as e:
             raise CliError(f"{module}: invalid 4-bit quant state: {e}") from None
         decoded = F.dequantize_4bit(weight, qs).float()
-        scales = F._absmax_of(qs).float()
+        scales = F.decode_absmax(qs).float()
         return _row(module, qs.quant_type, list(qs.shape), stored, decoded, scales, qs.nested)
     if "SCB" in roles:
         scb = ckpt.get(roles["SCB"]).float()

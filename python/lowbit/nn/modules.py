@@ -124,7 +124,7 @@ class Linear4bit(nn.Linear):
         qs = self.weight.quant_state
         return _ops.dequantize_4bit(
             self.weight.data,
-            _absmax(qs),
+            F.decode_absmax(qs),
             qs.blocksize,
             qs.quant_type,
             list(qs.shape),
@@ -172,7 +172,7 @@ class Linear4bit(nn.Linear):
         cdtype = self.compute_dtype or inp_dtype
         x = x.to(cdtype)
         bias = None if self.bias is None else self.bias.to(cdtype)
-        absmax = _absmax(qs)
+        absmax = F.decode_absmax(qs)
         if x.numel() == x.shape[-1]:  # one token: the fused GEMV never materialises the weight
             out = _ops.gemv_4bit(x, w.data, list(qs.shape), absmax, qs.code, qs.blocksize)
             if bias is not None:
@@ -189,13 +189,6 @@ class Linear4bit(nn.Linear):
             f"{super().extra_repr()}, quant_type={self.weight.quant_type}, "
             f"compute_dtype={self.compute_dtype}, quantized={self.is_quantized}"
         )
-
-
-def _absmax(qs: F.QuantState) -> torch.Tensor:
-    """fp32 per-block absmax, decoding double quantization (dequant(q) + offset)."""
-    if qs.state2 is None:
-        return qs.absmax
-    return F.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
 
 
 class LinearFP4(Linear4bit):
