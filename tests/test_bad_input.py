@@ -180,3 +180,20 @@ def test_functional_requires_enough_to_dequantize():
         F.dequantize_blockwise(torch.zeros(4, dtype=torch.uint8))
     with pytest.raises(ValueError, match="state"):
         F.gemv_4bit(torch.randn(1, 64), packed)
+
+
+def test_mixed_devices_are_refused_naming_both():
+    # Without a GPU here, a meta tensor stands in for "another device": the call must fail with
+    # the devices named, in the real kernel's wrapper or in the fake kernel, never run silently.
+    # (tests/test_cuda.py covers cpu/cuda mixes on the GPU machine.)
+    packed, absmax = _packed()
+    meta = absmax.to("meta")
+    with pytest.raises(ValueError, match="absmax is on meta but A is on cpu"):
+        ops.dequantize_4bit(packed, meta, 64, "nf4", [4096], torch.float32)
+    W = torch.ones(8, 4, dtype=torch.int8)
+    with pytest.raises(ValueError, match="W_scale is on meta but A is on cpu"):
+        ops.int8_linear(torch.randn(2, 4), W, torch.ones(8, device="meta"), None, 0.0)
+    with pytest.raises(ValueError, match="B is on meta but A is on cpu"):
+        ops.int8_linear_matmul(torch.ones(2, 4, dtype=torch.int8), W.to("meta"))
+    with pytest.raises(ValueError, match="code is on meta but A is on cpu"):
+        ops.quantize_blockwise(torch.randn(64), CODE8.to("meta"), 64)

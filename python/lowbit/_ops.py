@@ -23,11 +23,26 @@ def _rows(A: torch.Tensor) -> int:
     return math.prod(A.shape[:-1])
 
 
+def _same_device(op: str, **tensors) -> None:
+    """The device check of the C++ wrappers, for the fake kernels: a call mixing devices must fail
+    here too (at trace time, or for a meta tensor mixed with real ones) instead of describing an
+    output that the real kernel would refuse."""
+    items = [(name, t) for name, t in tensors.items() if t is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(
+                f"lowbit.{op}: {name} is on {t.device} but {first_name} is on {first.device}; "
+                "move them to one device"
+            )
+
+
 # ---- 8-bit blockwise --------------------------------------------------------------------------
 
 
 @torch.library.register_fake(lib + "quantize_blockwise")
 def _(A, code, blocksize):
+    _same_device("quantize_blockwise", A=A, code=code)
     torch._check(blocksize > 0, lambda: "blocksize must be positive")
     absmax = A.new_empty((_blocks(A.numel(), blocksize),), dtype=torch.float32)
     return torch.empty_like(A, dtype=torch.uint8), absmax
@@ -35,11 +50,13 @@ def _(A, code, blocksize):
 
 @torch.library.register_fake(lib + "dequantize_blockwise")
 def _(A, absmax, code, blocksize, dtype):
+    _same_device("dequantize_blockwise", A=A, absmax=absmax, code=code)
     return torch.empty_like(A, dtype=dtype)
 
 
 @torch.library.register_fake(lib + "dequantize_blockwise.out")
 def _(A, absmax, code, blocksize, dtype, out):
+    _same_device("dequantize_blockwise", A=A, absmax=absmax, code=code, out=out)
     torch._check(out.shape == A.shape, lambda: f"out must have shape {A.shape}, got {out.shape}")
     torch._check(out.dtype == dtype, lambda: f"out must be {dtype}, got {out.dtype}")
 
@@ -60,17 +77,20 @@ def _(A, blocksize, quant_type, quant_storage):
 
 @torch.library.register_fake(lib + "dequantize_4bit")
 def _(A, absmax, blocksize, quant_type, shape, dtype):
+    _same_device("dequantize_4bit", A=A, absmax=absmax)
     return A.new_empty(shape, dtype=dtype)
 
 
 @torch.library.register_fake(lib + "dequantize_4bit.out")
 def _(A, absmax, blocksize, quant_type, shape, dtype, out):
+    _same_device("dequantize_4bit", A=A, absmax=absmax, out=out)
     torch._check(tuple(out.shape) == tuple(shape), lambda: f"out must have shape {shape}")
     torch._check(out.dtype == dtype, lambda: f"out must be {dtype}, got {out.dtype}")
 
 
 @torch.library.register_fake(lib + "gemv_4bit")
 def _(A, B, shapeB, absmax, code, blocksize):
+    _same_device("gemv_4bit", A=A, B=B, absmax=absmax, code=code)
     torch._check(A.shape[-1] == shapeB[1], lambda: "A's last dimension must equal the weight's K")
     return A.new_empty((*A.shape[:-1], shapeB[0]))
 
@@ -110,27 +130,32 @@ def _(A, threshold=0.0):
 
 @torch.library.register_fake(lib + "int8_vectorwise_dequant")
 def _(A, stats):
+    _same_device("int8_vectorwise_dequant", A=A, stats=stats)
     return torch.empty_like(A, dtype=torch.float32)
 
 
 @torch.library.register_fake(lib + "int8_linear_matmul")
 def _(A, B):
+    _same_device("int8_linear_matmul", A=A, B=B)
     torch._check(A.shape[-1] == B.shape[-1], lambda: "A's last dimension must equal B's K")
     return A.new_empty((*A.shape[:-1], B.shape[0]), dtype=torch.int32)
 
 
 @torch.library.register_fake(lib + "int8_linear_matmul.out")
 def _(A, B, out):
+    _same_device("int8_linear_matmul", A=A, B=B, out=out)
     torch._check(out.dtype == torch.int32, lambda: f"out must be int32, got {out.dtype}")
 
 
 @torch.library.register_fake(lib + "int8_mm_dequant")
 def _(A, row_stats, col_stats, dtype=None, bias=None):
+    _same_device("int8_mm_dequant", A=A, row_stats=row_stats, col_stats=col_stats, bias=bias)
     return torch.empty_like(A, dtype=dtype or torch.float16)
 
 
 @torch.library.register_fake(lib + "int8_linear")
 def _(A, W, W_scale, bias=None, threshold=0.0):
+    _same_device("int8_linear", A=A, W=W, W_scale=W_scale, bias=bias)
     torch._check(A.shape[-1] == W.shape[-1], lambda: "A's last dimension must equal W's K")
     return A.new_empty((*A.shape[:-1], W.shape[0]))
 
