@@ -1,0 +1,96 @@
+"""Swap a model's linear layers for quantized ones (quantize_model, replace_linear_layers)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from lowbit.config import LowbitConfig
+from lowbit.nn.replace import (
+    default_skip_modules,
+    float_weight_of,
+    linear_features,
+    linear_layers_to_quantize,
+    make_quantized_linear,
+    set_submodule,
+    swap_in_empty,
+)
+
+logger = logging.getLogger("lowbit")
+
+
+def progress_bar(iterable=None, total=None, desc="", enabled=None):
+    """tqdm, shown on a terminal (enabled=None), forced on (True) or off (False)."""
+    from tqdm.auto import tqdm
+
+    disable = None if enabled is None else not enabled
+    return tqdm(iterable, total=total, desc=desc, disable=disable, leave=False)
+
+
+def as_config(config) -> LowbitConfig:
+    """A LowbitConfig from a LowbitConfig, a dict, or any config with to_dict() (BitsAndBytesConfig)."""
+    if isinstance(config, LowbitConfig):
+        return config
+    if isinstance(config, dict):
+        return LowbitConfig.from_dict(config)
+    if hasattr(config, "to_dict"):
+        return LowbitConfig.from_dict(config.to_dict())
+    raise TypeError(f"expected a LowbitConfig or a dict, got {type(config).__name__}")
+
+
+def skip_list(model, config: LowbitConfig, skip_modules) -> list[str]:
+    if skip_modules is not None and (
+        isinstance(skip_modules, str) or not all(isinstance(s, str) for s in skip_modules)
+    ):
+        raise TypeError(f"skip_modules must be a list of str, got {skip_modules!r}")
+    return default_skip_modules(model) + config.skip_modules + list(skip_modules or [])
+
+
+def _mark_quantized(model: nn.Module, config: LowbitConfig) -> None:
+    # PEFT's prepare_model_for_kbit_training looks for these flags.
+    model.is_loaded_in_4bit = config.bits == 4
+    model.is_loaded_in_8bit = config.bits == 8
+    model.quantization_method = "lowbit"
+    hf_config = getattr(model, "config", None)
+    if hf_config is not None and hasattr(hf_config, "to_dict"):
+        hf_config.quantization_config = config
+
+
+def replace_linear_layers(model: nn.Module, config, skip_modules=None) -> nn.Module:
+    """Swap every quantizable linear layer (nn.Linear, Transformers' Conv1D) for an EMPTY quantized
+    layer on the meta device, in place. Weights are then loaded tensor by tensor (TensorLoader,
+    or the layer's load_state_dict). Returns the model."""
+    config = as_config(config)
+    for name in linear_layers_to_quantize(model, skip_list(model, config, skip_modules)):
+        swap_in_empty(model, name, config)
+    _mark_quantized(model, config)
+    return model
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, config, skip_modules=None, progress=None) -> nn.Module:
+    """Swap the model's linear layers for quantized copies in place (each quantized on its own
+    device; bias kept), skipping lm_head, tied output layers and the skip lists. Returns the model."""
+    config = as_config(config)
+    if config.bits is None:
+        raise ValueError("the config selects neither load_in_4bit nor load_in_8bit")
+    names = linear_layers_to_quantize(model, skip_list(model, config, skip_modules))
+    for name in progress_bar(names, desc="Quantizing", enabled=progress):
+        old = model.get_submodule(name)
+        in_f, out_f = linear_features(old)
+        new = make_quantized_linear(in_f, out_f, old.bias is not None, config, device="meta")
+        new.source_cls = type(old)
+        new.train(old.training)
+        state = {"weight": float_weight_of(old)}
+        if old.bias is not None:
+            state["bias"] = old.bias.detach()
+        new.load_state_dict(state, assign=True)
+        if old.bias is not None:
+            new.bias.requires_grad_(old.bias.requires_grad)
+        if not old.weight.is_meta and not (config.bits == 8 and config.llm_int8_has_fp16_weight):
+            new.quantize_()
+        set_submodule(model, name, new)
+    _mark_quantized(model, config)
+    return model
