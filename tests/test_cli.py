@@ -237,6 +237,10 @@ def test_env(capsys):
     assert info["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert info["cuda_available"] == torch.cuda.is_available()
     assert isinstance(info["lowbit_with_cuda"], bool)
+    assert info["lowbit_cpu_isa"] in ("generic", "avx2", "avx512")
+    assert info["lowbit_best_cpu_isa"] in ("generic", "avx2", "avx512")
+    if info["cpu_flags"] is not None and info["cpu_flags"]["avx2"] and info["cpu_flags"]["fma"]:
+        assert info["lowbit_best_cpu_isa"] != "generic"
     if info["cpu_flags"] is not None:
         assert set(info["cpu_flags"]) >= {"avx2", "avx512f", "avx512_vnni", "f16c", "fma"}
     rc, out, _ = run_cli(capsys, "env")

@@ -36,7 +36,7 @@ def collect() -> dict:
     import torch
 
     import lowbit
-    from lowbit import _C
+    from lowbit import _native
 
     versions = {name: _version(name) for name in PACKAGES}
     versions["lowbit"] = lowbit.__version__
@@ -49,7 +49,9 @@ def collect() -> dict:
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
-        "lowbit_with_cuda": bool(getattr(_C, "with_cuda", False)),
+        "lowbit_cpu_isa": _native.cpu_isa(),
+        "lowbit_best_cpu_isa": _native.best_cpu_isa(),
+        "lowbit_with_cuda": _native.with_cuda(),
         "torch_cuda_version": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -76,6 +78,9 @@ def run(args) -> int:
         )
     print(f"{'torch cpu capability':<22}{info['torch_cpu_capability']}")
     print(f"{'threads':<22}{info['threads']} (interop {info['interop_threads']})")
+    print(
+        f"{'lowbit cpu kernels':<22}{info['lowbit_cpu_isa']} (best here: {info['lowbit_best_cpu_isa']})"
+    )
     print(f"{'lowbit built w/ CUDA':<22}{'yes' if info['lowbit_with_cuda'] else 'no'}")
     print(f"{'torch CUDA':<22}{info['torch_cuda_version'] or 'none'}")
     devices = ", ".join(info["cuda_devices"]) or "none"

@@ -1,0 +1,35 @@
+"""Facts about the compiled extension lowbit._C that live outside torch's op registry."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+from lowbit import _C
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL:
+    return ctypes.CDLL(_C.__file__)
+
+
+def _name(symbol: str) -> str:
+    fn = getattr(_lib(), symbol)
+    fn.restype = ctypes.c_char_p
+    return fn().decode()
+
+
+def cpu_isa() -> str:
+    """The instruction set the CPU kernels run with: 'generic', 'avx2' or 'avx512' (chosen from
+    CPUID once per process; LOWBIT_CPU_ISA forces one)."""
+    return _name("lowbit_cpu_isa_name")
+
+
+def best_cpu_isa() -> str:
+    """The widest instruction set this CPU supports, whatever LOWBIT_CPU_ISA says."""
+    return _name("lowbit_cpu_best_isa_name")
+
+
+def with_cuda() -> bool:
+    """Whether this build of lowbit has its CUDA kernels."""
+    return bool(getattr(_C, "with_cuda", 0))
