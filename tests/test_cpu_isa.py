@@ -102,6 +102,26 @@ CASES_SCRIPT = textwrap.dedent(
         rs, cs = torch.rand(M) * 5, torch.rand(N) * 5
         for dt in DT:
             out[f"mmdq/{M}/{N}/{K}/{dt}"] = ops.int8_mm_dequant(C, rs, cs, dt, torch.randn(N).to(dt))
+    # Every tile edge of the SIMD GEMMs (M = 1..9 against 6-row / 8-row tiles, odd N, K = 1, K not
+    # a multiple of 16 or 32, large K), weights full of -128 (the sign trick's hazard operand) and
+    # activations with and without -128 (with it, the AVX2 kernel takes its widening fallback).
+    for M in range(1, 10):
+        for (N, K) in [(1, 1), (7, 31), (9, 33), (17, 64), (5, 1000), (3, 4099)]:
+            A = torch.randint(-127, 128, (M, K), dtype=torch.int8)
+            B = torch.randint(-128, 128, (N, K), dtype=torch.int8)
+            B[torch.rand(N, K) < 0.2] = -128
+            B.view(-1)[-1] = -128
+            out[f"mm8e/{M}/{N}/{K}"] = ops.int8_linear_matmul(A, B)
+            out[f"mm8e_in/{M}/{N}/{K}"] = (A.clone(), B)
+            A.view(-1)[-1] = -128
+            out[f"mm8e128/{M}/{N}/{K}"] = ops.int8_linear_matmul(A, B)
+            out[f"mm8e128_in/{M}/{N}/{K}"] = (A, B)
+    for (M, N, K) in [(1, 3, 100000), (7, 2, 100000)]:
+        A = torch.randint(-127, 128, (M, K), dtype=torch.int8)
+        B = torch.full((N, K), -128, dtype=torch.int8)
+        B[:, ::3] = torch.randint(-128, 128, (N, (K + 2) // 3), dtype=torch.int8)
+        out[f"mm8big/{M}/{N}/{K}"] = ops.int8_linear_matmul(A, B)
+        out[f"mm8big_in/{M}/{N}/{K}"] = (A, B)
     for (M, N, K) in [(1, 4096, 4096), (1, 33, 100), (9, 65, 256), (130, 96, 1024)]:
         W = torch.randn(N, K)
         Wq, Ws, _ = ops.int8_vectorwise_quant(W, 0.0)
@@ -158,6 +178,20 @@ def test_exact_ops_match_generic(results, isa):
             assert torch.equal(_bits(r), _bits(g)), f"{isa} differs from generic on {key}"
             checked += 1
     assert checked > 500
+
+
+@pytest.mark.parametrize("isa", SUPPORTED)
+def test_int8_gemm_edges_match_int64_matmul(results, isa):
+    # Independent of the generic kernel: the int32 products equal an int64 matmul, -128 included.
+    got = results[isa]
+    keys = [k for k in got if k.startswith(("mm8e/", "mm8e128/", "mm8big/"))]
+    assert len(keys) == 2 * 9 * 6 + 2
+    for key in keys:
+        name, dims = key.split("/", 1)
+        A, B = got[f"{name}_in/{dims}"]
+        C = got[key]
+        assert C.dtype == torch.int32, key
+        assert torch.equal(C.long(), A.long() @ B.long().t()), f"{isa}: {key}"
 
 
 @pytest.mark.skipif(not FAST, reason="this machine has no SIMD path")
