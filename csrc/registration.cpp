@@ -1,4 +1,4 @@
-// The one list of lowbit op schemas, and their CPU (and CUDA) implementations.
+// The one list of lowbit op schemas, and their registration for the CPU (and CUDA) dispatch keys.
 //
 // Schemas follow bitsandbytes' op set (names, argument order, defaults) so each pipeline step can
 // be checked and timed alone; int8_linear fuses the whole LLM.int8() forward into one op.
@@ -43,19 +43,31 @@ TORCH_LIBRARY(lowbit, m) {
       "-> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
+namespace {
+
+// One implementation per op for both dispatch keys: each op picks its device's kernels itself
+// (csrc/ops/backend.h).
+void impl_all_ops(torch::Library& m) {
   using namespace lowbit::ops;
-  m.impl("quantize_blockwise", &quantize_blockwise_cpu);
-  m.impl("dequantize_blockwise", &dequantize_blockwise_cpu);
-  m.impl("dequantize_blockwise.out", &dequantize_blockwise_out_cpu);
-  m.impl("quantize_4bit", &quantize_4bit_cpu);
-  m.impl("dequantize_4bit", &dequantize_4bit_cpu);
-  m.impl("dequantize_4bit.out", &dequantize_4bit_out_cpu);
-  m.impl("gemv_4bit", &gemv_4bit_cpu);
-  m.impl("int8_vectorwise_quant", &int8_vectorwise_quant_cpu);
-  m.impl("int8_vectorwise_dequant", &int8_vectorwise_dequant_cpu);
-  m.impl("int8_linear_matmul", &int8_linear_matmul_cpu);
-  m.impl("int8_linear_matmul.out", &int8_linear_matmul_out_cpu);
-  m.impl("int8_mm_dequant", &int8_mm_dequant_cpu);
-  m.impl("int8_linear", &int8_linear_cpu);
+  m.impl("quantize_blockwise", &quantize_blockwise);
+  m.impl("dequantize_blockwise", &dequantize_blockwise);
+  m.impl("dequantize_blockwise.out", &dequantize_blockwise_out);
+  m.impl("quantize_4bit", &quantize_4bit);
+  m.impl("dequantize_4bit", &dequantize_4bit);
+  m.impl("dequantize_4bit.out", &dequantize_4bit_out);
+  m.impl("gemv_4bit", &gemv_4bit);
+  m.impl("int8_vectorwise_quant", &int8_vectorwise_quant);
+  m.impl("int8_vectorwise_dequant", &int8_vectorwise_dequant);
+  m.impl("int8_linear_matmul", &int8_linear_matmul);
+  m.impl("int8_linear_matmul.out", &int8_linear_matmul_out);
+  m.impl("int8_mm_dequant", &int8_mm_dequant);
+  m.impl("int8_linear", &int8_linear);
 }
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowbit, CPU, m) { impl_all_ops(m); }
+
+#ifdef LOWBIT_WITH_CUDA
+TORCH_LIBRARY_IMPL(lowbit, CUDA, m) { impl_all_ops(m); }
+#endif

@@ -9,7 +9,9 @@
 #      csrc/include/lowbit/cuda_kernels.h, so a declaration without a matching definition fails.
 #      It only calls them with empty sizes, which launch nothing, so it runs without a GPU.
 #   3. If the installed torch ships the c10/cuda headers (even CPU wheels do), checks the syntax
-#      of csrc/ops/cuda_ops.cpp (the ATen wrappers + CUDA registration) with g++ -fsyntax-only.
+#      of the host code built only with LOWBIT_WITH_CUDA, with g++ -fsyntax-only -DLOWBIT_WITH_CUDA:
+#      csrc/ops/cuda_backend.cpp (the CUDA launches), the device-generic ops (csrc/ops/<family>.cpp,
+#      which pick the CUDA backend) and csrc/registration.cpp (the CUDA dispatch key).
 #      Skipped with a notice otherwise.
 #
 # Environment: LOWBIT_CUDA_CHECK_DIR (build folder, default build/cuda-check),
@@ -109,13 +111,16 @@ if [ -n "$TORCH_INC" ] && [ -f "$TORCH_INC/c10/cuda/CUDAGuard.h" ]; then
   for d in "${dirs[@]}"; do CUDA_INC+=(-isystem "$d"); done
   # A CPU wheel lacks the generated c10/cuda/impl/cuda_cmake_macros.h;
   # C10_CUDA_NO_CMAKE_CONFIGURE_FILE skips it (it only sets an export macro).
-  "$CXX" -std=c++17 -fsyntax-only -Wall -Werror -DLOWBIT_WITH_CUDA -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE \
-    -I"$ROOT/csrc/include" -I"$ROOT/csrc" -isystem "$TORCH_INC" \
-    -isystem "$TORCH_INC/torch/csrc/api/include" "${CUDA_INC[@]}" -isystem "$PY_INC" \
-    "$ROOT/csrc/ops/cuda_ops.cpp"
-  echo "cuda_compile_check: csrc/ops/cuda_ops.cpp: syntax OK"
+  for src in csrc/ops/cuda_backend.cpp csrc/ops/blockwise.cpp csrc/ops/fourbit.cpp \
+    csrc/ops/int8.cpp csrc/registration.cpp; do
+    "$CXX" -std=c++17 -fsyntax-only -Wall -Werror -DLOWBIT_WITH_CUDA -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE \
+      -I"$ROOT/csrc/include" -I"$ROOT/csrc" -isystem "$TORCH_INC" \
+      -isystem "$TORCH_INC/torch/csrc/api/include" "${CUDA_INC[@]}" -isystem "$PY_INC" \
+      "$ROOT/$src"
+    echo "cuda_compile_check: $src: syntax OK"
+  done
 else
-  echo "cuda_compile_check: NOTICE: torch's c10/cuda headers not found; cuda_ops.cpp not checked"
+  echo "cuda_compile_check: NOTICE: torch's c10/cuda headers not found; the CUDA host code (csrc/ops, registration) not checked"
 fi
 
 echo "cuda_compile_check: OK in $(($(date +%s) - start)) s"

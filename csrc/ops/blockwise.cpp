@@ -1,7 +1,5 @@
-// ATen wrappers for 8-bit blockwise quantization (CPU).
-#include <cmath>
-
-#include "lowbit/cpu_kernels.h"
+// 8-bit blockwise quantization: the ops for every device (kernels behind ops/backend.h).
+#include "ops/backend.h"
 #include "ops/common.h"
 #include "ops/ops.h"
 
@@ -20,43 +18,25 @@ void check_code(const char* op, const at::Tensor& code, const at::Tensor& A) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& A,
-                                                          const at::Tensor& code,
-                                                          int64_t blocksize) {
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& A, const at::Tensor& code,
+                                                      int64_t blocksize) {
   const char* op = "quantize_blockwise";
   check_float(op, "A", A.scalar_type());
   check_code(op, code, A);
   check_blocksize(op, blocksize, kMinBlock, kMaxBlock);
+  const c10::OptionalDeviceGuard guard(guard_device(A));
   const at::Tensor a = A.contiguous();
   const at::Tensor c = code.contiguous();
-  const float* cv = c.data_ptr<float>();
-  // Midpoints of the sorted code: the quantization rule of codebook.h.
-  float bound[255];
-  for (int i = 0; i < 255; ++i) {
-    TORCH_CHECK_VALUE(cv[i] <= cv[i + 1], "lowbit.", op, ": code must be sorted ascending (entry ",
-                      i + 1, " is below entry ", i, ")");
-    bound[i] = (cv[i] + cv[i + 1]) / 2.0f;
-  }
-  uint8_t zero_code = 0;
-  for (int i = 1; i < 256; ++i)
-    if (std::fabs(cv[i]) < std::fabs(cv[zero_code])) zero_code = uint8_t(i);
-
   const int64_t n = a.numel(), blocks = ceil_div(n, blocksize);
   at::Tensor q = at::empty(A.sizes(), A.options().dtype(at::kByte));
   at::Tensor absmax = at::empty({blocks}, A.options().dtype(at::kFloat));
-  const FloatType t = float_type(a.scalar_type());
-  const void* ap = a.data_ptr();
-  uint8_t* qp = q.data_ptr<uint8_t>();
-  float* mp = absmax.data_ptr<float>();
-  at::parallel_for(0, blocks, grain_for(blocksize), [&](int64_t b0, int64_t b1) {
-    cpu::quantize_blockwise(t, ap, n, blocksize, bound, zero_code, qp, mp, b0, b1);
-  });
+  // The backend checks that the code is sorted (even for an empty A).
+  backend_for(op, A).quantize_blockwise(op, a, c, blocksize, q, absmax);
   return {q, absmax};
 }
 
-void dequantize_blockwise_out_cpu(const at::Tensor& A, const at::Tensor& absmax,
-                                  const at::Tensor& code, int64_t blocksize, at::ScalarType dtype,
-                                  at::Tensor& out) {
+void dequantize_blockwise_out(const at::Tensor& A, const at::Tensor& absmax, const at::Tensor& code,
+                              int64_t blocksize, at::ScalarType dtype, at::Tensor& out) {
   const char* op = "dequantize_blockwise";
   check_dtype(op, "A", A, at::kByte);
   check_dtype(op, "absmax", absmax, at::kFloat);
@@ -72,25 +52,19 @@ void dequantize_blockwise_out_cpu(const at::Tensor& A, const at::Tensor& absmax,
                    ", got ", dtype_name(out.scalar_type()));
   TORCH_CHECK_VALUE(out.sizes() == A.sizes(), "lowbit.", op, ": out must have shape ", A.sizes(),
                     ", got ", out.sizes());
+  if (n == 0) return;
+  const c10::OptionalDeviceGuard guard(guard_device(A));
   const at::Tensor a = A.contiguous(), m = absmax.contiguous(), c = code.contiguous();
   at::Tensor dst = out.is_contiguous() ? out : at::empty(A.sizes(), out.options());
-  const uint8_t* qp = a.data_ptr<uint8_t>();
-  const float* mp = m.data_ptr<float>();
-  const float* cp = c.data_ptr<float>();
-  void* op_ = dst.data_ptr();
-  const FloatType t = float_type(dtype);
-  at::parallel_for(0, blocks, grain_for(blocksize), [&](int64_t b0, int64_t b1) {
-    cpu::dequantize_blockwise(qp, mp, cp, n, blocksize, t, op_, b0, b1);
-  });
+  backend_for(op, A).dequantize_blockwise(a, m, c, blocksize, dst);
   if (!dst.is_same(out)) out.copy_(dst);
 }
 
-at::Tensor dequantize_blockwise_cpu(const at::Tensor& A, const at::Tensor& absmax,
-                                    const at::Tensor& code, int64_t blocksize,
-                                    at::ScalarType dtype) {
+at::Tensor dequantize_blockwise(const at::Tensor& A, const at::Tensor& absmax,
+                                const at::Tensor& code, int64_t blocksize, at::ScalarType dtype) {
   check_float("dequantize_blockwise", "dtype", dtype);
   at::Tensor out = at::empty(A.sizes(), A.options().dtype(dtype));
-  dequantize_blockwise_out_cpu(A, absmax, code, blocksize, dtype, out);
+  dequantize_blockwise_out(A, absmax, code, blocksize, dtype, out);
   return out;
 }
 

@@ -1,11 +1,11 @@
-// Argument checks and small helpers shared by the ATen wrappers. Every failed check raises a
-// Python exception (TypeError for dtypes, ValueError for everything else) that names the op, the
+// Argument checks and small helpers shared by the ops and their backends. Every failed check raises
+// a Python exception (TypeError for dtypes, ValueError for everything else) that names the op, the
 // argument and what was expected.
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <string>
 
 #include "lowbit/numeric.h"

@@ -1,40 +1,35 @@
-// ATen wrappers for 4-bit quantization (NF4 / FP4) and the fused dequantize + product (CPU).
+// 4-bit quantization (NF4 / FP4) and the fused dequantize + product: the ops for every device
+// (kernels behind ops/backend.h).
 #include <vector>
 
 #include "lowbit/codebook.h"
-#include "lowbit/cpu_kernels.h"
+#include "ops/backend.h"
 #include "ops/common.h"
 #include "ops/fourbit_args.h"
 #include "ops/ops.h"
 
 namespace lowbit::ops {
 
-std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& A, int64_t blocksize,
-                                                     c10::string_view quant_type,
-                                                     at::ScalarType quant_storage) {
+std::tuple<at::Tensor, at::Tensor> quantize_4bit(const at::Tensor& A, int64_t blocksize,
+                                                 c10::string_view quant_type,
+                                                 at::ScalarType quant_storage) {
   const char* op = "quantize_4bit";
   check_float(op, "A", A.scalar_type());
   check_blocksize(op, blocksize, kMin4bitBlock, kMax4bitBlock);
   const QuantType4 qt = parse_quant_type(op, quant_type);
   const int64_t n = A.numel(), blocks = ceil_div(n, blocksize), nbytes = (n + 1) / 2;
   const int64_t storage_elems = packed_storage_elems(op, nbytes, quant_storage);
+  const c10::OptionalDeviceGuard guard(guard_device(A));
   const at::Tensor a = A.contiguous();
   at::Tensor packed = at::empty({storage_elems, 1}, A.options().dtype(quant_storage));
   at::Tensor absmax = at::empty({blocks}, A.options().dtype(at::kFloat));
-  const Codebook16 cb = make_codebook16(code4_table(qt));
-  const FloatType t = float_type(a.scalar_type());
-  const void* ap = a.data_ptr();
-  uint8_t* pp = static_cast<uint8_t*>(packed.data_ptr());
-  float* mp = absmax.data_ptr<float>();
-  at::parallel_for(0, blocks, grain_for(blocksize), [&](int64_t b0, int64_t b1) {
-    cpu::quantize_4bit(t, ap, n, blocksize, cb, pp, mp, b0, b1);
-  });
+  backend_for(op, A).quantize_4bit(a, blocksize, qt, packed, absmax);
   return {packed, absmax};
 }
 
-void dequantize_4bit_out_cpu(const at::Tensor& A, const at::Tensor& absmax, int64_t blocksize,
-                             c10::string_view quant_type, at::IntArrayRef shape,
-                             at::ScalarType dtype, at::Tensor& out) {
+void dequantize_4bit_out(const at::Tensor& A, const at::Tensor& absmax, int64_t blocksize,
+                         c10::string_view quant_type, at::IntArrayRef shape, at::ScalarType dtype,
+                         at::Tensor& out) {
   const char* op = "dequantize_4bit";
   const QuantType4 qt = parse_quant_type(op, quant_type);
   const int64_t n = check_4bit_weight(op, A, absmax, blocksize, shape);
@@ -44,32 +39,26 @@ void dequantize_4bit_out_cpu(const at::Tensor& A, const at::Tensor& absmax, int6
                    ", got ", dtype_name(out.scalar_type()));
   TORCH_CHECK_VALUE(out.sizes() == shape, "lowbit.", op, ": out must have shape ", shape, ", got ",
                     out.sizes());
+  if (n == 0) return;
+  const c10::OptionalDeviceGuard guard(guard_device(A));
   const at::Tensor a = A.contiguous(), m = absmax.contiguous();
   at::Tensor dst = out.is_contiguous() ? out : at::empty(shape, out.options());
-  const uint8_t* pp = static_cast<const uint8_t*>(a.data_ptr());
-  const float* mp = m.data_ptr<float>();
-  const float* code = code4_table(qt);
-  void* dp = dst.data_ptr();
-  const FloatType t = float_type(dtype);
-  const int64_t blocks = ceil_div(n, blocksize);
-  at::parallel_for(0, blocks, grain_for(blocksize), [&](int64_t b0, int64_t b1) {
-    cpu::dequantize_4bit(pp, mp, code, n, blocksize, t, dp, b0, b1);
-  });
+  backend_for(op, A).dequantize_4bit(a, m, blocksize, qt, dst);
   if (!dst.is_same(out)) out.copy_(dst);
 }
 
-at::Tensor dequantize_4bit_cpu(const at::Tensor& A, const at::Tensor& absmax, int64_t blocksize,
-                               c10::string_view quant_type, at::IntArrayRef shape,
-                               at::ScalarType dtype) {
+at::Tensor dequantize_4bit(const at::Tensor& A, const at::Tensor& absmax, int64_t blocksize,
+                           c10::string_view quant_type, at::IntArrayRef shape,
+                           at::ScalarType dtype) {
   check_float("dequantize_4bit", "dtype", dtype);
   check_shape("dequantize_4bit", shape);
   at::Tensor out = at::empty(shape, A.options().dtype(dtype));
-  dequantize_4bit_out_cpu(A, absmax, blocksize, quant_type, shape, dtype, out);
+  dequantize_4bit_out(A, absmax, blocksize, quant_type, shape, dtype, out);
   return out;
 }
 
-at::Tensor gemv_4bit_cpu(const at::Tensor& A, const at::Tensor& B, at::IntArrayRef shapeB,
-                         const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize) {
+at::Tensor gemv_4bit(const at::Tensor& A, const at::Tensor& B, at::IntArrayRef shapeB,
+                     const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize) {
   const char* op = "gemv_4bit";
   check_float(op, "A", A.scalar_type());
   check_device(op, "B", B, A, "A");
@@ -86,22 +75,13 @@ at::Tensor gemv_4bit_cpu(const at::Tensor& A, const at::Tensor& B, at::IntArrayR
   std::vector<int64_t> out_shape(A.sizes().begin(), A.sizes().end());
   out_shape.back() = N;
   const int64_t M = leading_rows(A);
-  // fp32 activations and accumulation; the result is rounded once to A's dtype.
-  const at::Tensor a = A.reshape({M, K}).to(at::kFloat).contiguous();
+  const c10::OptionalDeviceGuard guard(guard_device(A));
+  const at::Tensor a2 = A.reshape({M, K}).contiguous();
   const at::Tensor b = B.contiguous(), m = absmax.contiguous(), c = code.contiguous();
-  at::Tensor out = at::empty({M, N}, A.options().dtype(at::kFloat));
-  if (M > 0 && N > 0) {
-    const float* ap = a.data_ptr<float>();
-    const uint8_t* bp = static_cast<const uint8_t*>(b.data_ptr());
-    const float* mp = m.data_ptr<float>();
-    const float* cp = c.data_ptr<float>();
-    float* op_ = out.data_ptr<float>();
-    at::parallel_for(0, N, grain_for(K * M, 65536), [&](int64_t n0, int64_t n1) {
-      std::vector<float> scratch(static_cast<size_t>(K));
-      cpu::gemm_4bit(ap, M, K, bp, mp, cp, blocksize, op_, N, n0, n1, scratch.data());
-    });
-  }
-  return out.to(A.scalar_type()).reshape(out_shape);
+  // fp32 accumulation, rounded once to A's dtype.
+  at::Tensor out = at::empty({M, N}, A.options());
+  backend_for(op, A).gemv_4bit(a2, b, m, c, blocksize, out);
+  return out.reshape(out_shape);
 }
 
 }  // namespace lowbit::ops

@@ -1,5 +1,6 @@
-// The ATen-facing entry points, one block per op family; registration.cpp binds them to the
-// schemas. CPU implementations live in csrc/ops/<family>.cpp, CUDA ones in csrc/ops/cuda_ops.cpp.
+// The ATen-facing entry points, one block per op family; registration.cpp binds each to its schema
+// for both the CPU and the CUDA dispatch keys. Each is implemented once, for every device, in
+// csrc/ops/<family>.cpp; the device-specific kernel calls sit behind ops/backend.h.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,39 +11,36 @@
 namespace lowbit::ops {
 
 // 8-bit blockwise (blockwise.cpp)
-std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& A,
-                                                          const at::Tensor& code,
-                                                          int64_t blocksize);
-at::Tensor dequantize_blockwise_cpu(const at::Tensor& A, const at::Tensor& absmax,
-                                    const at::Tensor& code, int64_t blocksize,
-                                    at::ScalarType dtype);
-void dequantize_blockwise_out_cpu(const at::Tensor& A, const at::Tensor& absmax,
-                                  const at::Tensor& code, int64_t blocksize, at::ScalarType dtype,
-                                  at::Tensor& out);
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& A, const at::Tensor& code,
+                                                      int64_t blocksize);
+at::Tensor dequantize_blockwise(const at::Tensor& A, const at::Tensor& absmax,
+                                const at::Tensor& code, int64_t blocksize, at::ScalarType dtype);
+void dequantize_blockwise_out(const at::Tensor& A, const at::Tensor& absmax, const at::Tensor& code,
+                              int64_t blocksize, at::ScalarType dtype, at::Tensor& out);
 
 // 4-bit (fourbit.cpp)
-std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& A, int64_t blocksize,
-                                                     c10::string_view quant_type,
-                                                     at::ScalarType quant_storage);
-at::Tensor dequantize_4bit_cpu(const at::Tensor& A, const at::Tensor& absmax, int64_t blocksize,
-                               c10::string_view quant_type, at::IntArrayRef shape,
-                               at::ScalarType dtype);
-void dequantize_4bit_out_cpu(const at::Tensor& A, const at::Tensor& absmax, int64_t blocksize,
-                             c10::string_view quant_type, at::IntArrayRef shape,
-                             at::ScalarType dtype, at::Tensor& out);
-at::Tensor gemv_4bit_cpu(const at::Tensor& A, const at::Tensor& B, at::IntArrayRef shapeB,
-                         const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize);
+std::tuple<at::Tensor, at::Tensor> quantize_4bit(const at::Tensor& A, int64_t blocksize,
+                                                 c10::string_view quant_type,
+                                                 at::ScalarType quant_storage);
+at::Tensor dequantize_4bit(const at::Tensor& A, const at::Tensor& absmax, int64_t blocksize,
+                           c10::string_view quant_type, at::IntArrayRef shape,
+                           at::ScalarType dtype);
+void dequantize_4bit_out(const at::Tensor& A, const at::Tensor& absmax, int64_t blocksize,
+                         c10::string_view quant_type, at::IntArrayRef shape, at::ScalarType dtype,
+                         at::Tensor& out);
+at::Tensor gemv_4bit(const at::Tensor& A, const at::Tensor& B, at::IntArrayRef shapeB,
+                     const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize);
 
 // LLM.int8() (int8.cpp)
-std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> int8_vectorwise_quant_cpu(
+std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> int8_vectorwise_quant(
     const at::Tensor& A, double threshold);
-at::Tensor int8_vectorwise_dequant_cpu(const at::Tensor& A, const at::Tensor& stats);
-at::Tensor int8_linear_matmul_cpu(const at::Tensor& A, const at::Tensor& B);
-void int8_linear_matmul_out_cpu(const at::Tensor& A, const at::Tensor& B, at::Tensor& out);
-at::Tensor int8_mm_dequant_cpu(const at::Tensor& A, const at::Tensor& row_stats,
-                               const at::Tensor& col_stats, std::optional<at::ScalarType> dtype,
-                               const std::optional<at::Tensor>& bias);
-at::Tensor int8_linear_cpu(const at::Tensor& A, const at::Tensor& W, const at::Tensor& W_scale,
-                           const std::optional<at::Tensor>& bias, double threshold);
+at::Tensor int8_vectorwise_dequant(const at::Tensor& A, const at::Tensor& stats);
+at::Tensor int8_linear_matmul(const at::Tensor& A, const at::Tensor& B);
+void int8_linear_matmul_out(const at::Tensor& A, const at::Tensor& B, at::Tensor& out);
+at::Tensor int8_mm_dequant(const at::Tensor& A, const at::Tensor& row_stats,
+                           const at::Tensor& col_stats, std::optional<at::ScalarType> dtype,
+                           const std::optional<at::Tensor>& bias);
+at::Tensor int8_linear(const at::Tensor& A, const at::Tensor& W, const at::Tensor& W_scale,
+                       const std::optional<at::Tensor>& bias, double threshold);
 
 }  // namespace lowbit::ops

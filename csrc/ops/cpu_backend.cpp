@@ -1,0 +1,175 @@
+// The CPU backend: each function splits its work items (blocks, rows or output features) over
+// torch's thread pool with at::parallel_for and runs the torch-free kernel on each sub-range.
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+#include "lowbit/codebook.h"
+#include "lowbit/cpu_kernels.h"
+#include "ops/backend.h"
+#include "ops/common.h"
+
+namespace lowbit::ops {
+
+namespace {
+
+class CpuBackend final : public Backend {
+ public:
+  void quantize_blockwise(const char* op, const at::Tensor& a, const at::Tensor& code,
+                          int64_t blocksize, at::Tensor& q, at::Tensor& absmax) const override {
+    const float* cv = code.data_ptr<float>();
+    // Midpoints of the sorted code: the quantization rule of codebook.h.
+    float bound[255];
+    for (int i = 0; i < 255; ++i) {
+      TORCH_CHECK_VALUE(cv[i] <= cv[i + 1], "lowbit.", op,
+                        ": code must be sorted ascending (entry ", i + 1, " is below entry ", i,
+                        ")");
+      bound[i] = (cv[i] + cv[i + 1]) / 2.0f;
+    }
+    uint8_t zero_code = 0;
+    for (int i = 1; i < 256; ++i)
+      if (std::fabs(cv[i]) < std::fabs(cv[zero_code])) zero_code = uint8_t(i);
+    const int64_t n = a.numel(), blocks = absmax.numel();
+    const FloatType t = float_type(a.scalar_type());
+    const void* ap = a.data_ptr();
+    uint8_t* qp = q.data_ptr<uint8_t>();
+    float* mp = absmax.data_ptr<float>();
+    at::parallel_for(0, blocks, grain_for(blocksize), [&](int64_t b0, int64_t b1) {
+      cpu::quantize_blockwise(t, ap, n, blocksize, bound, zero_code, qp, mp, b0, b1);
+    });
+  }
+
+  void dequantize_blockwise(const at::Tensor& q, const at::Tensor& absmax, const at::Tensor& code,
+                            int64_t blocksize, at::Tensor& out) const override {
+    const int64_t n = q.numel(), blocks = ceil_div(n, blocksize);
+    const uint8_t* qp = q.data_ptr<uint8_t>();
+    const float* mp = absmax.data_ptr<float>();
+    const float* cp = code.data_ptr<float>();
+    void* op_ = out.data_ptr();
+    const FloatType t = float_type(out.scalar_type());
+    at::parallel_for(0, blocks, grain_for(blocksize), [&](int64_t b0, int64_t b1) {
+      cpu::dequantize_blockwise(qp, mp, cp, n, blocksize, t, op_, b0, b1);
+    });
+  }
+
+  void quantize_4bit(const at::Tensor& a, int64_t blocksize, QuantType4 qt, at::Tensor& packed,
+                     at::Tensor& absmax) const override {
+    const int64_t n = a.numel(), blocks = absmax.numel();
+    const Codebook16 cb = make_codebook16(code4_table(qt));
+    const FloatType t = float_type(a.scalar_type());
+    const void* ap = a.data_ptr();
+    uint8_t* pp = static_cast<uint8_t*>(packed.data_ptr());
+    float* mp = absmax.data_ptr<float>();
+    at::parallel_for(0, blocks, grain_for(blocksize), [&](int64_t b0, int64_t b1) {
+      cpu::quantize_4bit(t, ap, n, blocksize, cb, pp, mp, b0, b1);
+    });
+  }
+
+  void dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                       QuantType4 qt, at::Tensor& out) const override {
+    const int64_t n = out.numel(), blocks = ceil_div(n, blocksize);
+    const uint8_t* pp = static_cast<const uint8_t*>(packed.data_ptr());
+    const float* mp = absmax.data_ptr<float>();
+    const float* code = code4_table(qt);
+    void* dp = out.data_ptr();
+    const FloatType t = float_type(out.scalar_type());
+    at::parallel_for(0, blocks, grain_for(blocksize), [&](int64_t b0, int64_t b1) {
+      cpu::dequantize_4bit(pp, mp, code, n, blocksize, t, dp, b0, b1);
+    });
+  }
+
+  void gemv_4bit(const at::Tensor& a2, const at::Tensor& packed, const at::Tensor& absmax,
+                 const at::Tensor& code, int64_t blocksize, at::Tensor& out) const override {
+    const int64_t M = a2.size(0), K = a2.size(1), N = out.size(1);
+    // fp32 activations and accumulation; the result is rounded once to out's dtype.
+    const at::Tensor a = a2.to(at::kFloat).contiguous();
+    at::Tensor acc =
+        out.scalar_type() == at::kFloat ? out : at::empty({M, N}, out.options().dtype(at::kFloat));
+    if (M > 0 && N > 0) {
+      const float* ap = a.data_ptr<float>();
+      const uint8_t* bp = static_cast<const uint8_t*>(packed.data_ptr());
+      const float* mp = absmax.data_ptr<float>();
+      const float* cp = code.data_ptr<float>();
+      float* op_ = acc.data_ptr<float>();
+      at::parallel_for(0, N, grain_for(K * M, 65536), [&](int64_t n0, int64_t n1) {
+        std::vector<float> scratch(static_cast<size_t>(K));
+        cpu::gemm_4bit(ap, M, K, bp, mp, cp, blocksize, op_, N, n0, n1, scratch.data());
+      });
+    }
+    if (!acc.is_same(out)) out.copy_(acc);
+  }
+
+  void int8_outlier_columns(const at::Tensor& a2, float threshold,
+                            at::Tensor& mask) const override {
+    const int64_t rows = a2.size(0), K = a2.size(1);
+    const FloatType t = float_type(a2.scalar_type());
+    const void* ap = a2.data_ptr();
+    uint8_t* mp = mask.data_ptr<uint8_t>();
+    at::parallel_for(0, K, std::max<int64_t>(256, grain_for(rows)), [&](int64_t c0, int64_t c1) {
+      cpu::int8_outlier_columns(t, ap, rows, K, threshold, mp, c0, c1);
+    });
+  }
+
+  void int8_vectorwise_quant(const at::Tensor& a2, float threshold, const at::Tensor& col_mask,
+                             at::Tensor& q, at::Tensor& stats) const override {
+    const int64_t rows = a2.size(0), K = a2.size(1);
+    if (K == 0) {  // empty rows: scale 0, no codes (and no kernel call on null data pointers)
+      stats.zero_();
+      return;
+    }
+    const FloatType t = float_type(a2.scalar_type());
+    const void* ap = a2.data_ptr();
+    const uint8_t* mp = col_mask.defined() ? col_mask.data_ptr<uint8_t>() : nullptr;
+    int8_t* qp = q.data_ptr<int8_t>();
+    float* sp = stats.data_ptr<float>();
+    at::parallel_for(0, rows, grain_for(K), [&](int64_t r0, int64_t r1) {
+      cpu::int8_vectorwise_quant(t, ap, rows, K, threshold, mp, qp, sp, r0, r1);
+    });
+  }
+
+  void int8_vectorwise_dequant(const at::Tensor& q2, const at::Tensor& stats,
+                               at::Tensor& out) const override {
+    const int64_t rows = q2.size(0), K = q2.size(1);
+    const int8_t* ap = q2.data_ptr<int8_t>();
+    const float* sp = stats.data_ptr<float>();
+    float* op_ = out.data_ptr<float>();
+    at::parallel_for(0, rows, grain_for(K), [&](int64_t r0, int64_t r1) {
+      cpu::int8_vectorwise_dequant(ap, sp, K, op_, r0, r1);
+    });
+  }
+
+  void int8_gemm(const at::Tensor& a2, const at::Tensor& b, at::Tensor& c2) const override {
+    const int64_t M = a2.size(0), N = b.size(0), K = b.size(1);
+    const int8_t* ap = a2.data_ptr<int8_t>();
+    const int8_t* bp = b.data_ptr<int8_t>();
+    int32_t* cp = c2.data_ptr<int32_t>();
+    at::parallel_for(0, N, grain_for(K * std::max<int64_t>(M, 1), 65536),
+                     [&](int64_t n0, int64_t n1) { cpu::int8_gemm(ap, bp, cp, M, N, K, n0, n1); });
+  }
+
+  void int8_mm_dequant(const at::Tensor& c2, const at::Tensor& row_stats,
+                       const at::Tensor& col_stats, const at::Tensor& bias,
+                       at::Tensor& out) const override {
+    const int64_t rows = c2.size(0), N = c2.size(1);
+    const int32_t* cp = c2.data_ptr<int32_t>();
+    const float* rp = row_stats.data_ptr<float>();
+    const float* colp = col_stats.data_ptr<float>();
+    const void* bp = bias.defined() ? bias.data_ptr() : nullptr;
+    const FloatType bt = bias.defined() ? float_type(bias.scalar_type()) : FloatType::f32;
+    const FloatType ot = float_type(out.scalar_type());
+    void* op_ = out.data_ptr();
+    at::parallel_for(0, rows, grain_for(N), [&](int64_t r0, int64_t r1) {
+      cpu::int8_mm_dequant(cp, rp, colp, bt, bp, N, ot, op_, r0, r1);
+    });
+  }
+};
+
+}  // namespace
+
+const Backend& cpu_backend() {
+  static const CpuBackend backend;
+  return backend;
+}
+
+}  // namespace lowbit::ops

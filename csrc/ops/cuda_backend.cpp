@@ -1,0 +1,134 @@
+// The CUDA backend: each function launches its torch-free kernel on the current stream of the
+// device the op's guard has made current, and raises at once on a launch error. Empty inputs
+// launch nothing. Compiled only when the installed torch has CUDA (LOWBIT_WITH_CUDA).
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "lowbit/codebook.h"
+#include "lowbit/cuda_kernels.h"
+#include "ops/backend.h"
+#include "ops/common.h"
+
+namespace lowbit::ops {
+
+namespace {
+
+// The stream of the device the op's guard has made current.
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+cuda::Code16 code16_of(QuantType4 qt) {
+  cuda::Code16 c;
+  const float* v = code4_table(qt);
+  for (int i = 0; i < 16; ++i) c.v[i] = v[i];
+  return c;
+}
+
+// The CPU backend checks the order while it builds the midpoints on the host. Here the code lives
+// on the device: one reduction and one device-to-host read of a bool (quantization runs at load
+// time, not in the forward pass); only when it fails is the code copied over to name the entry.
+void check_sorted256(const char* op, const at::Tensor& c) {
+  const bool sorted = (c.slice(0, 1) >= c.slice(0, 0, 255)).all().item<bool>();
+  if (sorted) return;
+  const at::Tensor h = c.to(at::kCPU);
+  const float* cv = h.data_ptr<float>();
+  for (int i = 0; i < 255; ++i)
+    TORCH_CHECK_VALUE(cv[i] <= cv[i + 1], "lowbit.", op, ": code must be sorted ascending (entry ",
+                      i + 1, " is below entry ", i, ")");
+}
+
+class CudaBackend final : public Backend {
+ public:
+  void quantize_blockwise(const char* op, const at::Tensor& a, const at::Tensor& code,
+                          int64_t blocksize, at::Tensor& q, at::Tensor& absmax) const override {
+    check_sorted256(op, code);
+    const int64_t n = a.numel();
+    if (n > 0)
+      C10_CUDA_CHECK(cuda::quantize_blockwise(
+          float_type(a.scalar_type()), a.data_ptr(), n, blocksize, code.data_ptr<float>(),
+          q.data_ptr<uint8_t>(), absmax.data_ptr<float>(), current_stream()));
+  }
+
+  void dequantize_blockwise(const at::Tensor& q, const at::Tensor& absmax, const at::Tensor& code,
+                            int64_t blocksize, at::Tensor& out) const override {
+    C10_CUDA_CHECK(cuda::dequantize_blockwise(
+        q.data_ptr<uint8_t>(), absmax.data_ptr<float>(), code.data_ptr<float>(), q.numel(),
+        blocksize, float_type(out.scalar_type()), out.data_ptr(), current_stream()));
+  }
+
+  void quantize_4bit(const at::Tensor& a, int64_t blocksize, QuantType4 qt, at::Tensor& packed,
+                     at::Tensor& absmax) const override {
+    const int64_t n = a.numel();
+    if (n > 0)
+      C10_CUDA_CHECK(cuda::quantize_4bit(
+          float_type(a.scalar_type()), a.data_ptr(), n, blocksize, make_codebook16(code4_table(qt)),
+          static_cast<uint8_t*>(packed.data_ptr()), absmax.data_ptr<float>(), current_stream()));
+  }
+
+  void dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                       QuantType4 qt, at::Tensor& out) const override {
+    C10_CUDA_CHECK(cuda::dequantize_4bit(
+        static_cast<const uint8_t*>(packed.data_ptr()), absmax.data_ptr<float>(), code16_of(qt),
+        out.numel(), blocksize, float_type(out.scalar_type()), out.data_ptr(), current_stream()));
+  }
+
+  // The kernel reads A in its own dtype, accumulates in fp32 and rounds once to A's dtype, which
+  // is what the CPU backend's fp32 product followed by one conversion computes.
+  void gemv_4bit(const at::Tensor& a2, const at::Tensor& packed, const at::Tensor& absmax,
+                 const at::Tensor& code, int64_t blocksize, at::Tensor& out) const override {
+    const int64_t M = a2.size(0), K = a2.size(1), N = out.size(1);
+    if (M > 0 && N > 0)
+      C10_CUDA_CHECK(cuda::gemv_4bit(float_type(a2.scalar_type()), a2.data_ptr(), M, K,
+                                     static_cast<const uint8_t*>(packed.data_ptr()),
+                                     absmax.data_ptr<float>(), code.data_ptr<float>(), blocksize,
+                                     out.data_ptr(), N, current_stream()));
+  }
+
+  void int8_outlier_columns(const at::Tensor& a2, float threshold,
+                            at::Tensor& mask) const override {
+    C10_CUDA_CHECK(cuda::int8_outlier_columns(float_type(a2.scalar_type()), a2.data_ptr(),
+                                              a2.size(0), a2.size(1), threshold,
+                                              mask.data_ptr<uint8_t>(), current_stream()));
+  }
+
+  void int8_vectorwise_quant(const at::Tensor& a2, float threshold, const at::Tensor& col_mask,
+                             at::Tensor& q, at::Tensor& stats) const override {
+    const uint8_t* mp = col_mask.defined() ? col_mask.data_ptr<uint8_t>() : nullptr;
+    C10_CUDA_CHECK(cuda::int8_vectorwise_quant(
+        float_type(a2.scalar_type()), a2.data_ptr(), a2.size(0), a2.size(1), threshold, mp,
+        q.data_ptr<int8_t>(), stats.data_ptr<float>(), current_stream()));
+  }
+
+  void int8_vectorwise_dequant(const at::Tensor& q2, const at::Tensor& stats,
+                               at::Tensor& out) const override {
+    const int64_t rows = q2.size(0), K = q2.size(1);
+    if (rows > 0 && K > 0)
+      C10_CUDA_CHECK(cuda::int8_vectorwise_dequant(q2.data_ptr<int8_t>(), stats.data_ptr<float>(),
+                                                   rows, K, out.data_ptr<float>(),
+                                                   current_stream()));
+  }
+
+  void int8_gemm(const at::Tensor& a2, const at::Tensor& b, at::Tensor& c2) const override {
+    C10_CUDA_CHECK(cuda::int8_gemm(a2.data_ptr<int8_t>(), b.data_ptr<int8_t>(),
+                                   c2.data_ptr<int32_t>(), a2.size(0), b.size(0), b.size(1),
+                                   current_stream()));
+  }
+
+  void int8_mm_dequant(const at::Tensor& c2, const at::Tensor& row_stats,
+                       const at::Tensor& col_stats, const at::Tensor& bias,
+                       at::Tensor& out) const override {
+    C10_CUDA_CHECK(cuda::int8_mm_dequant(
+        c2.data_ptr<int32_t>(), row_stats.data_ptr<float>(), col_stats.data_ptr<float>(),
+        bias.defined() ? float_type(bias.scalar_type()) : FloatType::f32,
+        bias.defined() ? bias.data_ptr() : nullptr, c2.size(0), c2.size(1),
+        float_type(out.scalar_type()), out.data_ptr(), current_stream()));
+  }
+};
+
+}  // namespace
+
+const Backend& cuda_backend() {
+  static const CudaBackend backend;
+  return backend;
+}
+
+}  // namespace lowbit::ops
