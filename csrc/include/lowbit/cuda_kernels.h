@@ -2,8 +2,9 @@
 //
 // Every function enqueues its kernel(s) on `stream` and returns the launch status
 // (cudaGetLastError() after the launch; cudaSuccess when there was nothing to launch). They never
-// synchronise, never allocate and never touch the current device: the ATen wrappers in
-// csrc/ops/cuda_ops.cpp set the device guard, pick the stream and check arguments first.
+// synchronise, never allocate and never touch the current device: the ATen wrappers check the
+// arguments and set the device guard (csrc/ops/<family>.cpp), and csrc/ops/cuda_backend.cpp picks
+// the current stream and launches.
 //
 // The semantics are those of the CPU kernels in cpu_kernels.h, bit for bit: the same per-block
 // scale policy (blockscale.h), the same nearest-code rule (codebook.h) and the same
