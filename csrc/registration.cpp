@@ -26,10 +26,14 @@ TORCH_LIBRARY(lowbit, m) {
   m.def(
       "dequantize_4bit.out(Tensor A, Tensor absmax, int blocksize, str quant_type, SymInt[] "
       "shape, ScalarType dtype, Tensor(a!) out) -> ()");
-  // A [..., K] @ dequant(B)[N, K]^T with any 16-entry codebook; fp32 accumulation.
+  // A [..., K] @ dequant(B)[N, K]^T with any 16-entry codebook; fp32 accumulation. With
+  // nested_absmax (double quantization), absmax holds one uint8 code per block and the kernels
+  // decode the block scale nested_code[absmax[b]] * nested_absmax[b / nested_blocksize] +
+  // nested_offset themselves (bitsandbytes' positional arguments stay valid).
   m.def(
       "gemv_4bit(Tensor A, Tensor B, SymInt[] shapeB, Tensor absmax, Tensor code, int "
-      "blocksize) -> Tensor");
+      "blocksize, Tensor? nested_absmax=None, Tensor? nested_code=None, float nested_offset=0.0, "
+      "int nested_blocksize=256) -> Tensor");
   // LLM.int8()
   m.def("int8_vectorwise_quant(Tensor A, float threshold=0.0) -> (Tensor, Tensor, Tensor?)");
   m.def("int8_vectorwise_dequant(Tensor A, Tensor stats) -> Tensor");

@@ -81,6 +81,25 @@ CASES_SCRIPT = textwrap.dedent(
                         x = torch.randn(M, K).to(dt)
                         out[f"gemv4/{N}/{K}/{qt}/{bs}/{M}/{dt}"] = ops.gemv_4bit(x, p, [N, K], m, cb, bs)
 
+    # Double quantization decoded inside the kernel (nested blocks of 64 and 256), next to the
+    # same product on the absmax decoded beforehand (dequantize_blockwise + offset).
+    for (N, K) in [(33, 64), (17, 128), (64, 4096), (40, 11008), (11, 100)]:
+        w = torch.randn(N, K)
+        cb = F.get_4bit_type("nf4")
+        for bs in [32, 64, 128, 256]:
+            p, m = ops.quantize_4bit(w, bs, "nf4", torch.uint8)
+            off = m.mean()
+            for nbs in [64, 256]:
+                q, m2 = ops.quantize_blockwise(m - off, code8, nbs)
+                dec = ops.dequantize_blockwise(q, m2, code8, nbs, torch.float32) + off
+                for M in [1, 3]:
+                    for dt in [torch.float32, torch.bfloat16]:
+                        x = torch.randn(M, K).to(dt)
+                        key = f"gemv4/{N}/{K}/nf4/{bs}/{M}/{dt}"
+                        out[f"{key}/nested{nbs}"] = ops.gemv_4bit(
+                            x, p, [N, K], q, cb, bs, m2, code8, float(off), nbs)
+                        out[f"{key}/unfused{nbs}"] = ops.gemv_4bit(x, p, [N, K], dec, cb, bs)
+
     # LLM.int8(): row quantization (with and without outliers), the int8 GEMM with -128 present,
     # its dequantization, and the fused layer.
     for (M, K) in [(1, 7), (1, 4096), (5, 333), (67, 4096), (130, 1024)]:
@@ -208,6 +227,18 @@ def test_4bit_products_match_generic(results, isa):
         bf16 = "bfloat16" in key
         tol = (8e-3 if bf16 else 2e-5 * K**0.5) * r.abs().max().clamp_min(1.0)
         assert (r - g).abs().max() <= tol, f"{isa} differs from generic on {key}"
+
+
+@pytest.mark.parametrize("isa", SUPPORTED)
+def test_nested_4bit_products_equal_unfused(results, isa):
+    # On every ISA the per-block decode of a double-quantized absmax inside the kernel gives the
+    # scale dequantize_blockwise + offset gives, so the products are equal bit for bit.
+    got = results[isa]
+    keys = [k for k in got if "/nested" in k]
+    assert len(keys) == 5 * 4 * 2 * 2 * 2
+    for key in keys:
+        other = key.replace("/nested", "/unfused")
+        assert torch.equal(_bits(got[key]), _bits(got[other])), f"{isa}: {key}"
 
 
 def test_generic_path_matches_reference(results):

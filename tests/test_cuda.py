@@ -212,6 +212,42 @@ def test_gemv_4bit(quant_type, dtype, a_shape, N, K):
         assert_bits_equal(outs, outc.contiguous())
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(
+    "a_shape,N,K,nested_blocksize",
+    [
+        ((1, 4096), 256, 4096, 256),  # M = 1 fast path, 16384 blocks over 64 nested blocks
+        ((1, 100), 33, 100, 64),  # generic path, last nested block partial
+        ((3, 96), 40, 96, 128),  # M > 1
+    ],
+)
+def test_gemv_4bit_nested(dtype, a_shape, N, K, nested_blocksize):
+    # Double quantization: the CUDA op decodes the absmax (blockwise dequantize + offset) and
+    # gives the product on the decoded absmax bit for bit, and the CPU product within tolerance.
+    W = torch.randn(N, K)
+    packed, absmax = ops.quantize_4bit(W, 64, "nf4", torch.uint8)
+    code = code16("nf4", "cpu")
+    code8 = signed_code()
+    offset = absmax.mean()
+    q, absmax2 = ops.quantize_blockwise(absmax - offset, code8, nested_blocksize)
+    nested = (absmax2, code8, float(offset), nested_blocksize)
+    A = torch.randn(a_shape).to(dtype)
+    out = ops.gemv_4bit(A, packed, [N, K], q, code, 64, *nested)
+    cuda = [t.cuda() if isinstance(t, torch.Tensor) else t for t in nested]
+    outc = ops.gemv_4bit(A.cuda(), packed.cuda(), [N, K], q.cuda(), code.cuda(), 64, *cuda)
+    assert outc.dtype == dtype and outc.shape == out.shape
+    rtol, atol = GEMV_TOL[dtype]
+    torch.testing.assert_close(outc.cpu().float(), out.float(), rtol=rtol, atol=atol * K**0.5)
+    decoded = (
+        ops.dequantize_blockwise(
+            q.cuda(), absmax2.cuda(), code8.cuda(), nested_blocksize, torch.float32
+        )
+        + offset.cuda()
+    )
+    unfused = ops.gemv_4bit(A.cuda(), packed.cuda(), [N, K], decoded, code.cuda(), 64)
+    assert_bits_equal(outc, unfused)
+
+
 # ---- LLM.int8() ---------------------------------------------------------------------------------
 
 
@@ -429,6 +465,7 @@ def _opcheck_cases():
     q8, m8 = ops.quantize_blockwise(A, code8, 64)
     p4, m4 = ops.quantize_4bit(A, 64, "nf4", torch.uint8)
     code4 = code16("nf4", "cuda")
+    qm4, nm4 = ops.quantize_blockwise(m4 - 0.5, code8, 64)  # a double-quantized absmax
     qi, si, _ = ops.int8_vectorwise_quant(A, 0.0)
     Wi = torch.randint(-127, 128, (16, 64), dtype=torch.int8, device="cuda")
     Ci = ops.int8_linear_matmul(qi, Wi)
@@ -438,6 +475,7 @@ def _opcheck_cases():
         (ops.quantize_4bit.default, (A, 64, "nf4", torch.uint8)),
         (ops.dequantize_4bit.default, (p4, m4, 64, "nf4", [33, 64], torch.bfloat16)),
         (ops.gemv_4bit.default, (A[:1], p4, [33, 64], m4, code4, 64)),
+        (ops.gemv_4bit.default, (A[:1], p4, [33, 64], qm4, code4, 64, nm4, code8, 0.5, 64)),
         (ops.int8_vectorwise_quant.default, (A, 6.0)),
         (ops.int8_vectorwise_dequant.default, (qi, si)),
         (ops.int8_linear_matmul.default, (qi, Wi)),
@@ -449,7 +487,7 @@ def _opcheck_cases():
     ]
 
 
-@pytest.mark.parametrize("index", range(10))
+@pytest.mark.parametrize("index", range(11))
 def test_opcheck_cuda(index):
     op, args = _opcheck_cases()[index]
     torch.library.opcheck(op, args)

@@ -20,6 +20,10 @@ def _cases(device):
     qa = torch.randint(-127, 128, (33, 70), dtype=torch.int8, device=device)
     act = torch.randn(5, 70, device=device)
     act_grad = torch.randn(5, 70, device=device, requires_grad=True)
+    # double quantization: absmax4 as uint8 codes over nested blocks of 64
+    offset = absmax4.mean()
+    qabsmax4, nested_absmax = ops.quantize_blockwise(absmax4 - offset, code8, 64)
+    nested = (qabsmax4, code4, 64, nested_absmax, code8, float(offset), 64)
     return [
         (ops.quantize_blockwise.default, (A, code8, 64)),
         (ops.dequantize_blockwise.default, (q8, absmax8, code8, 64, torch.bfloat16)),
@@ -38,6 +42,8 @@ def _cases(device):
         ),
         (ops.gemv_4bit.default, (act, packed, [33, 70], absmax4, code4, 64)),
         (ops.gemv_4bit.default, (act_grad, packed, [33, 70], absmax4, code4, 64)),
+        (ops.gemv_4bit.default, (act[:1], packed, [33, 70], *nested)),
+        (ops.gemv_4bit.default, (act_grad, packed, [33, 70], *nested)),
         (ops.int8_vectorwise_quant.default, (A * 3, 0.0)),
         (ops.int8_vectorwise_quant.default, (A * 3, 6.0)),
         (ops.int8_vectorwise_dequant.default, (qa, torch.rand(33, device=device))),

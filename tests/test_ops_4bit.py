@@ -1,6 +1,11 @@
 """4-bit NF4 / FP4: code tables, nibble order, kernels against reference.py, round-trip error,
 double quantization and the fused dequantize + product."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -145,6 +150,147 @@ def test_functional_gemv_decodes_nested_absmax():
     A = torch.randn(1, 256)
     expected = A @ F.dequantize_4bit(packed, state).t()
     torch.testing.assert_close(F.gemv_4bit(A, packed, state=state), expected, rtol=1e-4, atol=1e-4)
+
+
+def _nested(W, blocksize, quant_type, nested_blocksize):
+    """W quantized to 4 bits with a double-quantized absmax: (packed, code4, uint8 absmax codes,
+    nested_absmax, nested_code, offset as a float, the fp32 absmax decoded the unfused way)."""
+    packed, absmax = ops.quantize_4bit(W, blocksize, quant_type, torch.uint8)
+    code8 = F.create_dynamic_map().to(W.device)
+    offset = absmax.mean()
+    q, absmax2 = ops.quantize_blockwise(absmax - offset, code8, nested_blocksize)
+    # the unfused path: dequantize_blockwise to fp32, then + offset (functional.decode_absmax)
+    decoded = ops.dequantize_blockwise(q, absmax2, code8, nested_blocksize, torch.float32) + offset
+    code4 = F.get_4bit_type(quant_type, device=W.device)
+    return packed, code4, q, absmax2, code8, float(offset), decoded
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+@pytest.mark.parametrize(
+    "M,N,K,blocksize,nested_blocksize",
+    [
+        (1, 64, 64, 64, 256),  # one nested block, partial
+        (1, 33, 65, 32, 64),  # odd K: rows start mid-byte; several nested blocks
+        (3, 100, 129, 32, 64),  # M > 1, last nested block partial
+        (1, 300, 4096, 64, 256),  # 19200 blocks over 75 nested blocks (the QLoRA layout)
+        (1, 40, 1024, 128, 4096),
+        (2, 17, 256, 256, 128),
+        (1, 1, 1, 64, 256),
+    ],
+)
+def test_gemv_nested_equals_unfused(
+    device, dtype, quant_type, M, N, K, blocksize, nested_blocksize
+):
+    W = torch.randn(N, K, device=device)
+    packed, code4, q, absmax2, code8, offset, decoded = _nested(
+        W, blocksize, quant_type, nested_blocksize
+    )
+    ref_absmax = reference.decode_nested_absmax(q, absmax2, code8, offset, nested_blocksize)
+    assert torch.equal(decoded, ref_absmax)  # the spec's scale is the unfused one, bit for bit
+    A = torch.randn(M, K, device=device).to(dtype)
+    fused = ops.gemv_4bit(
+        A, packed, [N, K], q, code4, blocksize, absmax2, code8, offset, nested_blocksize
+    )
+    unfused = ops.gemv_4bit(A, packed, [N, K], decoded, code4, blocksize)
+    assert fused.shape == (M, N) and fused.dtype == dtype
+    # the same per-block scales feed the same kernel: equal bit for bit, every dtype and path
+    assert torch.equal(fused, unfused)
+    ref = reference.gemv_4bit(
+        A, packed, [N, K], q, code4, blocksize, absmax2, code8, offset, nested_blocksize
+    )
+    assert torch.equal(ref, reference.gemv_4bit(A, packed, [N, K], decoded, code4, blocksize))
+    tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(fused, ref, rtol=tol, atol=tol * K**0.5)
+
+
+def test_gemv_nested_generic_kernel_is_bit_exact_with_fp32_activations():
+    # The generic kernel's row decode (code * scale, then eight fixed partial sums) against the
+    # same kernel on the unfused absmax, in a subprocess with LOWBIT_CPU_ISA=generic.
+    script = textwrap.dedent(
+        """
+        import torch, lowbit.functional as F
+        torch.manual_seed(0)
+        for shape in [(1, 64, 64), (1, 33, 65), (4, 300, 512)]:
+            M, N, K = shape
+            W = torch.randn(N, K)
+            packed, state = F.quantize_4bit(W, blocksize=64, quant_type="nf4",
+                                            compress_statistics=True)
+            A = torch.randn(M, K)
+            fused = F.gemv_4bit(A, packed, state=state)
+            unfused = torch.ops.lowbit.gemv_4bit(A, packed, [N, K], F.decode_absmax(state),
+                                                 state.code, 64)
+            assert torch.equal(fused, unfused), shape
+        print("ok")
+        """
+    )
+    env = dict(os.environ, LOWBIT_CPU_ISA="generic")
+    r = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    )
+    assert r.stdout.strip() == "ok"
+
+
+def test_functional_gemv_nested_is_the_unfused_product():
+    W = torch.randn(96, 320)
+    packed, state = F.quantize_4bit(W, quant_type="fp4", compress_statistics=True)
+    for A in (torch.randn(1, 320), torch.randn(1, 320).bfloat16(), torch.randn(2, 3, 320)):
+        unfused = ops.gemv_4bit(A, packed, [96, 320], F.decode_absmax(state), state.code, 64)
+        assert torch.equal(F.gemv_4bit(A, packed, state=state), unfused)
+
+
+def test_gemv_nested_backward_equals_unfused(device):
+    W = torch.randn(48, 192, device=device)
+    packed, code4, q, absmax2, code8, offset, decoded = _nested(W, 64, "nf4", 64)
+    A = torch.randn(2, 192, device=device, requires_grad=True)
+    g = torch.randn(2, 48, device=device)
+    ops.gemv_4bit(A, packed, [48, 192], q, code4, 64, absmax2, code8, offset, 64).backward(g)
+    fused_grad, A.grad = A.grad, None
+    ops.gemv_4bit(A, packed, [48, 192], decoded, code4, 64).backward(g)
+    assert torch.equal(fused_grad, A.grad)
+
+
+def test_gemv_nested_bad_arguments():
+    W = torch.randn(64, 128)
+    packed, code4, q, absmax2, code8, offset, decoded = _nested(W, 64, "nf4", 64)
+    assert q.numel() == 128 and absmax2.numel() == 2
+    A = torch.randn(1, 128)
+
+    def call(absmax=q, *nested):
+        return ops.gemv_4bit(A, packed, [64, 128], absmax, code4, 64, *nested)
+
+    good = (absmax2, code8, offset, 64)
+    with pytest.raises(TypeError, match=r"absmax must be torch.uint8 \(one code per block\)"):
+        call(decoded, *good)
+    with pytest.raises(TypeError, match="absmax is torch.uint8, i.e. double quantized"):
+        call(q)
+    with pytest.raises(ValueError, match=r"absmax must hold ceil\(8192 / 64\) = 128 values"):
+        call(q[:-1], absmax2[:1], code8, offset, 64)
+    with pytest.raises(TypeError, match="nested_absmax must be torch.float32, got torch.float16"):
+        call(q, absmax2.half(), code8, offset, 64)
+    with pytest.raises(
+        ValueError, match=r"nested_absmax must hold ceil\(128 / 64\) = 2 values .* got 3"
+    ):
+        call(q, torch.ones(3), code8, offset, 64)
+    with pytest.raises(ValueError, match=r"nested_absmax must hold ceil\(128 / 256\) = 1"):
+        call(q, absmax2, code8, offset, 256)
+    with pytest.raises(TypeError, match="nested_code must be torch.float32"):
+        call(q, absmax2, code8.double(), offset, 64)
+    with pytest.raises(ValueError, match="nested_code must hold 256 values, got 16"):
+        call(q, absmax2, code4, offset, 64)
+    with pytest.raises(ValueError, match="nested_code .* is required with nested_absmax"):
+        ops.gemv_4bit(A, packed, [64, 128], q, code4, 64, absmax2)
+    for bad in (32, 100, 8192):
+        with pytest.raises(ValueError, match=r"nested_blocksize must be a power of two in \[64, "):
+            call(q, absmax2, code8, offset, bad)
+    with pytest.raises(ValueError, match="only used with nested_absmax"):
+        ops.gemv_4bit(A, packed, [64, 128], decoded, code4, 64, None, code8)
+    with pytest.raises(ValueError, match="only used with nested_absmax"):
+        ops.gemv_4bit(A, packed, [64, 128], decoded, code4, 64, nested_offset=0.5)
+    with pytest.raises(ValueError, match="nested_absmax is on meta but A is on cpu"):
+        call(q, absmax2.to("meta"), code8, offset, 64)
+    with pytest.raises(ValueError, match="nested_code is on meta but A is on cpu"):
+        call(q, absmax2, code8.to("meta"), offset, 64)
+    assert torch.equal(call(q, *good), ops.gemv_4bit(A, packed, [64, 128], decoded, code4, 64))
 
 
 def test_non_contiguous_input_gives_contiguous_answer(device, dtype):

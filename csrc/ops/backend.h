@@ -19,6 +19,17 @@
 
 namespace lowbit::ops {
 
+// The double quantization of a 4-bit weight's absmax (QLoRA): absmax then holds one uint8 code
+// per block, and block b's scale is code[absmax[b]] * absmax2[b / blocksize] + offset in fp32
+// (lowbit/blockscale.h). Undefined tensors: the absmax is plain fp32.
+struct NestedAbsmax {
+  at::Tensor absmax;  // fp32 [ceil(blocks / blocksize)], contiguous
+  at::Tensor code;    // fp32 [256], contiguous
+  float offset = 0.0f;
+  int64_t blocksize = 256;  // a power of two in [64, 4096]
+  bool defined() const { return absmax.defined(); }
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -41,10 +52,12 @@ class Backend {
   // n = out.numel() > 0.
   virtual void dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax,
                                int64_t blocksize, QuantType4 qt, at::Tensor& out) const = 0;
-  // a2: contiguous float [M, K]; packed: the [N, K] weight; code: contiguous fp32 [16]; out:
-  // contiguous [M, N] of a2's dtype (fp32 accumulation, one rounding to that dtype).
+  // a2: contiguous float [M, K]; packed: the [N, K] weight; absmax: contiguous fp32 [blocks], or
+  // uint8 [blocks] when nested is defined; code: contiguous fp32 [16]; out: contiguous [M, N] of
+  // a2's dtype (fp32 accumulation, one rounding to that dtype).
   virtual void gemv_4bit(const at::Tensor& a2, const at::Tensor& packed, const at::Tensor& absmax,
-                         const at::Tensor& code, int64_t blocksize, at::Tensor& out) const = 0;
+                         const at::Tensor& code, int64_t blocksize, const NestedAbsmax& nested,
+                         at::Tensor& out) const = 0;
 
   // ---- LLM.int8() ----
   // a2: contiguous float [rows, K]; mask: uint8 [K], every entry written.

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <vector>
 
+#include "lowbit/blockscale.h"
 #include "lowbit/codebook.h"
 #include "lowbit/cpu_kernels.h"
 #include "ops/backend.h"
@@ -13,6 +14,13 @@
 namespace lowbit::ops {
 
 namespace {
+
+// log2 of a power of two (checked by the op).
+int log2_pow2(int64_t x) {
+  int r = 0;
+  while ((int64_t(1) << r) < x) ++r;
+  return r;
+}
 
 class CpuBackend final : public Backend {
  public:
@@ -80,7 +88,8 @@ class CpuBackend final : public Backend {
   }
 
   void gemv_4bit(const at::Tensor& a2, const at::Tensor& packed, const at::Tensor& absmax,
-                 const at::Tensor& code, int64_t blocksize, at::Tensor& out) const override {
+                 const at::Tensor& code, int64_t blocksize, const NestedAbsmax& nested,
+                 at::Tensor& out) const override {
     const int64_t M = a2.size(0), K = a2.size(1), N = out.size(1);
     // fp32 activations and accumulation; the result is rounded once to out's dtype.
     const at::Tensor a = a2.to(at::kFloat).contiguous();
@@ -89,12 +98,22 @@ class CpuBackend final : public Backend {
     if (M > 0 && N > 0) {
       const float* ap = a.data_ptr<float>();
       const uint8_t* bp = static_cast<const uint8_t*>(packed.data_ptr());
-      const float* mp = absmax.data_ptr<float>();
+      // A double quantized absmax is decoded per block inside the kernel (no fp32 copy).
+      BlockAbsmax scales;
+      if (nested.defined()) {
+        scales.code_index = absmax.data_ptr<uint8_t>();
+        scales.nested_absmax = nested.absmax.data_ptr<float>();
+        scales.nested_code = nested.code.data_ptr<float>();
+        scales.nested_offset = nested.offset;
+        scales.nested_log2 = log2_pow2(nested.blocksize);
+      } else {
+        scales.absmax = absmax.data_ptr<float>();
+      }
       const float* cp = code.data_ptr<float>();
       float* op_ = acc.data_ptr<float>();
       at::parallel_for(0, N, grain_for(K * M, 65536), [&](int64_t n0, int64_t n1) {
         std::vector<float> scratch(static_cast<size_t>(K));
-        cpu::gemm_4bit(ap, M, K, bp, mp, cp, blocksize, op_, N, n0, n1, scratch.data());
+        cpu::gemm_4bit(ap, M, K, bp, scales, cp, blocksize, op_, N, n0, n1, scratch.data());
       });
     }
     if (!acc.is_same(out)) out.copy_(acc);

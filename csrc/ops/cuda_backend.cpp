@@ -72,15 +72,31 @@ class CudaBackend final : public Backend {
   }
 
   // The kernel reads A in its own dtype, accumulates in fp32 and rounds once to A's dtype, which
-  // is what the CPU backend's fp32 product followed by one conversion computes.
+  // is what the CPU backend's fp32 product followed by one conversion computes. A double
+  // quantized absmax is first decoded into a temporary fp32 [blocks] (the blockwise dequantize
+  // kernel, then + offset, both on the current stream): the same values as the CPU kernels'
+  // per-block decode, at the cost of one small extra pass (blocks = N*K/blocksize floats).
   void gemv_4bit(const at::Tensor& a2, const at::Tensor& packed, const at::Tensor& absmax,
-                 const at::Tensor& code, int64_t blocksize, at::Tensor& out) const override {
+                 const at::Tensor& code, int64_t blocksize, const NestedAbsmax& nested,
+                 at::Tensor& out) const override {
     const int64_t M = a2.size(0), K = a2.size(1), N = out.size(1);
-    if (M > 0 && N > 0)
-      C10_CUDA_CHECK(cuda::gemv_4bit(float_type(a2.scalar_type()), a2.data_ptr(), M, K,
-                                     static_cast<const uint8_t*>(packed.data_ptr()),
-                                     absmax.data_ptr<float>(), code.data_ptr<float>(), blocksize,
-                                     out.data_ptr(), N, current_stream()));
+    if (M <= 0 || N <= 0) return;
+    at::Tensor scales = absmax;
+    if (nested.defined()) {
+      const int64_t blocks = absmax.numel();
+      scales = at::empty({blocks}, absmax.options().dtype(at::kFloat));
+      if (blocks > 0) {
+        C10_CUDA_CHECK(
+            cuda::dequantize_blockwise(absmax.data_ptr<uint8_t>(), nested.absmax.data_ptr<float>(),
+                                       nested.code.data_ptr<float>(), blocks, nested.blocksize,
+                                       FloatType::f32, scales.data_ptr(), current_stream()));
+        scales.add_(at::Scalar(static_cast<double>(nested.offset)));
+      }
+    }
+    C10_CUDA_CHECK(cuda::gemv_4bit(float_type(a2.scalar_type()), a2.data_ptr(), M, K,
+                                   static_cast<const uint8_t*>(packed.data_ptr()),
+                                   scales.data_ptr<float>(), code.data_ptr<float>(), blocksize,
+                                   out.data_ptr(), N, current_stream()));
   }
 
   void int8_outlier_columns(const at::Tensor& a2, float threshold,

@@ -58,12 +58,20 @@ at::Tensor dequantize_4bit(const at::Tensor& A, const at::Tensor& absmax, int64_
 }
 
 at::Tensor gemv_4bit(const at::Tensor& A, const at::Tensor& B, at::IntArrayRef shapeB,
-                     const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize) {
+                     const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
+                     const std::optional<at::Tensor>& nested_absmax,
+                     const std::optional<at::Tensor>& nested_code, double nested_offset,
+                     int64_t nested_blocksize) {
   const char* op = "gemv_4bit";
   check_float(op, "A", A.scalar_type());
   check_device(op, "B", B, A, "A");
   TORCH_CHECK_VALUE(shapeB.size() == 2, "lowbit.", op, ": shapeB must be [N, K], got ", shapeB);
-  check_4bit_weight(op, B, absmax, blocksize, shapeB);
+  TORCH_CHECK_TYPE(nested_absmax.has_value() || absmax.scalar_type() != at::kByte, "lowbit.", op,
+                   ": absmax is torch.uint8, i.e. double quantized: pass nested_absmax, "
+                   "nested_code and nested_offset too, or a torch.float32 absmax");
+  check_4bit_weight(op, B, absmax, blocksize, shapeB, nested_absmax.has_value());
+  const NestedAbsmax nested = check_nested_absmax(op, B, absmax.numel(), nested_absmax, nested_code,
+                                                  nested_offset, nested_blocksize);
   check_dtype(op, "code", code, at::kFloat);
   check_device(op, "code", code, A, "A");
   TORCH_CHECK_VALUE(code.numel() == 16, "lowbit.", op, ": code must hold 16 values, got ",
@@ -80,7 +88,7 @@ at::Tensor gemv_4bit(const at::Tensor& A, const at::Tensor& B, at::IntArrayRef s
   const at::Tensor b = B.contiguous(), m = absmax.contiguous(), c = code.contiguous();
   // fp32 accumulation, rounded once to A's dtype.
   at::Tensor out = at::empty({M, N}, A.options());
-  backend_for(op, A).gemv_4bit(a2, b, m, c, blocksize, out);
+  backend_for(op, A).gemv_4bit(a2, b, m, c, blocksize, nested, out);
   return out.reshape(out_shape);
 }
 

@@ -29,7 +29,10 @@ void dequantize_4bit_out(const at::Tensor& A, const at::Tensor& absmax, int64_t 
                          c10::string_view quant_type, at::IntArrayRef shape, at::ScalarType dtype,
                          at::Tensor& out);
 at::Tensor gemv_4bit(const at::Tensor& A, const at::Tensor& B, at::IntArrayRef shapeB,
-                     const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize);
+                     const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
+                     const std::optional<at::Tensor>& nested_absmax,
+                     const std::optional<at::Tensor>& nested_code, double nested_offset,
+                     int64_t nested_blocksize);
 
 // LLM.int8() (int8.cpp)
 std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> int8_vectorwise_quant(

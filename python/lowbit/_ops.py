@@ -89,24 +89,49 @@ def _(A, absmax, blocksize, quant_type, shape, dtype, out):
 
 
 @torch.library.register_fake(lib + "gemv_4bit")
-def _(A, B, shapeB, absmax, code, blocksize):
-    _same_device("gemv_4bit", A=A, B=B, absmax=absmax, code=code)
+def _(
+    A,
+    B,
+    shapeB,
+    absmax,
+    code,
+    blocksize,
+    nested_absmax=None,
+    nested_code=None,
+    nested_offset=0.0,
+    nested_blocksize=256,
+):
+    _same_device(
+        "gemv_4bit",
+        A=A,
+        B=B,
+        absmax=absmax,
+        code=code,
+        nested_absmax=nested_absmax,
+        nested_code=nested_code,
+    )
     torch._check(A.shape[-1] == shapeB[1], lambda: "A's last dimension must equal the weight's K")
     return A.new_empty((*A.shape[:-1], shapeB[0]))
 
 
 def _gemv_4bit_setup(ctx, inputs, output):
-    _, B, shapeB, absmax, code, blocksize = inputs
-    ctx.save_for_backward(B, absmax, code)
+    _, B, shapeB, absmax, code, blocksize, nested_absmax, nested_code, offset, nested_bs = inputs
+    ctx.save_for_backward(B, absmax, code, nested_absmax, nested_code)
     ctx.shapeB = tuple(shapeB)
     ctx.blocksize = blocksize
+    ctx.nested_offset = offset
+    ctx.nested_blocksize = nested_bs
 
 
 def _gemv_4bit_backward(ctx, grad):
     # d(A @ W^T)/dA = grad @ W; the weight is frozen (integer codes), so only A gets a gradient.
-    B, absmax, code = ctx.saved_tensors
+    B, absmax, code, nested_absmax, nested_code = ctx.saved_tensors
+    if nested_absmax is not None:  # double quantization: the fp32 absmax the kernel decoded
+        absmax = reference.decode_nested_absmax(
+            absmax, nested_absmax, nested_code, ctx.nested_offset, ctx.nested_blocksize
+        )
     W = reference.decode_4bit(B, absmax, code, ctx.blocksize, ctx.shapeB)
-    return grad @ W.to(grad.dtype), None, None, None, None, None
+    return (grad @ W.to(grad.dtype),) + (None,) * 9
 
 
 torch.library.register_autograd(

@@ -36,6 +36,7 @@ __all__ = [
     "pack_dict_to_tensor",
     "unpack_tensor_to_dict",
     "decode_absmax",
+    "nested_absmax_args",
 ]
 
 _ops = torch.ops.lowbit
@@ -90,6 +91,16 @@ def decode_absmax(state: QuantState) -> torch.Tensor:
     if not state.nested:
         return state.absmax
     return dequantize_blockwise(state.absmax, state.state2) + state.offset
+
+
+def nested_absmax_args(state: QuantState) -> tuple:
+    """gemv_4bit's trailing double-quantization arguments for a 4-bit state: (nested_absmax,
+    nested_code, nested_offset, nested_blocksize), or () when the absmax is plain fp32. The op
+    then decodes each block's scale inside the kernel, the same fp32 values as decode_absmax."""
+    if not state.nested:
+        return ()
+    s2 = state.state2
+    return (s2.absmax, s2.code, state.offset_value, s2.blocksize)
 
 
 def dequantize_blockwise(
@@ -229,11 +240,18 @@ def gemv_4bit(
     transposed_B: bool = False,
     state: QuantState | None = None,
 ) -> torch.Tensor:
-    """A [..., K] @ W^T for a 4-bit weight W [N, K] (packed B with its QuantState)."""
+    """A [..., K] @ W^T for a 4-bit weight W [N, K] (packed B with its QuantState). A double
+    quantized absmax is decoded inside the kernel, block by block."""
     if state is None:
         raise ValueError("gemv_4bit: state (the weight's QuantState) is required")
     result = _ops.gemv_4bit(
-        A, B, list(state.shape), decode_absmax(state), state.code.to(A.device), state.blocksize
+        A,
+        B,
+        list(state.shape),
+        state.absmax,
+        state.code.to(A.device),
+        state.blocksize,
+        *nested_absmax_args(state),
     )
     if out is not None:
         out.copy_(result)

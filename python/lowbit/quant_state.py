@@ -72,6 +72,29 @@ class QuantState:
         self.state2 = state2
         self.nested = state2 is not None
 
+    @property
+    def offset(self) -> torch.Tensor | None:
+        """Double quantization: the mean subtracted from the absmax before it was quantized."""
+        return self._offset
+
+    @offset.setter
+    def offset(self, value) -> None:
+        self._offset = value
+        # The same value as a Python float, read once here (quantization / load time), so that
+        # the fused ops take it without a device read per call and torch.compile sees a constant.
+        self._offset_value = None
+        if value is not None and not (isinstance(value, torch.Tensor) and value.is_meta):
+            self._offset_value = float(value)
+
+    @property
+    def offset_value(self) -> float:
+        """`offset` as a Python float (0.0 when not nested)."""
+        if self._offset is None:
+            return 0.0
+        if self._offset_value is None:  # set while on the meta device
+            self._offset_value = float(self._offset)
+        return self._offset_value
+
     def __getitem__(self, idx):
         """The legacy list layout [absmax, shape, dtype, blocksize, compressed stats, quant_type]."""
         if self.nested:
@@ -145,7 +168,7 @@ class QuantState:
         self.code = self.code.to(device)
         self.absmax = self.absmax.to(device)
         if self.nested:
-            self.offset = self.offset.to(device)
+            self._offset = self._offset.to(device)  # same value: the float cache stays valid
             self.state2.absmax = self.state2.absmax.to(device)
             self.state2.code = self.state2.code.to(device)
         return self

@@ -120,7 +120,34 @@ def dequantize_4bit(A, absmax, blocksize: int, quant_type: str, shape, dtype) ->
     return decode_4bit(A, absmax, code, blocksize, tuple(shape)).to(dtype)
 
 
-def gemv_4bit(A, B, shapeB, absmax, code, blocksize: int) -> torch.Tensor:
+def decode_nested_absmax(
+    absmax, nested_absmax, nested_code, nested_offset: float, nested_blocksize: int
+) -> torch.Tensor:
+    """The fp32 absmax of a double-quantized 4-bit tensor: per block,
+    nested_code[absmax[b]] * nested_absmax[b // nested_blocksize] + nested_offset in fp32 (the
+    product rounded first), i.e. dequantize_blockwise to fp32 followed by `+ offset`."""
+    scale = dequantize_blockwise(
+        absmax, nested_absmax, nested_code, nested_blocksize, torch.float32
+    )
+    return scale + torch.tensor(nested_offset, dtype=torch.float32, device=scale.device)
+
+
+def gemv_4bit(
+    A,
+    B,
+    shapeB,
+    absmax,
+    code,
+    blocksize: int,
+    nested_absmax=None,
+    nested_code=None,
+    nested_offset: float = 0.0,
+    nested_blocksize: int = 256,
+) -> torch.Tensor:
+    if nested_absmax is not None:
+        absmax = decode_nested_absmax(
+            absmax, nested_absmax, nested_code, nested_offset, nested_blocksize
+        )
     W = decode_4bit(B, absmax, code, blocksize, tuple(shapeB))
     return (A.float() @ W.t()).to(A.dtype)
 

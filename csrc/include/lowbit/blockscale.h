@@ -58,6 +58,41 @@ LOWBIT_HD float normalize(float x, const BlockScale& s) {
   return s.mode == BlockMode::normal ? x * s.inv : x / s.absmax;
 }
 
+// The scale of each block of a 4-bit tensor, read by the fused products: stored as fp32 (one
+// absmax per block), or double quantized (QLoRA, "nested"): one uint8 code q[b] per block and
+//     scale(b) = nested_code[q[b]] * nested_absmax[b / nested_blocksize] + nested_offset
+// in fp32, the product rounded before the sum (never one FMA): exactly dequantize_blockwise to
+// fp32 followed by `+ offset` in fp32, so a fused product equals the one on the decoded absmax.
+// A kernel reads one scale per block (per 32..4096 weights), so the nested decode costs a byte
+// load, two table loads, a multiply and an add per block.
+struct BlockAbsmax {
+  const float* absmax = nullptr;         // plain: fp32 [blocks]; null when nested
+  const uint8_t* code_index = nullptr;   // nested: uint8 [blocks]
+  const float* nested_absmax = nullptr;  // nested: fp32 [ceil(blocks / nested_blocksize)]
+  const float* nested_code = nullptr;    // nested: fp32 [256]
+  float nested_offset = 0.0f;
+  int nested_log2 = 8;  // log2(nested_blocksize)
+
+  LOWBIT_HD static BlockAbsmax plain(const float* absmax) {
+    BlockAbsmax s;
+    s.absmax = absmax;
+    return s;
+  }
+  LOWBIT_HD bool nested() const { return absmax == nullptr; }
+  LOWBIT_HD float operator[](int64_t b) const {
+    if (absmax != nullptr) return absmax[b];
+#if defined(__CUDA_ARCH__)
+    return __fadd_rn(__fmul_rn(nested_code[code_index[b]], nested_absmax[b >> nested_log2]),
+                     nested_offset);
+#else
+    // Two roundings: the SIMD translation units build with -ffp-contract=off and the generic one
+    // without FMA, so the compiler cannot fuse them.
+    const float v = nested_code[code_index[b]] * nested_absmax[b >> nested_log2];
+    return v + nested_offset;
+#endif
+  }
+};
+
 // LLM.int8() row scaling: v * (127 / absmax). When 127 / absmax overflows (absmax below ~3.7e-37)
 // the row divides instead, (v / absmax) * 127, so a 0 stays 0 (never 0 * Inf = NaN) and tiny
 // values still get their codes.

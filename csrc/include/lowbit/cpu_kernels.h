@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "lowbit/blockscale.h"
 #include "lowbit/codebook.h"
 #include "lowbit/numeric.h"
 
@@ -35,10 +36,11 @@ void dequantize_4bit(const uint8_t* packed, const float* absmax, const float* co
 // out[m, j] = sum_k a[m, k] * W[j, k] for output features j in [n_begin, n_end), where W [N, K] is
 // 4-bit packed over its flattened index j*K + k with blocks of `blocksize` on that index. Each W
 // row is decoded once into `row_scratch` (K floats, owned by the calling thread) and reused for
-// all M activation rows. a is fp32 [M, K]; out is fp32 [M, N].
-void gemm_4bit(const float* a, int64_t M, int64_t K, const uint8_t* packed, const float* absmax,
-               const float* code16, int64_t blocksize, float* out, int64_t N, int64_t n_begin,
-               int64_t n_end, float* row_scratch);
+// all M activation rows. a is fp32 [M, K]; out is fp32 [M, N]. scales: the per-block scale, fp32
+// or double quantized (decoded per block inside the kernel, see blockscale.h).
+void gemm_4bit(const float* a, int64_t M, int64_t K, const uint8_t* packed,
+               const BlockAbsmax& scales, const float* code16, int64_t blocksize, float* out,
+               int64_t N, int64_t n_begin, int64_t n_end, float* row_scratch);
 
 // ---- LLM.int8() (csrc/kernels/cpu/int8.cpp) --------------------------------------------------
 // Columns [c_begin, c_end) of a [rows, K]: mask[c] = 1 if any |a[r, c]| >= threshold.

@@ -84,8 +84,9 @@ void quantize_impl(const T* a, int64_t n, int64_t bs, const Codebook16& cb, uint
 
 // ---- dequantize --------------------------------------------------------------------------------
 
-template <typename T>
-void decode_range(const uint8_t* packed, const float* absmax, const float* code, int64_t bs,
+// Scales: const float* (fp32 absmax) or BlockAbsmax (read once per block segment).
+template <typename T, typename Scales>
+void decode_range(const uint8_t* packed, const Scales& absmax, const float* code, int64_t bs,
                   int64_t e0, int64_t e1, T* dst) {
   const simd::Lut16 lut(code);
   int64_t e = e0;
@@ -159,16 +160,19 @@ void dequantize_4bit(const uint8_t* packed, const float* absmax, const float* co
   });
 }
 
-void gemm_4bit(const float* a, int64_t M, int64_t K, const uint8_t* packed, const float* absmax,
-               const float* code16, int64_t blocksize, float* out, int64_t N, int64_t n_begin,
-               int64_t n_end, float* row_scratch) {
+void gemm_4bit(const float* a, int64_t M, int64_t K, const uint8_t* packed,
+               const BlockAbsmax& scales, const float* code16, int64_t blocksize, float* out,
+               int64_t N, int64_t n_begin, int64_t n_end, float* row_scratch) {
   if (M == 1 && gemv_fast_path_ok(K, blocksize)) {
-    gemv_4bit_avx2(a, K, packed, absmax, code16, blocksize, out, n_begin, n_end, row_scratch);
+    gemv_4bit_avx2(a, K, packed, scales, code16, blocksize, out, n_begin, n_end, row_scratch);
     return;
   }
   // General shapes: decode each weight row once, then one dot product per activation row.
   for (int64_t j = n_begin; j < n_end; ++j) {
-    decode_range(packed, absmax, code16, blocksize, j * K, (j + 1) * K, row_scratch);
+    if (scales.nested())
+      decode_range(packed, scales, code16, blocksize, j * K, (j + 1) * K, row_scratch);
+    else
+      decode_range(packed, scales.absmax, code16, blocksize, j * K, (j + 1) * K, row_scratch);
     for (int64_t m = 0; m < M; ++m) out[m * N + j] = dot(a + m * K, row_scratch, K);
   }
 }

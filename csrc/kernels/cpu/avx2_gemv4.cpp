@@ -12,7 +12,8 @@
 //     xp[64c + 32P + 8q + p] = x[64c + 2 * (16 * (p / 4) + 4q + p % 4) + P]
 // (P = 0: high-nibble plane, P = 1: low-nibble plane). Per 64 weights: 3 ops to split nibbles,
 // 24 shuffles and 8 FMAs, with no gathers and no table in memory.
-// Each block's partial sum is scaled once by its absmax (the sums reassociate vs. generic); lanes
+// Each block's partial sum is scaled once by its absmax (the sums reassociate vs. generic; a double
+// quantized absmax is decoded once per block, see lowbit/blockscale.h); lanes
 // 0..3 of every vector come from bytes 0..15 (elements 0..31), which for blocksize 32 is one
 // block and lanes 4..7 the next.
 #include "fourbit_avx2.h"
@@ -78,22 +79,25 @@ void permute_activations(const float* x, int64_t K, float* xp) {
           xp[c + 32 * P + 8 * q + p] = x[c + 2 * (16 * (p / 4) + 4 * q + p % 4) + P];
 }
 
-void gemv_4bit_avx2(const float* x, int64_t K, const uint8_t* packed, const float* absmax,
-                    const float* code16, int64_t bs, float* out, int64_t n_begin, int64_t n_end,
-                    float* xp) {
-  permute_activations(x, K, xp);
-  const ByteTables lut(code16);
+namespace {
+
+// Rows [n_begin, n_end) against the permuted activations. Scales: const float* (fp32 absmax) or
+// BlockAbsmax (double quantized: one scale decoded per block, never per element).
+template <typename Scales>
+void gemv_rows(const float* xp, int64_t K, const uint8_t* packed, const Scales& absmax,
+               const ByteTables& lut, int64_t bs, float* out, int64_t n_begin, int64_t n_end) {
   for (int64_t j = n_begin; j < n_end; ++j) {
     const uint8_t* wrow = packed + j * K / 2;  // K even: rows start on a byte
     __m256 total = _mm256_setzero_ps();
     if (bs == 32) {
       // Dwords 0..3 (elements 0..31) are one block, dwords 4..7 the next.
-      const float* sc = absmax + j * K / 32;
+      const int64_t b0 = j * K / 32;
       for (int64_t c = 0; c < K / 64; ++c) {
         __m256 acc[8];
         for (auto& v : acc) v = _mm256_setzero_ps();
         chunk_fma(lut, wrow + 32 * c, xp + 64 * c, acc);
-        const __m256 scale = _mm256_set_m128(_mm_set1_ps(sc[2 * c + 1]), _mm_set1_ps(sc[2 * c]));
+        const __m256 scale =
+            _mm256_set_m128(_mm_set1_ps(absmax[b0 + 2 * c + 1]), _mm_set1_ps(absmax[b0 + 2 * c]));
         total = _mm256_fmadd_ps(sum8(acc), scale, total);
       }
     } else {
@@ -113,6 +117,19 @@ void gemv_4bit_avx2(const float* x, int64_t K, const uint8_t* packed, const floa
     }
     out[j] = simd::hsum(total);
   }
+}
+
+}  // namespace
+
+void gemv_4bit_avx2(const float* x, int64_t K, const uint8_t* packed, const BlockAbsmax& scales,
+                    const float* code16, int64_t bs, float* out, int64_t n_begin, int64_t n_end,
+                    float* xp) {
+  permute_activations(x, K, xp);
+  const ByteTables lut(code16);
+  if (scales.nested())
+    gemv_rows(xp, K, packed, scales, lut, bs, out, n_begin, n_end);
+  else
+    gemv_rows(xp, K, packed, scales.absmax, lut, bs, out, n_begin, n_end);
 }
 
 }  // namespace lowbit::cpu::avx2

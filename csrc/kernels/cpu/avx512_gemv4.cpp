@@ -6,10 +6,12 @@
 // elements 8i + f(s) of dword i, i = 0..15, with f as in avx2_gemv4.cpp; activations are
 // permuted once per call: xp[128c + 16s + i] = x[128c + 8i + f(s)].
 // Block scales: a chunk lies in one block when bs >= 128; for bs = 32 or 64 the scale of each
-// lane (dword i covers elements 8i..8i+7 of the chunk) is gathered per chunk.
+// lane (dword i covers elements 8i..8i+7 of the chunk) is gathered per chunk; a double quantized
+// absmax is decoded once per block (lowbit/blockscale.h) into a small array and gathered from it.
 #include <immintrin.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "fourbit_avx2.h"
 #include "kernels.h"
@@ -43,10 +45,12 @@ inline void chunk_fma(__m512 lut, const uint8_t* w8, const float* xp, __m512& ac
 #undef LOWBIT_SHIFT_STEP
 }
 
-void gemv(const float* x, int64_t K, const uint8_t* packed, const float* absmax,
-          const float* code16, int64_t bs, float* out, int64_t n_begin, int64_t n_end, float* xp) {
-  permute_activations128(x, K, xp);
-  const __m512 lut = _mm512_loadu_ps(code16);
+// Scales: const float* (fp32 absmax, gathered per lane for bs < 128) or BlockAbsmax (double
+// quantized: the chunk's 128 / bs scales are decoded once each, then gathered from the stack).
+template <typename Scales>
+void gemv_rows(const float* xp, int64_t K, const uint8_t* packed, const Scales& absmax, __m512 lut,
+               int64_t bs, float* out, int64_t n_begin, int64_t n_end) {
+  constexpr bool kNested = std::is_same_v<Scales, BlockAbsmax>;
   // Block of dword i relative to the chunk's first block, for bs < 128: (8i) / bs.
   const __m512i lane_block = _mm512_srlv_epi32(
       _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
@@ -59,8 +63,15 @@ void gemv(const float* x, int64_t K, const uint8_t* packed, const float* absmax,
       for (int64_t c = 0; c < K / 128; ++c) {
         __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
         chunk_fma(lut, wrow + 64 * c, xp + 128 * c, acc0, acc1);
-        const float* sc = absmax + (j * K + 128 * c) / bs;
-        const __m512 scale = _mm512_i32gather_ps(lane_block, sc, 4);
+        const int64_t b0 = (j * K + 128 * c) / bs;
+        __m512 scale;
+        if constexpr (kNested) {
+          float sc[4];  // bs is 32 or 64: four or two blocks per chunk
+          for (int64_t t = 0; t < 128 / bs; ++t) sc[t] = absmax[b0 + t];
+          scale = _mm512_i32gather_ps(lane_block, sc, 4);
+        } else {
+          scale = _mm512_i32gather_ps(lane_block, absmax + b0, 4);
+        }
         total = _mm512_fmadd_ps(_mm512_add_ps(acc0, acc1), scale, total);
       }
     } else {
@@ -80,18 +91,28 @@ void gemv(const float* x, int64_t K, const uint8_t* packed, const float* absmax,
   }
 }
 
+void gemv(const float* x, int64_t K, const uint8_t* packed, const BlockAbsmax& scales,
+          const float* code16, int64_t bs, float* out, int64_t n_begin, int64_t n_end, float* xp) {
+  permute_activations128(x, K, xp);
+  const __m512 lut = _mm512_loadu_ps(code16);
+  if (scales.nested())
+    gemv_rows(xp, K, packed, scales, lut, bs, out, n_begin, n_end);
+  else
+    gemv_rows(xp, K, packed, scales.absmax, lut, bs, out, n_begin, n_end);
+}
+
 }  // namespace
 
-void gemm_4bit(const float* a, int64_t M, int64_t K, const uint8_t* packed, const float* absmax,
-               const float* code16, int64_t blocksize, float* out, int64_t N, int64_t n_begin,
-               int64_t n_end, float* row_scratch) {
+void gemm_4bit(const float* a, int64_t M, int64_t K, const uint8_t* packed,
+               const BlockAbsmax& scales, const float* code16, int64_t blocksize, float* out,
+               int64_t N, int64_t n_begin, int64_t n_end, float* row_scratch) {
   // bs >= 32 is a power of two, so with K % 128 == 0 every chunk covers whole blocks or lies
   // inside one.
   if (M == 1 && K % 128 == 0 && avx2::gemv_fast_path_ok(K, blocksize)) {
-    gemv(a, K, packed, absmax, code16, blocksize, out, n_begin, n_end, row_scratch);
+    gemv(a, K, packed, scales, code16, blocksize, out, n_begin, n_end, row_scratch);
     return;
   }
-  avx2::gemm_4bit(a, M, K, packed, absmax, code16, blocksize, out, N, n_begin, n_end, row_scratch);
+  avx2::gemm_4bit(a, M, K, packed, scales, code16, blocksize, out, N, n_begin, n_end, row_scratch);
 }
 
 }  // namespace lowbit::cpu::avx512

@@ -56,10 +56,10 @@ void dequantize_4bit(const uint8_t* packed, const float* absmax, const float* co
                   block_end)
 }
 
-void gemm_4bit(const float* a, int64_t M, int64_t K, const uint8_t* packed, const float* absmax,
-               const float* code16, int64_t blocksize, float* out, int64_t N, int64_t n_begin,
-               int64_t n_end, float* row_scratch) {
-  LOWBIT_DISPATCH_512(gemm_4bit, a, M, K, packed, absmax, code16, blocksize, out, N, n_begin, n_end,
+void gemm_4bit(const float* a, int64_t M, int64_t K, const uint8_t* packed,
+               const BlockAbsmax& scales, const float* code16, int64_t blocksize, float* out,
+               int64_t N, int64_t n_begin, int64_t n_end, float* row_scratch) {
+  LOWBIT_DISPATCH_512(gemm_4bit, a, M, K, packed, scales, code16, blocksize, out, N, n_begin, n_end,
                       row_scratch)
 }
 

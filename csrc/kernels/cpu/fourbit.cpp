@@ -17,9 +17,10 @@ inline int nibble(const uint8_t* packed, int64_t e) {
 }
 
 // dst[e - e0] = code[nibble(e)] * absmax[e / bs] for e in [e0, e1): walked one block segment at a
-// time so the scale is loaded once per segment and the inner loops have no division.
-template <typename T>
-void decode_range(const uint8_t* packed, const float* absmax, const float* code, int64_t bs,
+// time so the scale is loaded (or, double quantized, decoded) once per segment and the inner loops
+// have no division. Scales: const float* (fp32 absmax) or BlockAbsmax.
+template <typename T, typename Scales>
+void decode_range(const uint8_t* packed, const Scales& absmax, const float* code, int64_t bs,
                   int64_t e0, int64_t e1, T* dst) {
   int64_t e = e0;
   while (e < e1) {
@@ -93,11 +94,14 @@ void dequantize_4bit(const uint8_t* packed, const float* absmax, const float* co
   });
 }
 
-void gemm_4bit(const float* a, int64_t M, int64_t K, const uint8_t* packed, const float* absmax,
-               const float* code16, int64_t blocksize, float* out, int64_t N, int64_t n_begin,
-               int64_t n_end, float* row_scratch) {
+void gemm_4bit(const float* a, int64_t M, int64_t K, const uint8_t* packed,
+               const BlockAbsmax& scales, const float* code16, int64_t blocksize, float* out,
+               int64_t N, int64_t n_begin, int64_t n_end, float* row_scratch) {
   for (int64_t j = n_begin; j < n_end; ++j) {
-    decode_range(packed, absmax, code16, blocksize, j * K, (j + 1) * K, row_scratch);
+    if (scales.nested())
+      decode_range(packed, scales, code16, blocksize, j * K, (j + 1) * K, row_scratch);
+    else
+      decode_range(packed, scales.absmax, code16, blocksize, j * K, (j + 1) * K, row_scratch);
     for (int64_t m = 0; m < M; ++m) {
       const float* x = a + m * K;
       // Eight partial sums: lets the compiler vectorise without reassociating a single sum.

@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "avx2_util.h"
+#include "lowbit/blockscale.h"
 
 namespace lowbit::cpu::avx2 {
 
@@ -29,8 +30,9 @@ inline bool gemv_fast_path_ok(int64_t K, int64_t blocksize) {
   return K % 64 == 0 && blocksize >= 32 && (blocksize & (blocksize - 1)) == 0;
 }
 
-// out[j] = sum_k x[k] * W[j, k] for j in [n_begin, n_end); x_scratch holds K floats.
-void gemv_4bit_avx2(const float* x, int64_t K, const uint8_t* packed, const float* absmax,
+// out[j] = sum_k x[k] * W[j, k] for j in [n_begin, n_end); x_scratch holds K floats. The block
+// scales (fp32 or double quantized) are read once per block.
+void gemv_4bit_avx2(const float* x, int64_t K, const uint8_t* packed, const BlockAbsmax& scales,
                     const float* code16, int64_t blocksize, float* out, int64_t n_begin,
                     int64_t n_end, float* x_scratch);
 

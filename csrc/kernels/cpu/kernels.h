@@ -20,9 +20,9 @@
   void dequantize_4bit(const uint8_t* packed, const float* absmax, const float* code16, int64_t n, \
                        int64_t blocksize, FloatType t, void* out, int64_t block_begin,             \
                        int64_t block_end);                                                         \
-  void gemm_4bit(const float* a, int64_t M, int64_t K, const uint8_t* packed, const float* absmax, \
-                 const float* code16, int64_t blocksize, float* out, int64_t N, int64_t n_begin,   \
-                 int64_t n_end, float* row_scratch);                                               \
+  void gemm_4bit(const float* a, int64_t M, int64_t K, const uint8_t* packed,                      \
+                 const BlockAbsmax& scales, const float* code16, int64_t blocksize, float* out,    \
+                 int64_t N, int64_t n_begin, int64_t n_end, float* row_scratch);                   \
   void int8_outlier_columns(FloatType t, const void* a, int64_t rows, int64_t K, float threshold,  \
                             uint8_t* mask, int64_t c_begin, int64_t c_end);                        \
   void int8_vectorwise_quant(FloatType t, const void* a, int64_t rows, int64_t K, float threshold, \
@@ -48,9 +48,9 @@ LOWBIT_CPU_KERNEL_DECLS
 }  // namespace avx2
 
 namespace avx512 {
-void gemm_4bit(const float* a, int64_t M, int64_t K, const uint8_t* packed, const float* absmax,
-               const float* code16, int64_t blocksize, float* out, int64_t N, int64_t n_begin,
-               int64_t n_end, float* row_scratch);
+void gemm_4bit(const float* a, int64_t M, int64_t K, const uint8_t* packed,
+               const BlockAbsmax& scales, const float* code16, int64_t blocksize, float* out,
+               int64_t N, int64_t n_begin, int64_t n_end, float* row_scratch);
 void int8_gemm(const int8_t* A, const int8_t* B, int32_t* C, int64_t M, int64_t N, int64_t K,
                int64_t n_begin, int64_t n_end);
 }  // namespace avx512

@@ -172,14 +172,23 @@ class Linear4bit(nn.Linear):
         cdtype = self.compute_dtype or inp_dtype
         x = x.to(cdtype)
         bias = None if self.bias is None else self.bias.to(cdtype)
-        absmax = F.decode_absmax(qs)
-        if x.numel() == x.shape[-1]:  # one token: the fused GEMV never materialises the weight
-            out = _ops.gemv_4bit(x, w.data, list(qs.shape), absmax, qs.code, qs.blocksize)
+        if x.numel() == x.shape[-1]:
+            # One token: the fused GEMV never materialises the weight, and decodes a double
+            # quantized absmax block by block inside the kernel.
+            out = _ops.gemv_4bit(
+                x,
+                w.data,
+                list(qs.shape),
+                qs.absmax,
+                qs.code,
+                qs.blocksize,
+                *F.nested_absmax_args(qs),
+            )
             if bias is not None:
                 out = out + bias
         else:
             W = _ops.dequantize_4bit(
-                w.data, absmax, qs.blocksize, qs.quant_type, list(qs.shape), cdtype
+                w.data, F.decode_absmax(qs), qs.blocksize, qs.quant_type, list(qs.shape), cdtype
             )
             out = torch_F.linear(x, W, bias)
         return out.to(inp_dtype)
