@@ -46,18 +46,18 @@ def empty_like_layer(module: nn.Module, device="meta") -> nn.Module:
     )
 
 
-def tiny_llama(tie=True, seed=0):
+def tiny_llama(tie=True, seed=0, vocab_size=128):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=128,
+        vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=64,
+        max_position_embeddings=128,
         tie_word_embeddings=tie,
     )
     return LlamaForCausalLM(cfg).eval()

@@ -12,6 +12,8 @@ import types
 import pytest
 import torch
 
+import _helpers_nn
+
 pytest.importorskip("transformers", reason="the CLI's model commands need transformers")
 
 from transformers import (  # noqa: E402
@@ -19,8 +21,6 @@ from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     BertConfig,
     BertModel,
-    LlamaConfig,
-    LlamaForCausalLM,
 )
 
 import lowbit  # noqa: E402
@@ -44,18 +44,8 @@ def run_module(*argv):
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=128,
-    )
     path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(path)
+    _helpers_nn.tiny_llama(tie=False, vocab_size=256).save_pretrained(path)
     return path
 
 

@@ -11,6 +11,8 @@ import sys
 import pytest
 import torch
 
+import _helpers_nn
+
 pytest.importorskip("transformers", reason="the plug-in needs transformers")
 
 from safetensors.torch import load_file  # noqa: E402
@@ -35,18 +37,8 @@ LINEARS_PER_LAYER = 7  # q, k, v, o, gate, up, down
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=128,
-    )
     path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(path)
+    _helpers_nn.tiny_llama(tie=False, vocab_size=256).save_pretrained(path)
     return path
 
 
