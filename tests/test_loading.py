@@ -91,6 +91,8 @@ def test_quantize_model_keeps_bias_and_handles_gpt2_conv1d():
         (["q_proj"], {"q_proj"}),
         (["layers.0"], None),  # all of layer 0, none of layer 1
         (["q"], set()),  # whole components only: "q" is not "q_proj"
+        ([r"model.layers.\d+.mlp"], {"gate_proj", "up_proj", "down_proj"}),  # Transformers v5 regex
+        (["model.layers.1.*"], None),  # regex: all of layer 1
     ],
 )
 def test_skip_modules_match_name_components(skip, kept):
@@ -98,10 +100,18 @@ def test_skip_modules_match_name_components(skip, kept):
     lowbit.quantize_model(model, LowbitConfig(load_in_4bit=True, llm_int8_skip_modules=skip))
     plain = set(_plain_linear_names(model)) - {"lm_head"}
     if kept is None:
-        assert plain and all(n.startswith("model.layers.0.") for n in plain)
-        assert not any(n.startswith("model.layers.1.") for n in plain)
+        layer = next(c for c in skip[0] if c.isdigit())  # the skipped layer's index
+        assert plain and all(n.startswith(f"model.layers.{layer}.") for n in plain)
+        assert not any(n.startswith(f"model.layers.{1 - int(layer)}.") for n in plain)
     else:
         assert {n.rsplit(".", 1)[1] for n in plain} == kept
+
+
+def test_invalid_skip_regex_is_a_clear_error():
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        lowbit.quantize_model(
+            tiny_llama(), LowbitConfig(load_in_4bit=True, llm_int8_skip_modules=["model.layers.[0"])
+        )
 
 
 def test_skip_modules_argument_and_untied_lm_head():

@@ -9,6 +9,7 @@ match "q_proj".
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import torch
@@ -37,9 +38,29 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
+_REGEX_CHARS = frozenset("*+?[](){}|^$\\")
+
+
 def name_matches(name: str, patterns: Iterable[str]) -> bool:
+    """Whether a module name is covered by a skip pattern: a pattern equal to whole dotted name
+    components ("mlp", "layers.0", "q_proj"; "q" is not "q_proj"), or, when it contains regex
+    characters, a regular expression matched from the start up to a component boundary, as
+    Transformers v5 does ("model.layers.[0-3].mlp", "model.layers.*.self_attn")."""
     dotted = f".{name}."
-    return any(p and f".{p.strip('.')}." in dotted for p in patterns)
+    for p in patterns:
+        if not p:
+            continue
+        if f".{p.strip('.')}." in dotted:
+            return True
+        if _REGEX_CHARS.intersection(p):
+            try:
+                if re.match(f"(?:{p})(?:\\.|$)", name):
+                    return True
+            except re.error as e:
+                raise ValueError(
+                    f"skip pattern {p!r} is not a valid regular expression: {e}"
+                ) from None
+    return False
 
 
 def _tied_module_names(model: nn.Module) -> set[str]:
