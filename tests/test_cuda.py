@@ -122,6 +122,25 @@ def test_dequantize_blockwise(dtype, blocksize):
     assert_bits_equal(dst, out.view(-1, 3))
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+def test_dequantize_nan_bits(dtype):
+    """NaN outputs carry the CPU kernels' bits. GPU arithmetic returns one canonical NaN
+    (0x7fffffff) whatever the operands; the CPU propagates the NaN operand (a NaN absmax, either
+    sign) and gives its default NaN for 0 * Inf. Blocks: NaN, -NaN, Inf (with one zero code), 1."""
+    absmax = torch.tensor([float("nan"), -float("nan"), float("inf"), 1.0])
+    code = signed_code()
+    q8 = torch.randint(0, 256, (256,), dtype=torch.uint8)
+    q8[128] = int((code == 0).nonzero()[0, 0])  # code 0 * absmax Inf
+    out = ops.dequantize_blockwise(q8, absmax, code, 64, dtype)
+    outc = ops.dequantize_blockwise(q8.cuda(), absmax.cuda(), code.cuda(), 64, dtype)
+    assert_bits_equal(outc, out)
+    packed = torch.randint(0, 256, (128, 1), dtype=torch.uint8)
+    packed[64] = 0x77  # elements 128 and 129: NF4 nibble 7 is 0.0, times absmax Inf
+    out4 = ops.dequantize_4bit(packed, absmax, 64, "nf4", [256], dtype)
+    out4c = ops.dequantize_4bit(packed.cuda(), absmax.cuda(), 64, "nf4", [256], dtype)
+    assert_bits_equal(out4c, out4)
+
+
 # ---- 4-bit --------------------------------------------------------------------------------------
 
 
@@ -298,7 +317,10 @@ def test_int8_vectorwise_quant_special_rows(dtype, threshold):
 def test_int8_vectorwise_dequant():
     A = torch.randint(-127, 128, (37, 65), dtype=torch.int8)
     stats = torch.rand(37) * 10
-    stats[3] = float("nan")
+    stats[3] = float("nan")  # the CPU keeps this NaN's bits (the GPU's own NaN is 0x7fffffff)
+    stats[4] = -float("nan")
+    stats[5] = float("inf")
+    A[5, :3] = 0  # 0 * Inf: the CPU's default NaN
     assert_bits_equal(
         ops.int8_vectorwise_dequant(A.cuda(), stats.cuda()), ops.int8_vectorwise_dequant(A, stats)
     )
@@ -308,12 +330,15 @@ def test_int8_vectorwise_dequant():
 @pytest.mark.parametrize("K", [1, 15, 16, 64, 100, 4096])
 @pytest.mark.parametrize("N", [1, 70])
 def test_int8_linear_matmul(M, K, N):
-    A = torch.randint(-127, 128, (M, K), dtype=torch.int8)
-    B = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+    # The full int8 range: -128 (which the quantizer never produces) must multiply as a signed
+    # byte in every path (dp4a, the byte loops, the packed words of the tiled kernel).
+    A = torch.randint(-128, 128, (M, K), dtype=torch.int8)
+    B = torch.randint(-128, 128, (N, K), dtype=torch.int8)
+    A[0, 0], B[0, -1] = -128, -128
     expected = ops.int8_linear_matmul(A, B)
     assert_bits_equal(ops.int8_linear_matmul(A.cuda(), B.cuda()), expected)
     # misaligned views (offset by one byte) take the unvectorised loads
-    Ao = torch.randint(-127, 128, (M * K + 1,), dtype=torch.int8)
+    Ao = torch.randint(-128, 128, (M * K + 1,), dtype=torch.int8)
     Av = Ao[1:].view(M, K)
     assert_bits_equal(
         ops.int8_linear_matmul(Ao.cuda()[1:].view(M, K), B.cuda()), ops.int8_linear_matmul(Av, B)

@@ -76,7 +76,8 @@ __global__ void __launch_bounds__(kQuantWarps * 32)
   }
 }
 
-// Elementwise: out[i] = code[q[i]] * absmax[i >> bs_log2], the code staged in shared memory.
+// Elementwise: out[i] = code[q[i]] * absmax[i >> bs_log2], the code staged in shared memory. The
+// product goes through mul_cpu so that a NaN block (absmax NaN) gives the CPU's NaN bits.
 template <typename T>
 __global__ void __launch_bounds__(kDequantThreads)
     dequantize_blockwise_kernel(const uint8_t* __restrict__ q, const float* __restrict__ absmax,
@@ -87,7 +88,7 @@ __global__ void __launch_bounds__(kDequantThreads)
   __syncthreads();
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
-    store_f(out, i, c[q[i]] * absmax[i >> bs_log2]);
+    store_f(out, i, mul_cpu(c[q[i]], absmax[i >> bs_log2]));
 }
 
 }  // namespace

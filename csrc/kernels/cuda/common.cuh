@@ -57,6 +57,42 @@ inline unsigned grid_for(int64_t work_items, int64_t items_per_block,
   return unsigned(g);
 }
 
+// ---- NaN bits as the CPU kernels produce them ------------------------------------------------
+// GPU fp32 arithmetic returns the one canonical NaN 0x7fffffff whatever the operands, while the
+// CPU kernels' multiplies and adds (x86 SSE/AVX, aarch64 with FPCR.DN = 0) return the NaN operand,
+// quieted, and the host's default NaN for an invalid operation (0 * Inf, Inf - Inf): 0xffc00000 on
+// x86 (the "real indefinite"), 0x7fc00000 on aarch64. So a block or row whose stored absmax is NaN
+// (0x7fc00000, blockscale.h) dequantized to 0x7fffffff on the GPU and 0x7fc00000 on the CPU (0x7fff
+// vs 0x7fc0 in bf16). Every product or sum of an elementwise kernel that must match the CPU bit for
+// bit goes through mul_cpu / add_cpu: the explicitly rounded operation (never contracted into an
+// FMA), with a NaN result replaced by the CPU's. When both operands are NaN the CPU's choice
+// depends on the operand order the host compiler picked (the operations are commutative); the
+// first one is taken here.
+#if defined(__aarch64__)
+constexpr uint32_t kCpuDefaultNaN = 0x7fc00000u;
+#else
+constexpr uint32_t kCpuDefaultNaN = 0xffc00000u;
+#endif
+
+__device__ __forceinline__ bool is_nan_bits(uint32_t u) { return (u & 0x7fffffffu) > 0x7f800000u; }
+
+__device__ __forceinline__ float cpu_nan(float a, float b) {
+  const uint32_t ua = float_bits(a), ub = float_bits(b);
+  if (is_nan_bits(ua)) return bits_float(ua | 0x00400000u);
+  if (is_nan_bits(ub)) return bits_float(ub | 0x00400000u);
+  return bits_float(kCpuDefaultNaN);
+}
+
+__device__ __forceinline__ float mul_cpu(float a, float b) {
+  const float r = __fmul_rn(a, b);
+  return r == r ? r : cpu_nan(a, b);
+}
+
+__device__ __forceinline__ float add_cpu(float a, float b) {
+  const float r = __fadd_rn(a, b);
+  return r == r ? r : cpu_nan(a, b);
+}
+
 constexpr unsigned kFullMask = 0xffffffffu;
 
 __device__ __forceinline__ float warp_max(float v) {

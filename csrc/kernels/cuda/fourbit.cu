@@ -67,7 +67,8 @@ __global__ void __launch_bounds__(kQuantWarps * 32)
 // ---- dequantize ---------------------------------------------------------------------------------
 
 // Thread per packed byte j: elements 2j (high nibble) and 2j+1 (low nibble, if < n), both in
-// block (2j) >> bs_log2 because blocks are even. Each value is code * absmax rounded once to T.
+// block (2j) >> bs_log2 because blocks are even. Each value is code * absmax rounded once to T
+// (mul_cpu: a NaN block gives the CPU's NaN bits, common.cuh).
 template <typename T>
 __global__ void __launch_bounds__(kDequantThreads)
     dequantize_4bit_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ absmax,
@@ -82,8 +83,8 @@ __global__ void __launch_bounds__(kDequantThreads)
     const int64_t e = 2 * j;
     const uint8_t byte = packed[j];
     const float s = absmax[e >> bs_log2];
-    store_f(out, e, c[byte >> 4] * s);
-    if (e + 1 < n) store_f(out, e + 1, c[byte & 0xF] * s);
+    store_f(out, e, mul_cpu(c[byte >> 4], s));
+    if (e + 1 < n) store_f(out, e + 1, mul_cpu(c[byte & 0xF], s));
   }
 }
 
@@ -180,7 +181,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
       for (int64_t k = lane; k < K; k += 32) {
         const int64_t e = row0 + k;
         const int nib = (packed[e >> 1] >> ((~e & 1) << 2)) & 0xF;
-        const float w = c[nib] * absmax[e >> bs_log2];
+        // Rounded on its own (never fused into the FMA below): the CPU's decoded weight.
+        const float w = __fmul_rn(c[nib], absmax[e >> bs_log2]);
 #pragma unroll
         for (int t = 0; t < kGemmRows; ++t)
           if (t < mr) acc[t] += load_f(a0, t * K + k) * w;

@@ -3,7 +3,8 @@
 //
 // Semantics of csrc/kernels/cpu/int8.cpp, bit for bit: integer sums are exact in any order, and
 // every float expression below is evaluated in the CPU kernel's order with explicitly rounded
-// intrinsics (__fmul_rn / __fadd_rn), so nvcc cannot contract a multiply and an add into an FMA
+// operations (__fmul_rn / __fadd_rn, or mul_cpu / add_cpu where a NaN can come out: those also
+// give the CPU's NaN bits, common.cuh), so nvcc cannot contract a multiply and an add into an FMA
 // that the CPU build does not perform.
 #include "common.cuh"
 #include "lowbit/blockscale.h"
@@ -110,7 +111,7 @@ __global__ void __launch_bounds__(kThreads)
   constexpr float kInv127 = 1.0f / 127.0f;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride)
-    out[i] = __fmul_rn(__fmul_rn(float(q[i]), stats[i / K]), kInv127);
+    out[i] = mul_cpu(mul_cpu(float(q[i]), stats[i / K]), kInv127);  // a NaN row stays the CPU's NaN
 }
 
 // out[i] = (float(C[i]) * (row[r] * col[n])) * (1 / 16129) + bias[n], i = r * N + n.
@@ -123,8 +124,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
     const int64_t r = i / N, n = i - r * N;
-    float v = __fmul_rn(__fmul_rn(float(C[i]), __fmul_rn(row_stats[r], col_stats[n])), kInv127Sq);
-    if (bias != nullptr) v = __fadd_rn(v, to_float(bias[n]));
+    float v = mul_cpu(mul_cpu(float(C[i]), mul_cpu(row_stats[r], col_stats[n])), kInv127Sq);
+    if (bias != nullptr) v = add_cpu(v, to_float(bias[n]));
     store_f(out, i, v);
   }
 }
@@ -166,43 +167,46 @@ __global__ void __launch_bounds__(256)
   // Loader role: threads 0..127 load A, 128..255 load B; each one 16-byte half of one tile row.
   const int lrow = (tid & 127) >> 1, lhalf = tid & 1;
   const bool load_a = tid < 128;
-  const int64_t n0 = int64_t(blockIdx.x) * kTileN;
-  for (int64_t m0 = int64_t(blockIdx.y) * kTileM; m0 < M; m0 += int64_t(gridDim.y) * kTileM) {
-    int32_t acc[4][4] = {};
-    for (int64_t k0 = 0; k0 < K; k0 += kTileK) {
-      int32_t w[4];
-      if (load_a) {
-        load_chunk16(A, m0 + lrow, M, K, k0 + 16 * lhalf, vec, w);
+  // Both tile loops stride over the grid (gridDim.x is capped on the host, gridDim.y is at most
+  // 65535); their bounds are block-uniform, so the __syncthreads() below are never divergent.
+  for (int64_t n0 = int64_t(blockIdx.x) * kTileN; n0 < N; n0 += int64_t(gridDim.x) * kTileN) {
+    for (int64_t m0 = int64_t(blockIdx.y) * kTileM; m0 < M; m0 += int64_t(gridDim.y) * kTileM) {
+      int32_t acc[4][4] = {};
+      for (int64_t k0 = 0; k0 < K; k0 += kTileK) {
+        int32_t w[4];
+        if (load_a) {
+          load_chunk16(A, m0 + lrow, M, K, k0 + 16 * lhalf, vec, w);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) As[lrow][4 * lhalf + i] = w[i];
-      } else {
-        load_chunk16(B, n0 + lrow, N, K, k0 + 16 * lhalf, vec, w);
+          for (int i = 0; i < 4; ++i) As[lrow][4 * lhalf + i] = w[i];
+        } else {
+          load_chunk16(B, n0 + lrow, N, K, k0 + 16 * lhalf, vec, w);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) Bs[lrow][4 * lhalf + i] = w[i];
+          for (int i = 0; i < 4; ++i) Bs[lrow][4 * lhalf + i] = w[i];
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kw = 0; kw < kTileWords; ++kw) {
+          int32_t av[4], bv[4];
+#pragma unroll
+          for (int i = 0; i < 4; ++i) av[i] = As[ty + 16 * i][kw], bv[i] = Bs[tx + 16 * i][kw];
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) acc[i][j] = __dp4a(av[i], bv[j], acc[i][j]);
+        }
+        __syncthreads();
       }
-      __syncthreads();
+      // Thread (tx, ty) owns rows m0 + ty + 16i and columns n0 + tx + 16j: consecutive threads
+      // write consecutive columns.
 #pragma unroll
-      for (int kw = 0; kw < kTileWords; ++kw) {
-        int32_t av[4], bv[4];
+      for (int i = 0; i < 4; ++i) {
+        const int64_t m = m0 + ty + 16 * i;
+        if (m >= M) continue;
 #pragma unroll
-        for (int i = 0; i < 4; ++i) av[i] = As[ty + 16 * i][kw], bv[i] = Bs[tx + 16 * i][kw];
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-          for (int j = 0; j < 4; ++j) acc[i][j] = __dp4a(av[i], bv[j], acc[i][j]);
-      }
-      __syncthreads();
-    }
-    // Thread (tx, ty) owns rows m0 + ty + 16i and columns n0 + tx + 16j: consecutive threads
-    // write consecutive columns.
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int64_t m = m0 + ty + 16 * i;
-      if (m >= M) continue;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int64_t n = n0 + tx + 16 * j;
-        if (n < N) C[m * N + n] = acc[i][j];
+        for (int j = 0; j < 4; ++j) {
+          const int64_t n = n0 + tx + 16 * j;
+          if (n < N) C[m * N + n] = acc[i][j];
+        }
       }
     }
   }
@@ -306,9 +310,10 @@ cudaError_t int8_gemm(const int8_t* A, const int8_t* B, int32_t* C, int64_t M, i
     int8_gemm_skinny_kernel<<<grid_for(N, kSkinnyWarps), kSkinnyWarps * 32, 0, stream>>>(A, B, C, M,
                                                                                          N, K, vec);
   } else {
-    // gridDim.x covers N (up to 2^31 - 1 tiles); gridDim.y (<= 65535) strides over M's tiles.
+    // gridDim.x: N's tiles, capped (grid_for); gridDim.y (<= 65535): M's tiles. The kernel strides
+    // over whatever the grid does not cover.
     const int64_t mt = div_up(M, kTileM);
-    const dim3 grid(unsigned(div_up(N, kTileN)), unsigned(mt < 65535 ? mt : 65535));
+    const dim3 grid(grid_for(N, kTileN), unsigned(mt < 65535 ? mt : 65535));
     int8_gemm_tiled_kernel<<<grid, 256, 0, stream>>>(A, B, C, M, N, K, vec);
   }
   return cudaGetLastError();
