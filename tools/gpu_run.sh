@@ -24,6 +24,14 @@ JOBS=$(nproc 2>/dev/null || echo 4)
 status=0
 say() { echo "gpu_run: $*" | tee -a "$OUT/summary.txt"; }
 
+# nvcc is often installed but not on PATH (CMake's CUDA detection needs it): look where the
+# toolkit usually lives, as tools/cuda_compile_check.sh does.
+if ! command -v nvcc >/dev/null 2>&1 && [ -z "${CUDACXX:-}" ]; then
+  for d in /usr/local/cuda/bin /usr/local/cuda-*/bin; do
+    if [ -x "$d/nvcc" ]; then export PATH="$d:$PATH"; break; fi
+  done
+fi
+
 # ---- environment --------------------------------------------------------------------------------
 {
   date -u
