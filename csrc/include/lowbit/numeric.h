@@ -112,4 +112,21 @@ LOWBIT_HD bfloat16_t from_float<bfloat16_t>(float f) {
 // The float element types a kernel accepts; the ATen wrappers map torch dtypes onto these.
 enum class FloatType : int { f32 = 0, f16 = 1, bf16 = 2 };
 
+// Dispatch a FloatType once on the host; the functor receives a value of the element type and
+// runs a loop compiled (and vectorised) for it. Shared by the CPU and CUDA kernels.
+template <typename F>
+inline void dispatch_float(FloatType t, F&& f) {
+  switch (t) {
+    case FloatType::f32:
+      f(float{});
+      break;
+    case FloatType::f16:
+      f(half_t{});
+      break;
+    case FloatType::bf16:
+      f(bfloat16_t{});
+      break;
+  }
+}
+
 }  // namespace lowbit

@@ -1,4 +1,4 @@
-// Helpers shared by the CUDA kernels (torch-free): element-type dispatch, launch geometry, warp
+// Helpers shared by the CUDA kernels (torch-free): element access, launch geometry, warp
 // and block reductions.
 #pragma once
 
@@ -10,21 +10,7 @@
 
 namespace lowbit::cuda {
 
-// Dispatch a FloatType once on the host; the functor receives a value of the element type.
-template <typename F>
-inline void dispatch_float(FloatType t, F&& f) {
-  switch (t) {
-    case FloatType::f32:
-      f(float{});
-      break;
-    case FloatType::f16:
-      f(half_t{});
-      break;
-    case FloatType::bf16:
-      f(bfloat16_t{});
-      break;
-  }
-}
+using lowbit::dispatch_float;  // lowbit/numeric.h
 
 // Device loads/stores of one element as fp32. The conversions are numeric.h's (round to nearest
 // even, the same NaN bit patterns as the CPU kernels), not cuda_fp16's, so that even a NaN's bits
