@@ -45,6 +45,30 @@ def strided(t: torch.Tensor) -> torch.Tensor:
     return wide[..., ::2]
 
 
+def misaligned(t: torch.Tensor) -> torch.Tensor:
+    """The same values as t, contiguous, at a data pointer one element past a 16-byte boundary (a
+    storage offset): the vectorised kernels must notice and take their scalar paths."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    flat[1:] = t.reshape(-1)
+    out = flat[1:].view(t.shape)
+    assert out.is_contiguous() and out.data_ptr() % 16 != 0
+    return out
+
+
+def capture(fn):
+    """fn() captured into a CUDA graph after one warm-up call on a side stream (as torch.cuda.graph
+    advises); returns the graph and the outputs of the captured call, which each replay rewrites."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    return g, out
+
+
 def signed_code() -> torch.Tensor:
     """A sorted 256-entry code with 0 and 1 in it and uneven spacing, like the dynamic map."""
     v = torch.linspace(-1, 1, 255, dtype=torch.float64)
@@ -104,6 +128,45 @@ def test_quantize_blockwise_rejects_unsorted_code():
     code = signed_code().flip(0).cuda()
     with pytest.raises(ValueError, match="sorted"):
         ops.quantize_blockwise(torch.randn(64, device="cuda"), code, 64)
+
+
+def test_quantize_blockwise_in_cuda_graph():
+    """No host synchronisation while the stream is being captured (the eager code-order check reads
+    a bool back; it is skipped under capture), so the op records into a CUDA graph, and each replay
+    quantizes what the input then holds."""
+    A = torch.randn(4096 * 3 + 5, device="cuda")
+    code = signed_code().cuda()
+    g, (q, absmax) = capture(lambda: ops.quantize_blockwise(A, code, 256))
+    for _ in range(2):
+        A.copy_(torch.randn(A.shape, device="cuda"))
+        g.replay()
+        eq, em = ops.quantize_blockwise(A, code, 256)
+        assert_bits_equal(q, eq)
+        assert_bits_equal(absmax, em)
+
+
+def test_quantize_blockwise_unsorted_code_in_cuda_graph():
+    """Under capture the kernel checks the code's order itself: an unsorted code (at capture time, or
+    made unsorted before a replay) gives every block absmax NaN and the zero code, visibly bad
+    output rather than plausible wrong codes. Eager calls still raise (test above)."""
+    A = torch.randn(1000, device="cuda")
+    code = signed_code().cuda()
+    ops.quantize_blockwise(A, code, 64)  # the kernel is loaded before capturing
+    bad = code.flip(0).contiguous()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        q, absmax = ops.quantize_blockwise(A, bad, 64)
+    g.replay()
+    torch.cuda.synchronize()
+    assert absmax.isnan().all()
+    assert (q == q.view(-1)[0]).all()
+    g2, (q2, absmax2) = capture(lambda: ops.quantize_blockwise(A, code, 64))
+    g2.replay()
+    assert not absmax2.isnan().any()
+    code[10] = float("nan")  # NaN fails the order test too, as on the CPU
+    g2.replay()
+    torch.cuda.synchronize()
+    assert absmax2.isnan().all()
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
@@ -232,39 +295,137 @@ def test_gemv_4bit(quant_type, dtype, a_shape, N, K):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize(
-    "a_shape,N,K,nested_blocksize",
-    [
-        ((1, 4096), 256, 4096, 256),  # M = 1 fast path, 16384 blocks over 64 nested blocks
-        ((1, 100), 33, 100, 64),  # generic path, last nested block partial
-        ((3, 96), 40, 96, 128),  # M > 1
-    ],
-)
-def test_gemv_4bit_nested(dtype, a_shape, N, K, nested_blocksize):
-    # Double quantization: the CUDA op decodes the absmax (blockwise dequantize + offset) and
-    # gives the product on the decoded absmax bit for bit, and the CPU product within tolerance.
-    W = torch.randn(N, K)
-    packed, absmax = ops.quantize_4bit(W, 64, "nf4", torch.uint8)
+@pytest.mark.parametrize("which", ["A", "packed"])
+def test_gemv_4bit_misaligned(dtype, which):
+    """A storage offset on the activations or the packed weight breaks the M = 1 fast path's
+    16-byte loads: the generic kernel runs instead, with the same product within tolerance."""
+    N, K = 48, 256
+    packed, absmax = ops.quantize_4bit(torch.randn(N, K), 64, "nf4", torch.uint8)
     code = code16("nf4", "cpu")
+    A = torch.randn(1, K).to(dtype)
+    out = ops.gemv_4bit(A, packed, [N, K], absmax, code, 64)
+    Ac, pc = A.cuda(), packed.cuda()
+    if which == "A":
+        Ac = misaligned(Ac)
+    else:
+        pc = misaligned(pc)
+    outc = ops.gemv_4bit(Ac, pc, [N, K], absmax.cuda(), code.cuda(), 64)
+    rtol, atol = GEMV_TOL[dtype]
+    torch.testing.assert_close(outc.cpu().float(), out.float(), rtol=rtol, atol=atol * K**0.5)
+
+
+def nested_weight(N, K, blocksize, nested_blocksize, quant_type="nf4"):
+    """A double-quantized 4-bit weight on the CPU: (packed, absmax codes, (nested_absmax, nested
+    code, offset, nested_blocksize))."""
+    packed, absmax = ops.quantize_4bit(torch.randn(N, K), blocksize, quant_type, torch.uint8)
     code8 = signed_code()
     offset = absmax.mean()
     q, absmax2 = ops.quantize_blockwise(absmax - offset, code8, nested_blocksize)
-    nested = (absmax2, code8, float(offset), nested_blocksize)
+    return packed, q, (absmax2, code8, float(offset), nested_blocksize)
+
+
+def on_cuda(args):
+    return [t.cuda() if isinstance(t, torch.Tensor) else t for t in args]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(
+    "a_shape,N,K,blocksize,nested_blocksize",
+    [
+        ((1, 4096), 256, 4096, 64, 256),  # M = 1 fast path, 16384 blocks over 64 nested blocks
+        ((1, 4096), 96, 4096, 32, 64),  # fast path, one block per 16-byte vector
+        ((1, 1024), 40, 1024, 4096, 64),  # blocks span 4 rows; one partial nested block
+        ((1, 100), 33, 100, 64, 64),  # generic path, last nested block partial
+        ((1, 37), 9, 37, 32, 64),  # odd K: rows start mid-byte, blocks mid-row
+        ((3, 96), 40, 96, 128, 128),  # M > 1
+        ((2, 9, 64), 12, 64, 32, 64),  # M = 18 over three row tiles
+    ],
+)
+def test_gemv_4bit_nested(dtype, a_shape, N, K, blocksize, nested_blocksize):
+    # Double quantization: the kernel decodes each block's scale itself (blockscale.h), so the
+    # fused product equals, bit for bit, the product on the decoded fp32 absmax (blockwise
+    # dequantize + offset), and the CPU product within tolerance.
+    packed, q, nested = nested_weight(N, K, blocksize, nested_blocksize)
+    code = code16("nf4", "cpu")
     A = torch.randn(a_shape).to(dtype)
-    out = ops.gemv_4bit(A, packed, [N, K], q, code, 64, *nested)
-    cuda = [t.cuda() if isinstance(t, torch.Tensor) else t for t in nested]
-    outc = ops.gemv_4bit(A.cuda(), packed.cuda(), [N, K], q.cuda(), code.cuda(), 64, *cuda)
+    out = ops.gemv_4bit(A, packed, [N, K], q, code, blocksize, *nested)
+    Ac, pc, qc, cc = A.cuda(), packed.cuda(), q.cuda(), code.cuda()
+    nc = on_cuda(nested)
+    outc = ops.gemv_4bit(Ac, pc, [N, K], qc, cc, blocksize, *nc)
     assert outc.dtype == dtype and outc.shape == out.shape
     rtol, atol = GEMV_TOL[dtype]
     torch.testing.assert_close(outc.cpu().float(), out.float(), rtol=rtol, atol=atol * K**0.5)
-    decoded = (
-        ops.dequantize_blockwise(
-            q.cuda(), absmax2.cuda(), code8.cuda(), nested_blocksize, torch.float32
-        )
-        + offset.cuda()
+    absmax2, code8, offset, _ = nc
+    decoded = ops.dequantize_blockwise(qc, absmax2, code8, nested_blocksize, torch.float32) + offset
+    # the decoded scales equal the CPU's per-block decode (reference: blockwise dequantize + offset)
+    expected_scales = (
+        ops.dequantize_blockwise(q, nested[0], nested[1], nested_blocksize, torch.float32)
+        + nested[2]
     )
-    unfused = ops.gemv_4bit(A.cuda(), packed.cuda(), [N, K], decoded, code.cuda(), 64)
-    assert_bits_equal(outc, unfused)
+    assert_bits_equal(decoded, expected_scales)
+    assert_bits_equal(outc, ops.gemv_4bit(Ac, pc, [N, K], decoded, cc, blocksize))
+    # the scalar (generic) kernel when A is misaligned: fused == unfused there too
+    Am = misaligned(Ac)
+    assert_bits_equal(
+        ops.gemv_4bit(Am, pc, [N, K], qc, cc, blocksize, *nc),
+        ops.gemv_4bit(Am, pc, [N, K], decoded, cc, blocksize),
+    )
+
+
+def test_gemv_4bit_nested_is_one_kernel():
+    """NF4 with a double-quantized absmax at M = 1 is one launch: the scale decode is fused."""
+    from torch.profiler import ProfilerActivity, profile
+
+    packed, q, nested = nested_weight(256, 4096, 64, 256)
+    args = on_cuda(
+        [torch.randn(1, 4096), packed, [256, 4096], q, code16("nf4", "cpu"), 64, *nested]
+    )
+    ops.gemv_4bit(*args)  # load the kernel first
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        ops.gemv_4bit(*args)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if not kernels:
+        pytest.skip("the profiler recorded no CUDA activity here (CUPTI unavailable?)")
+    assert len(kernels) == 1 and "gemv_4bit_m1_kernel" in kernels[0], kernels
+
+
+@pytest.mark.parametrize("M", [1, 5])
+def test_gemv_4bit_nested_in_cuda_graph(M):
+    packed, q, nested = nested_weight(64, 256, 64, 64)
+    A = torch.randn(M, 256, device="cuda")
+    args = on_cuda([packed, [64, 256], q, code16("nf4", "cpu"), 64, *nested])
+    g, out = capture(lambda: ops.gemv_4bit(A, *args))
+    A.copy_(torch.randn(M, 256, device="cuda"))
+    g.replay()
+    assert_bits_equal(out, ops.gemv_4bit(A, *args))
+
+
+def test_compile_reduce_overhead():
+    """torch.compile(mode="reduce-overhead") records the 8-bit quantizer and the fused NF4 GEMV
+    (double quantized) into CUDA graphs: no skipped graph, the same bits as eager."""
+    pytest.importorskip("triton")
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    packed, q, nested = nested_weight(64, 256, 64, 256)
+    w = on_cuda([packed, [64, 256], q, code16("nf4", "cpu"), 64, *nested])
+    code8 = signed_code().cuda()
+
+    def f(a, x):
+        q8, m8 = ops.quantize_blockwise(x, code8, 256)
+        return q8, m8, ops.gemv_4bit(a, *w)
+
+    cf = torch.compile(f, mode="reduce-overhead", fullgraph=True)
+    for _ in range(4):  # warm-up, record, replays
+        a = torch.randn(1, 256, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(3000, device="cuda")
+        got = [t.clone() for t in cf(a, x)]
+        for g, e in zip(got, f(a, x)):
+            assert_bits_equal(g, e)
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
 
 
 # ---- LLM.int8() ---------------------------------------------------------------------------------
@@ -438,12 +599,20 @@ def test_second_device():
     """The device guard: inputs on cuda:1 while cuda:0 is current."""
     A = torch.randn(300, 65)
     packed, absmax = ops.quantize_4bit(A, 64, "fp4", torch.uint8)
+    wp, wq, wn = nested_weight(32, 256, 64, 64)
+    wargs = [wp, [32, 256], wq, code16("nf4", "cpu"), 64, *wn]
+    x = torch.randn(1, 256)
     with torch.cuda.device(0):
         pc, ac = ops.quantize_4bit(A.to("cuda:1"), 64, "fp4", torch.uint8)
         assert pc.device == torch.device("cuda:1")
         out = ops.dequantize_4bit(pc, ac, 64, "fp4", [300, 65], torch.float32)
+        y = ops.gemv_4bit(
+            x.to("cuda:1"), *[t.to("cuda:1") if torch.is_tensor(t) else t for t in wargs]
+        )
+        assert y.device == torch.device("cuda:1")
     assert_bits_equal(pc, packed)
     assert_bits_equal(out, ops.dequantize_4bit(packed, absmax, 64, "fp4", [300, 65], torch.float32))
+    torch.testing.assert_close(y.cpu(), ops.gemv_4bit(x, *wargs), rtol=1e-4, atol=1e-3)
 
 
 def test_mixed_devices_raise():

@@ -2,8 +2,10 @@
 // device the op's guard has made current, and raises at once on a launch error. Empty inputs
 // launch nothing. Compiled only when the installed torch has CUDA (LOWBIT_WITH_CUDA).
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "lowbit/blockscale.h"
 #include "lowbit/codebook.h"
 #include "lowbit/cuda_kernels.h"
 #include "ops/backend.h"
@@ -16,6 +18,13 @@ namespace {
 // The stream of the device the op's guard has made current.
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
+// log2 of a power of two (the op has checked it).
+int log2_pow2(int64_t x) {
+  int r = 0;
+  while ((int64_t(1) << r) < x) ++r;
+  return r;
+}
+
 cuda::Code16 code16_of(QuantType4 qt) {
   cuda::Code16 c;
   const float* v = code4_table(qt);
@@ -24,9 +33,22 @@ cuda::Code16 code16_of(QuantType4 qt) {
 }
 
 // The CPU backend checks the order while it builds the midpoints on the host. Here the code lives
-// on the device: one reduction and one device-to-host read of a bool (quantization runs at load
-// time, not in the forward pass); only when it fails is the code copied over to name the entry.
+// on the device: one reduction and one device-to-host read of a bool; only when it fails is the
+// code copied over to name the entry.
+//
+// That read synchronises, which a stream being captured into a CUDA graph does not allow (the
+// capture would fail, and with it torch.compile(mode="reduce-overhead")). So the check is skipped
+// while the current stream is capturing (cudaStreamIsCapturing is a host-side query that neither
+// synchronises nor breaks a capture). Bad input is still caught there: the kernel checks the order
+// itself and turns an unsorted code into NaN output (cuda_kernels.h), and since a captured graph
+// replays on whatever the code tensor then holds, an in-kernel check is the only one that could
+// see later contents anyway. The alternatives were worse: caching "checked" per data_ptr and
+// version counter misses writes through .data or raw pointers and inference tensors (no version
+// counter), and an exact kernel for unsorted codes would accept what the CPU backend rejects.
+// Eager calls (quantize_blockwise runs at load time, not in the forward pass) keep the exact
+// error.
 void check_sorted256(const char* op, const at::Tensor& c) {
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return;
   const bool sorted = (c.slice(0, 1) >= c.slice(0, 0, 255)).all().item<bool>();
   if (sorted) return;
   const at::Tensor h = c.to(at::kCPU);
@@ -73,30 +95,28 @@ class CudaBackend final : public Backend {
 
   // The kernel reads A in its own dtype, accumulates in fp32 and rounds once to A's dtype, which
   // is what the CPU backend's fp32 product followed by one conversion computes. A double
-  // quantized absmax is first decoded into a temporary fp32 [blocks] (the blockwise dequantize
-  // kernel, then + offset, both on the current stream): the same values as the CPU kernels'
-  // per-block decode, at the cost of one small extra pass (blocks = N*K/blocksize floats).
+  // quantized absmax is decoded per block inside the kernel (BlockAbsmax, the CPU kernels'
+  // expression): one launch, no temporary, and so nothing here that a CUDA graph capture or
+  // torch.compile's cudagraphs would have to keep alive.
   void gemv_4bit(const at::Tensor& a2, const at::Tensor& packed, const at::Tensor& absmax,
                  const at::Tensor& code, int64_t blocksize, const NestedAbsmax& nested,
                  at::Tensor& out) const override {
     const int64_t M = a2.size(0), K = a2.size(1), N = out.size(1);
     if (M <= 0 || N <= 0) return;
-    at::Tensor scales = absmax;
+    BlockAbsmax scales;
     if (nested.defined()) {
-      const int64_t blocks = absmax.numel();
-      scales = at::empty({blocks}, absmax.options().dtype(at::kFloat));
-      if (blocks > 0) {
-        C10_CUDA_CHECK(
-            cuda::dequantize_blockwise(absmax.data_ptr<uint8_t>(), nested.absmax.data_ptr<float>(),
-                                       nested.code.data_ptr<float>(), blocks, nested.blocksize,
-                                       FloatType::f32, scales.data_ptr(), current_stream()));
-        scales.add_(at::Scalar(static_cast<double>(nested.offset)));
-      }
+      scales.code_index = absmax.data_ptr<uint8_t>();
+      scales.nested_absmax = nested.absmax.data_ptr<float>();
+      scales.nested_code = nested.code.data_ptr<float>();
+      scales.nested_offset = nested.offset;
+      scales.nested_log2 = log2_pow2(nested.blocksize);
+    } else {
+      scales.absmax = absmax.data_ptr<float>();
     }
     C10_CUDA_CHECK(cuda::gemv_4bit(float_type(a2.scalar_type()), a2.data_ptr(), M, K,
-                                   static_cast<const uint8_t*>(packed.data_ptr()),
-                                   scales.data_ptr<float>(), code.data_ptr<float>(), blocksize,
-                                   out.data_ptr(), N, current_stream()));
+                                   static_cast<const uint8_t*>(packed.data_ptr()), scales,
+                                   code.data_ptr<float>(), blocksize, out.data_ptr(), N,
+                                   current_stream()));
   }
 
   void int8_outlier_columns(const at::Tensor& a2, float threshold,

@@ -20,6 +20,7 @@
 
 #include <cstdint>
 
+#include "lowbit/blockscale.h"
 #include "lowbit/codebook.h"
 #include "lowbit/numeric.h"
 
@@ -32,9 +33,14 @@ struct Code16 {
 
 // ---- 8-bit blockwise (csrc/kernels/cuda/blockwise.cu) -----------------------------------------
 // Blocks run over the flattened tensor of n elements; block b covers [b*bs, min(n, (b+1)*bs)).
-// code256: the sorted 256-entry code, in device memory (the wrapper has checked the order). Each
-// thread block derives the 255 midpoints and the code nearest 0 from it in shared memory, exactly
-// as the CPU wrapper does on the host. blocksize: a power of two in [64, 4096].
+// code256: the 256-entry code, in device memory, meant to be sorted ascending. Each thread block
+// derives the 255 midpoints and the code nearest 0 from it in shared memory, exactly as the CPU
+// wrapper does on the host. The kernel also checks the order (the CPU wrapper's test, c[i] <=
+// c[i+1], so NaN fails): with an unsorted code every block is treated as non-finite (absmax NaN,
+// every code the zero code), so the output dequantizes to NaN instead of to wrong values. The
+// ATen wrapper raises on an unsorted code before launching, except while the stream is being
+// captured into a CUDA graph, where its host check (a device-to-host read) is not allowed.
+// blocksize: a power of two in [64, 4096].
 cudaError_t quantize_blockwise(FloatType t, const void* a, int64_t n, int64_t blocksize,
                                const float* code256, uint8_t* q, float* absmax,
                                cudaStream_t stream);
@@ -56,8 +62,12 @@ cudaError_t dequantize_4bit(const uint8_t* packed, const float* absmax, const Co
 // out[m, j] = sum_k a[m, k] * W[j, k], a [M, K] and out [M, N] both of type t (contiguous), W
 // [N, K] 4-bit packed over its flattened index j*K + k with blocks of `blocksize` on that index.
 // code16: the 16-entry code in device memory. fp32 products and sums, rounded once to t.
+// scales: the per-block scales, all pointers in device memory: BlockAbsmax::plain(absmax) for an
+// fp32 absmax, or a double quantized one (code_index, nested_absmax, nested_code, nested_offset,
+// nested_log2), decoded inside the kernel once per block and per warp with blockscale.h's
+// expression, bit-identical to the CPU kernels' decode: no temporary, one launch.
 cudaError_t gemv_4bit(FloatType t, const void* a, int64_t M, int64_t K, const uint8_t* packed,
-                      const float* absmax, const float* code16, int64_t blocksize, void* out,
+                      const BlockAbsmax& scales, const float* code16, int64_t blocksize, void* out,
                       int64_t N, cudaStream_t stream);
 
 // ---- LLM.int8() (csrc/kernels/cuda/int8.cu) ---------------------------------------------------

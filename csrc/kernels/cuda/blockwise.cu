@@ -18,9 +18,18 @@ constexpr int kDequantThreads = 256;
 // The 255 midpoints of the sorted code and the index of the entry nearest 0, computed per thread
 // block from the device copy of the code. The arithmetic is the CPU wrapper's: bound[i] =
 // (c[i] + c[i+1]) / 2 in fp32, and the zero code is the FIRST index of the smallest |c[i]|.
+// Returns true (in every thread) when the code is NOT sorted ascending, i.e. some !(c[i] <=
+// c[i+1]), the CPU wrapper's rejection test (a NaN entry fails it too). The host wrapper skips its
+// own check while the stream is being captured into a CUDA graph (it would have to synchronise),
+// so this is what catches a bad code there; it costs 255 comparisons per thread block.
 // Must be called by every thread of the block (it synchronises).
-__device__ void load_code256(const float* code, float* bound, uint8_t* zero_code) {
-  for (int i = threadIdx.x; i < 255; i += blockDim.x) bound[i] = (code[i] + code[i + 1]) / 2.0f;
+__device__ bool load_code256(const float* code, float* bound, uint8_t* zero_code) {
+  bool unsorted = false;
+  for (int i = threadIdx.x; i < 255; i += blockDim.x) {
+    const float lo = code[i], hi = code[i + 1];
+    bound[i] = (lo + hi) / 2.0f;
+    unsorted = unsorted || !(lo <= hi);
+  }
   if (threadIdx.x < 32) {
     // Each lane scans 8 consecutive entries in order (strict < keeps the first minimum), then
     // the warp reduces (|c|, index) pairs lexicographically, which again keeps the first minimum.
@@ -39,7 +48,8 @@ __device__ void load_code256(const float* code, float* bound, uint8_t* zero_code
     }
     if (lane == 0) *zero_code = uint8_t(best);
   }
-  __syncthreads();
+  // A barrier (bound and zero_code are visible afterwards) that also ORs the flag over the block.
+  return __syncthreads_or(unsorted ? 1 : 0) != 0;
 }
 
 // Warp w of thread block g handles quantization blocks b = g * kQuantWarps + w, then strides by
@@ -52,7 +62,10 @@ __global__ void __launch_bounds__(kQuantWarps * 32)
                               float* __restrict__ absmax) {
   __shared__ float bound[255];
   __shared__ uint8_t zero_code_s;
-  load_code256(code, bound, &zero_code_s);
+  // An unsorted code makes every block "non-finite" (blockscale.h): absmax NaN, all codes the zero
+  // code, so the result dequantizes to NaN, visibly, instead of to codes from a meaningless
+  // bucket search (bucket256 stays in [0, 255] whatever the bounds, so it is memory-safe anyway).
+  const bool unsorted = load_code256(code, bound, &zero_code_s);
   const uint8_t zero_code = zero_code_s;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t bs = int64_t(1) << bs_log2;
@@ -64,7 +77,7 @@ __global__ void __launch_bounds__(kQuantWarps * 32)
     bool bad = false;
     for (int64_t i = start + lane; i < end; i += 32) absmax_fold(load_f(a, i), m, bad);
     m = warp_max(m);
-    bad = warp_any(bad);
+    bad = warp_any(bad) || unsorted;
     const BlockScale s = make_block_scale(m, bad);
     if (lane == 0) absmax[b] = s.absmax;
     if (s.mode == BlockMode::zero || s.mode == BlockMode::nonfinite) {

@@ -6,6 +6,8 @@
 //     nibble(e) = (packed[e >> 1] >> ((~e & 1) << 2)) & 0xF.
 // Quantization blocks are powers of two >= 32 over the same flattened index, so a block never
 // splits a byte and block b owns bytes [b*bs/2, (b*bs + len + 1)/2).
+#include <type_traits>
+
 #include "common.cuh"
 #include "lowbit/blockscale.h"
 #include "lowbit/codebook.h"
@@ -109,19 +111,41 @@ __device__ __forceinline__ void load8(const T16* p, float* x) {
   }
 }
 
+// The per-block scales of a gemv: Scales is `const float*` (a plain fp32 absmax) or BlockAbsmax (a
+// double quantized one, blockscale.h). BlockAbsmax::operator[] decodes block b as
+//     __fadd_rn(__fmul_rn(nested_code[q[b]], nested_absmax[b >> nested_log2]), nested_offset)
+// the CPU kernels' expression with the same two roundings (never one FMA), so the fused scale is
+// bit-identical to the CPU decode and to dequantize_blockwise(fp32) + offset. Each thread block
+// stages the 256-entry nested code in shared memory `smem` and points its copy of BlockAbsmax
+// there (the same values, one shared-memory gather per scale instead of a cached global one).
+// Called by every thread before the kernel's __syncthreads().
+template <typename Scales>
+constexpr bool kNestedScales = std::is_same_v<Scales, BlockAbsmax>;
+
+__device__ __forceinline__ const float* stage_scales(const float* absmax, float*) { return absmax; }
+__device__ __forceinline__ BlockAbsmax stage_scales(BlockAbsmax s, float* smem) {
+  for (int i = threadIdx.x; i < 256; i += blockDim.x) smem[i] = s.nested_code[i];
+  s.nested_code = smem;
+  s.absmax = nullptr;  // null already (that is what "nested" means); now the compiler knows it too
+  return s;
+}
+
 // M == 1 fast path, taken when K % 32 == 0 and both a and packed are 16-byte aligned. Warp per
 // output feature j. Row j's 4-bit data starts at byte j*K/2 (a multiple of 16), so lane l reads
 // 16-byte vectors v = l, l + 32, ...: vector v holds elements k0 = 32v .. 32v + 31 of the row, byte
 // i of the vector holding elements k0 + 2i (high nibble) and k0 + 2i + 1 (low nibble). Since the
 // flattened offset j*K + k0 is a multiple of 32 and blocks are powers of two >= 32, all 32
-// elements share one absmax, which is therefore factored out of the vector's partial sum.
-template <typename T>
+// elements share one scale, which is therefore read (or decoded) once per vector and factored out
+// of the vector's partial sum.
+template <typename T, typename Scales>
 __global__ void __launch_bounds__(kGemvWarps * 32)
     gemv_4bit_m1_kernel(const T* __restrict__ a, int64_t K, const uint8_t* __restrict__ packed,
-                        const float* __restrict__ absmax, const float* __restrict__ code16,
-                        int bs_log2, T* __restrict__ out, int64_t N) {
+                        const Scales scales, const float* __restrict__ code16, int bs_log2,
+                        T* __restrict__ out, int64_t N) {
   __shared__ float c[16];  // 16 distinct banks: lanes never conflict, equal indices broadcast
+  __shared__ float nested_code[kNestedScales<Scales> ? 256 : 1];
   if (threadIdx.x < 16) c[threadIdx.x] = code16[threadIdx.x];
+  const Scales sc = stage_scales(scales, nested_code);
   __syncthreads();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t nvec = K >> 5;
@@ -133,7 +157,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
     for (int64_t v = lane; v < nvec; v += 32) {
       const uint4 wv = __ldg(wrow + v);  // read-only path: the weight is streamed once
       const int64_t k0 = v << 5;
-      const float s = absmax[(row0 + k0) >> bs_log2];
+      const float s = sc[(row0 + k0) >> bs_log2];
       const uint32_t w[4] = {wv.x, wv.y, wv.z, wv.w};
       float part = 0.0f;
 #pragma unroll
@@ -156,16 +180,20 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 
 // Any M, K and alignment. Warp per output feature j (x grid-stride), kGemmRows activation rows
 // per pass (blockIdx.y tiles M). Lane l decodes W elements k = l, l + 32, ... of row j, each as
-// code[nibble(e)] * absmax[e >> bs_log2] with e = j*K + k: exactly the CPU's decoded value. Reads
-// of a are coalesced across lanes (consecutive k).
-template <typename T>
+// code[nibble(e)] * scale(e >> bs_log2) with e = j*K + k: exactly the CPU's decoded value. With a
+// nested absmax a lane keeps the decoded scale of its current block and decodes again only when its
+// element crosses into another block (every bs / 32 steps). Reads of a are coalesced across lanes
+// (consecutive k).
+template <typename T, typename Scales>
 __global__ void __launch_bounds__(kGemvWarps * 32)
     gemm_4bit_generic_kernel(const T* __restrict__ a, int64_t M, int64_t K,
-                             const uint8_t* __restrict__ packed, const float* __restrict__ absmax,
+                             const uint8_t* __restrict__ packed, const Scales scales,
                              const float* __restrict__ code16, int bs_log2, T* __restrict__ out,
                              int64_t N) {
   __shared__ float c[16];
+  __shared__ float nested_code[kNestedScales<Scales> ? 256 : 1];
   if (threadIdx.x < 16) c[threadIdx.x] = code16[threadIdx.x];
+  const Scales sc = stage_scales(scales, nested_code);
   __syncthreads();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int64_t j = int64_t(blockIdx.x) * kGemvWarps + warp; j < N;
@@ -178,11 +206,18 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
       float acc[kGemmRows];
 #pragma unroll
       for (int t = 0; t < kGemmRows; ++t) acc[t] = 0.0f;
+      int64_t cur_block = -1;  // nested: the block whose decoded scale `s` holds
+      float s = 0.0f;
       for (int64_t k = lane; k < K; k += 32) {
         const int64_t e = row0 + k;
         const int nib = (packed[e >> 1] >> ((~e & 1) << 2)) & 0xF;
+        if constexpr (kNestedScales<Scales>) {
+          if ((e >> bs_log2) != cur_block) cur_block = e >> bs_log2, s = sc[cur_block];
+        } else {
+          s = sc[e >> bs_log2];  // one cached load: cheaper than tracking the block
+        }
         // Rounded on its own (never fused into the FMA below): the CPU's decoded weight.
-        const float w = __fmul_rn(c[nib], absmax[e >> bs_log2]);
+        const float w = __fmul_rn(c[nib], s);
 #pragma unroll
         for (int t = 0; t < kGemmRows; ++t)
           if (t < mr) acc[t] += load_f(a0, t * K + k) * w;
@@ -193,6 +228,23 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
         if (lane == 0 && t < mr) store_f(out, (m0 + t) * N + j, sum);
       }
     }
+  }
+}
+
+template <typename T, typename Scales>
+void launch_gemv_4bit(const T* a, int64_t M, int64_t K, const uint8_t* packed, const Scales& scales,
+                      const float* code16, int bs_log2, T* out, int64_t N, cudaStream_t stream) {
+  const bool aligned =
+      (reinterpret_cast<uintptr_t>(a) % 16 == 0) && (reinterpret_cast<uintptr_t>(packed) % 16 == 0);
+  if (M == 1 && K % 32 == 0 && aligned) {
+    gemv_4bit_m1_kernel<T, Scales><<<grid_for(N, kGemvWarps), kGemvWarps * 32, 0, stream>>>(
+        a, K, packed, scales, code16, bs_log2, out, N);
+  } else {
+    // gridDim.y <= 65535 (the hardware limit); the kernel strides over the remaining row tiles.
+    const int64_t mt = div_up(M, kGemmRows);
+    const dim3 grid(grid_for(N, kGemvWarps), unsigned(mt < 65535 ? mt : 65535));
+    gemm_4bit_generic_kernel<T, Scales>
+        <<<grid, kGemvWarps * 32, 0, stream>>>(a, M, K, packed, scales, code16, bs_log2, out, N);
   }
 }
 
@@ -228,26 +280,22 @@ cudaError_t dequantize_4bit(const uint8_t* packed, const float* absmax, const Co
 }
 
 cudaError_t gemv_4bit(FloatType t, const void* a, int64_t M, int64_t K, const uint8_t* packed,
-                      const float* absmax, const float* code16, int64_t blocksize, void* out,
+                      const BlockAbsmax& scales, const float* code16, int64_t blocksize, void* out,
                       int64_t N, cudaStream_t stream) {
   if (M <= 0 || N <= 0) return cudaSuccess;
   const int bs_log2 = log2_pow2(blocksize);
-  const bool aligned =
-      (reinterpret_cast<uintptr_t>(a) % 16 == 0) && (reinterpret_cast<uintptr_t>(packed) % 16 == 0);
-  const bool fast = M == 1 && K % 32 == 0 && aligned;
+  // K == 0 needs no special case: the k loops are empty and every output is 0. No scale is read
+  // then, and the absmax of an empty weight may be a null pointer, which BlockAbsmax::nested()
+  // would take for "nested": so K == 0 always takes the plain instantiation (it stages nothing).
+  const bool nested = K > 0 && scales.nested();
   dispatch_float(t, [&](auto tag) {
     using T = decltype(tag);
-    if (fast) {
-      const unsigned grid = grid_for(N, kGemvWarps);
-      gemv_4bit_m1_kernel<T><<<grid, kGemvWarps * 32, 0, stream>>>(
-          static_cast<const T*>(a), K, packed, absmax, code16, bs_log2, static_cast<T*>(out), N);
-    } else {
-      // K == 0 needs no special case: the k loop is empty and every output is 0.
-      const dim3 grid(grid_for(N, kGemvWarps),
-                      unsigned(div_up(M, kGemmRows) < 65535 ? div_up(M, kGemmRows) : 65535));
-      gemm_4bit_generic_kernel<T><<<grid, kGemvWarps * 32, 0, stream>>>(
-          static_cast<const T*>(a), M, K, packed, absmax, code16, bs_log2, static_cast<T*>(out), N);
-    }
+    const T* ap = static_cast<const T*>(a);
+    T* ot = static_cast<T*>(out);
+    if (nested)
+      launch_gemv_4bit(ap, M, K, packed, scales, code16, bs_log2, ot, N, stream);
+    else
+      launch_gemv_4bit(ap, M, K, packed, scales.absmax, code16, bs_log2, ot, N, stream);
   });
   return cudaGetLastError();
 }
