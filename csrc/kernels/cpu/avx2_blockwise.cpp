@@ -1,15 +1,29 @@
 // 8-bit blockwise quantization, AVX2 (+FMA+F16C). Codes are bit-identical to the generic kernels.
 //
-// Quantizing needs #{bounds < x} over 255 sorted midpoints. Instead of an 8-step binary search
-// (8 gathers per 8 elements) a table indexed by the top 14 bits of x's fp32 pattern (sign,
-// exponent, 5 mantissa bits) narrows the answer: every such "cell" is an interval of reals, and
-// for the cell of x
-//     #{bounds < x} = lo[cell] + #{j < C : bound[lo[cell] + j] < x}
-// where lo[cell] counts the bounds below the cell's smallest value and C is the most bounds any
-// one cell holds (2 for the dynamic map). Bounds past the cell are above x, so the C compares
-// are exact; the bound list is padded with +Inf so they never read past it.
+// Quantizing needs #{bounds < x} over 255 sorted midpoints. A gather of 8 random dwords costs
+// about as much as 12 cycles here (Zen 3), so the number of gathers per 8 elements sets the speed.
+// Instead of an 8-step binary search (8 gathers), a table indexed by the top bits of x's fp32
+// pattern narrows the answer: every such "cell" is an interval of reals, and for the cell of x
+//     #{bounds < x} = lo[cell] + #{bounds inside the cell that are < x}
+// where lo[cell] counts the bounds below the cell's smallest value.
+//
+// Fast table (one gather per 8 elements): cells are the top 16 bits (a bf16 pattern), 65536 of
+// them. When no cell holds more than one bound (true for the dynamic map: its closest bounds are
+// ~1.4% apart relatively, a bf16 cell is <= 0.8% wide), an entry packs lo (bits 16..23) with the
+// low 16 bits of the cell's bound as an order key (bits 0..15; 0xffff when the cell has none).
+// Within a cell the value order is the order of the low 16 bits, reversed for negative cells, so
+// key(v) = (bits(v) ^ (sign ? 0xffff : 0)) & 0xffff and bound < x  <=>  key(bound) < key(x).
+// (+-0.0: a bound of -0.0 sorts into cell 0x0000 with key 0, below every x there but +0.0; a
+// bound of +0.0 into cell 0x8000 with key 0xffff, never below an x there: both exact.)
+//
+// Fallback table (codes with denser bounds): cells of the top 14 bits, lo[cell] plus C compares
+// against bound[lo[cell] + j], C the most bounds any one cell holds; the bound list is padded
+// with +Inf so the compares never read past it. Above 4 compares: binary search.
 #include <algorithm>
 #include <cstring>
+#include <memory>
+#include <mutex>
+#include <type_traits>
 
 #include "avx2_util.h"
 #include "kernels.h"
@@ -57,13 +71,65 @@ const BucketTable& bucket_table(const float* bound255) {
   return t;
 }
 
-// Codes of 8 normalised values (finite, |x| <= ~1) as int32 lanes.
+struct Cell16Table {
+  float bound[255];  // the midpoints the table was built for
+  bool usable;       // no cell holds more than one bound
+  uint32_t entry[65536];
+};
+
+// Built once per code and shared by all threads (256 KiB; the cells that normalised values reach,
+// |x| <= 1, are a few KiB of it). The last table is kept; a different code rebuilds it (~1 ms).
+std::shared_ptr<const Cell16Table> cell16_table(const float* bound255) {
+  static thread_local std::shared_ptr<const Cell16Table> mine;
+  if (mine && std::memcmp(mine->bound, bound255, sizeof(mine->bound)) == 0) return mine;
+  static std::mutex mu;
+  static std::shared_ptr<const Cell16Table> shared;
+  std::lock_guard<std::mutex> lock(mu);
+  if (!shared || std::memcmp(shared->bound, bound255, sizeof(shared->bound)) != 0) {
+    auto t = std::make_shared<Cell16Table>();
+    std::memcpy(t->bound, bound255, sizeof(t->bound));
+    t->usable = true;
+    for (uint32_t c = 0; c < 65536; ++c) {
+      const uint32_t first = c << 16, last = first | 0xffffu;
+      const bool neg = c & 0x8000u;  // for negative floats a larger pattern is a smaller value
+      const float vmin = bits_float(neg ? last : first), vmax = bits_float(neg ? first : last);
+      // NaN cells (never looked up: such blocks are special) compare false: lo = hi = 0.
+      const int lo = bucket256(bound255, vmin);
+      int hi = lo;
+      while (hi < 255 && bound255[hi] <= vmax) ++hi;
+      if (hi - lo > 1) t->usable = false;
+      const uint32_t key =
+          hi > lo ? (float_bits(bound255[lo]) ^ (neg ? 0xffffu : 0u)) & 0xffffu : 0xffffu;
+      t->entry[c] = uint32_t(lo) << 16 | key;
+    }
+    shared = std::move(t);
+  }
+  mine = shared;
+  return mine;
+}
+
+// Codes of 8 normalised values (finite) with the fast table: one gather.
+inline __m256i bucket8_cell16(const Cell16Table& t, __m256 x) {
+  const __m256i xb = _mm256_castps_si256(x);
+  const __m256i e =
+      simd::gather_epi32(reinterpret_cast<const int32_t*>(t.entry), _mm256_srli_epi32(xb, 16));
+  const __m256i low16 = _mm256_set1_epi32(0xffff);
+  // key(x): the low 16 bits, complemented when x is negative (srai gives all ones then).
+  const __m256i key = _mm256_and_si256(_mm256_xor_si256(xb, _mm256_srai_epi32(xb, 31)), low16);
+  // -1 where key(bound) < key(x) (both 0..0xffff): subtracting it adds one to lo.
+  const __m256i below = _mm256_cmpgt_epi32(key, _mm256_and_si256(e, low16));
+  return _mm256_sub_epi32(_mm256_srli_epi32(e, 16), below);
+}
+
+// Codes of 8 normalised values (finite, |x| <= ~1) as int32 lanes; C = t.compares, a template
+// argument so that the compares unroll.
+template <int C>
 inline __m256i bucket8(const BucketTable& t, __m256 x) {
   const __m256i cell = _mm256_srli_epi32(_mm256_castps_si256(x), kCellShift);
-  __m256i idx = _mm256_i32gather_epi32(t.lo, cell, 4);
-  const __m256i base = idx;
-  for (int j = 0; j < t.compares; ++j) {
-    const __m256 b = _mm256_i32gather_ps(t.padded + j, base, 4);
+  const __m256i base = simd::gather_epi32(t.lo, cell);
+  __m256i idx = base;
+  for (int j = 0; j < C; ++j) {
+    const __m256 b = simd::gather_ps(t.padded + j, base);
     // The compare mask is -1 where bound < x: subtracting it adds one.
     idx = _mm256_sub_epi32(idx, _mm256_castps_si256(_mm256_cmp_ps(b, x, _CMP_LT_OQ)));
   }
@@ -74,24 +140,27 @@ inline __m256i bucket8(const BucketTable& t, __m256 x) {
 inline __m256i bucket8_search(const float* bound255, __m256 x) {
   __m256i lo = _mm256_setzero_si256();
   for (int step = 128; step >= 1; step >>= 1) {
-    const __m256 b = _mm256_i32gather_ps(bound255 + step - 1, lo, 4);
+    const __m256 b = simd::gather_ps(bound255 + step - 1, lo);
     const __m256i below = _mm256_castps_si256(_mm256_cmp_ps(b, x, _CMP_LT_OQ));
     lo = _mm256_add_epi32(lo, _mm256_and_si256(below, _mm256_set1_epi32(step)));
   }
   return lo;
 }
 
-// 8 int32 lanes (each 0..255) -> 8 bytes.
-inline void store_codes8(uint8_t* q, __m256i v) {
-  const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  _mm_storel_epi64(reinterpret_cast<__m128i*>(q), _mm_packus_epi16(w, w));
+// 16 int32 lanes (each 0..255, in two vectors) -> 16 bytes in element order.
+inline void store_codes16(uint8_t* q, __m256i v0, __m256i v1) {
+  // packus works within 128-bit halves: words [v0 0-3, v1 0-3 | v0 4-7, v1 4-7], then bytes
+  // [v0 0-3, v1 0-3, [same] | v0 4-7, v1 4-7, [same]]: dwords 0, 4, 1, 5 are elements 0..15.
+  const __m256i w = _mm256_packus_epi32(v0, v1);
+  const __m256i b = _mm256_packus_epi16(w, w);
+  const __m256i ordered = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 0, 4, 1, 5));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm256_castsi256_si128(ordered));
 }
 
-template <typename T>
-void quantize_impl(const T* a, int64_t n, int64_t bs, const float* bound255, uint8_t zero_code,
-                   uint8_t* q, float* absmax, int64_t b0, int64_t b1) {
-  const BucketTable& table = bucket_table(bound255);
-  const bool use_table = table.compares <= kMaxCompares;
+// Quantizes blocks [b0, b1); Bucket(x) gives the codes of 8 normalised values.
+template <typename T, typename Bucket>
+void quantize_blocks(const T* a, int64_t n, int64_t bs, const float* bound255, uint8_t zero_code,
+                     uint8_t* q, float* absmax, int64_t b0, int64_t b1, Bucket bucket) {
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t start = b * bs, len = std::min(n, start + bs) - start;
     const T* x = a + start;
@@ -107,30 +176,115 @@ void quantize_impl(const T* a, int64_t n, int64_t bs, const float* bound255, uin
     }
     const bool divide = s.mode == BlockMode::divide;
     const __m256 inv = _mm256_set1_ps(s.inv), am = _mm256_set1_ps(s.absmax);
+    auto norm = [&](__m256 v) { return divide ? _mm256_div_ps(v, am) : _mm256_mul_ps(v, inv); };
     int64_t i = 0;
-    for (; i + 8 <= len; i += 8) {
-      const __m256 v = simd::load8(x + i);
-      const __m256 xn = divide ? _mm256_div_ps(v, am) : _mm256_mul_ps(v, inv);
-      store_codes8(qb + i, use_table ? bucket8(table, xn) : bucket8_search(bound255, xn));
-    }
+    // 16 per step: two independent gather chains in flight.
+    for (; i + 16 <= len; i += 16)
+      store_codes16(qb + i, bucket(norm(simd::load8(x + i))), bucket(norm(simd::load8(x + i + 8))));
     for (; i < len; ++i) qb[i] = uint8_t(bucket256(bound255, normalize(to_float(x[i]), s)));
   }
 }
 
 template <typename T>
+void quantize_impl(const T* a, int64_t n, int64_t bs, const float* bound255, uint8_t zero_code,
+                   uint8_t* q, float* absmax, int64_t b0, int64_t b1) {
+  auto run = [&](auto bucket) {
+    quantize_blocks(a, n, bs, bound255, zero_code, q, absmax, b0, b1, bucket);
+  };
+  const std::shared_ptr<const Cell16Table> fast = cell16_table(bound255);
+  if (fast->usable) return run([&](__m256 x) { return bucket8_cell16(*fast, x); });
+  const BucketTable& t = bucket_table(bound255);
+  switch (t.compares) {  // the dynamic map needs 2
+    case 0:
+      return run([&](__m256 x) { return bucket8<0>(t, x); });
+    case 1:
+      return run([&](__m256 x) { return bucket8<1>(t, x); });
+    case 2:
+      return run([&](__m256 x) { return bucket8<2>(t, x); });
+    case 3:
+      return run([&](__m256 x) { return bucket8<3>(t, x); });
+    case 4:
+      return run([&](__m256 x) { return bucket8<4>(t, x); });
+    default:
+      return run([&](__m256 x) { return bucket8_search(bound255, x); });
+  }
+}
+
+// ---- dequantize --------------------------------------------------------------------------------
+
+// The output bits of code[i] * s for all 256 codes, one int32 lane each (16-bit types in the low
+// half): from_float<T>(code[i] * s), the SIMD stores round exactly as from_float does.
+inline void scaled_table(const float* code, float s, float* tab) {
+  const __m256 sv = _mm256_set1_ps(s);
+  for (int i = 0; i < 256; i += 8)
+    _mm256_storeu_ps(tab + i, _mm256_mul_ps(_mm256_loadu_ps(code + i), sv));
+}
+inline void scaled_table(const float* code, float s, int32_t* tab, bfloat16_t) {
+  const __m256 sv = _mm256_set1_ps(s);
+  for (int i = 0; i < 256; i += 8)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(tab + i),
+                        simd::to_bf16_bits(_mm256_mul_ps(_mm256_loadu_ps(code + i), sv)));
+}
+inline void scaled_table(const float* code, float s, int32_t* tab, half_t) {
+  const __m256 sv = _mm256_set1_ps(s);
+  for (int i = 0; i < 256; i += 8) {
+    const __m128i h =
+        _mm256_cvtps_ph(_mm256_mul_ps(_mm256_loadu_ps(code + i), sv), _MM_FROUND_TO_NEAREST_INT);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(tab + i), _mm256_cvtepu16_epi32(h));
+  }
+}
+
+// 16 codes -> their two index vectors (elements 0..7 and 8..15).
+inline void load_idx16(const uint8_t* q, __m256i& i0, __m256i& i1) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+  i0 = _mm256_cvtepu8_epi32(b);
+  i1 = _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(b, b));
+}
+
+// Blocks of at least this many elements dequantize through a per-block table of finished output
+// values (256 multiplies and roundings per block): one gather per 8 outputs and no arithmetic.
+constexpr int64_t kTableMinBlock = 1024;
+
+template <typename T>
 void dequantize_impl(const uint8_t* q, const float* absmax, const float* code, int64_t n,
                      int64_t bs, T* out, int64_t b0, int64_t b1) {
+  alignas(32) float ftab[256];
+  alignas(32) int32_t itab[256];
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t start = b * bs, len = std::min(n, start + bs) - start;
     const float s = absmax[b];
-    const __m256 sv = _mm256_set1_ps(s);
     const uint8_t* qb = q + start;
     T* ob = out + start;
     int64_t i = 0;
-    for (; i + 8 <= len; i += 8) {
-      const __m256i idx =
-          _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qb + i)));
-      simd::store8(ob + i, _mm256_mul_ps(_mm256_i32gather_ps(code, idx, 4), sv));
+    if (len >= kTableMinBlock) {
+      if constexpr (std::is_same_v<T, float>) {
+        scaled_table(code, s, ftab);
+        for (; i + 16 <= len; i += 16) {
+          __m256i i0, i1;
+          load_idx16(qb + i, i0, i1);
+          _mm256_storeu_ps(ob + i, simd::gather_ps(ftab, i0));
+          _mm256_storeu_ps(ob + i + 8, simd::gather_ps(ftab, i1));
+        }
+      } else {
+        scaled_table(code, s, itab, T{});
+        for (; i + 16 <= len; i += 16) {
+          __m256i i0, i1;
+          load_idx16(qb + i, i0, i1);
+          // Lanes hold 0..0xffff, so the unsigned-saturating pack keeps them; it interleaves the
+          // 128-bit halves ([g0 0-3, g1 0-3 | g0 4-7, g1 4-7]), which the qword permute undoes.
+          const __m256i w =
+              _mm256_packus_epi32(simd::gather_epi32(itab, i0), simd::gather_epi32(itab, i1));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(ob + i),
+                              _mm256_permute4x64_epi64(w, 0xd8));
+        }
+      }
+    } else {
+      const __m256 sv = _mm256_set1_ps(s);
+      for (; i + 8 <= len; i += 8) {
+        const __m256i idx =
+            _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qb + i)));
+        simd::store8(ob + i, _mm256_mul_ps(simd::gather_ps(code, idx), sv));
+      }
     }
     for (; i < len; ++i) ob[i] = from_float<T>(code[qb[i]] * s);
   }
