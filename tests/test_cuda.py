@@ -475,13 +475,20 @@ def test_int8_vectorwise_quant_special_rows(dtype, threshold):
         assert_bits_equal(colsc, cols)
 
 
-def test_int8_vectorwise_dequant():
-    A = torch.randint(-127, 128, (37, 65), dtype=torch.int8)
-    stats = torch.rand(37) * 10
-    stats[3] = float("nan")  # the CPU keeps this NaN's bits (the GPU's own NaN is 0x7fffffff)
-    stats[4] = -float("nan")
-    stats[5] = float("inf")
-    A[5, :3] = 0  # 0 * Inf: the CPU's default NaN
+# Shapes for the elementwise int8 dequant kernels, whose grid-stride loops track (row, column)
+# without a division per element: several steps per thread with column wrap-around, one column,
+# and rows longer than the whole grid's stride.
+ROWCOL_SHAPES = [(37, 65), (300, 7), (3000, 1), (3, 70000)]
+
+
+@pytest.mark.parametrize("shape", ROWCOL_SHAPES, ids=str)
+def test_int8_vectorwise_dequant(shape):
+    A = torch.randint(-127, 128, shape, dtype=torch.int8)
+    stats = torch.rand(shape[0]) * 10
+    stats[0] = float("nan")  # the CPU keeps this NaN's bits (the GPU's own NaN is 0x7fffffff)
+    stats[1] = -float("nan")
+    stats[2] = float("inf")
+    A[2, :3] = 0  # 0 * Inf: the CPU's default NaN
     assert_bits_equal(
         ops.int8_vectorwise_dequant(A.cuda(), stats.cuda()), ops.int8_vectorwise_dequant(A, stats)
     )
@@ -532,6 +539,16 @@ def test_int8_mm_dequant(out_dtype, bias_dtype):
     outc = ops.int8_mm_dequant(
         C.cuda(), row.cuda(), col.cuda(), out_dtype, None if bias is None else bias.cuda()
     )
+    assert_bits_equal(outc, out)
+
+
+@pytest.mark.parametrize("shape", ROWCOL_SHAPES, ids=str)
+def test_int8_mm_dequant_shapes(shape):
+    rows, N = shape
+    C = torch.randint(-(2**24), 2**24, shape, dtype=torch.int32)
+    row, col, bias = torch.rand(rows) * 5, torch.rand(N) * 5, torch.randn(N).to(torch.bfloat16)
+    out = ops.int8_mm_dequant(C, row, col, torch.float16, bias)
+    outc = ops.int8_mm_dequant(C.cuda(), row.cuda(), col.cuda(), torch.float16, bias.cuda())
     assert_bits_equal(outc, out)
 
 

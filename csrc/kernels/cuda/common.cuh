@@ -43,6 +43,26 @@ inline unsigned grid_for(int64_t work_items, int64_t items_per_block,
   return unsigned(g);
 }
 
+// The row and column of the flat index i = row * cols + col of a grid-stride loop, kept up to date
+// as i advances by `stride` without a 64-bit division per element (a 64-bit `/` is a long
+// instruction sequence on the GPU, enough to make a memory-bound elementwise kernel ALU-bound):
+// two divisions per thread at the start, then each step adds stride / cols rows and stride % cols
+// columns, with one carry when the column passes cols (col and stride % cols are both < cols).
+struct RowCol {
+  int64_t row, col, drow, dcol, cols;
+  __device__ __forceinline__ RowCol(int64_t i, int64_t stride, int64_t cols_) : cols(cols_) {
+    row = i / cols;
+    col = i - row * cols;
+    drow = stride / cols;
+    dcol = stride - drow * cols;
+  }
+  __device__ __forceinline__ void advance() {
+    row += drow;
+    col += dcol;
+    if (col >= cols) col -= cols, ++row;
+  }
+};
+
 // ---- NaN bits as the CPU kernels produce them ------------------------------------------------
 // GPU fp32 arithmetic returns the one canonical NaN 0x7fffffff whatever the operands, while the
 // CPU kernels' multiplies and adds (x86 SSE/AVX, aarch64 with FPCR.DN = 0) return the NaN operand,

@@ -104,17 +104,19 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- dequantization -----------------------------------------------------------------------------
 
-// out[i] = (q[i] * stats[i / K]) * (1 / 127), elementwise over rows * K.
+// out[i] = (q[i] * stats[i / K]) * (1 / 127), elementwise over rows * K (the row from RowCol).
 __global__ void __launch_bounds__(kThreads)
     vectorwise_dequant_kernel(const int8_t* __restrict__ q, const float* __restrict__ stats,
                               int64_t total, int64_t K, float* __restrict__ out) {
   constexpr float kInv127 = 1.0f / 127.0f;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride)
-    out[i] = mul_cpu(mul_cpu(float(q[i]), stats[i / K]), kInv127);  // a NaN row stays the CPU's NaN
+  const int64_t i0 = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  RowCol rc(i0, stride, K);
+  for (int64_t i = i0; i < total; i += stride, rc.advance())
+    out[i] = mul_cpu(mul_cpu(float(q[i]), stats[rc.row]), kInv127);  // NaN row: the CPU's NaN
 }
 
-// out[i] = (float(C[i]) * (row[r] * col[n])) * (1 / 16129) + bias[n], i = r * N + n.
+// out[i] = (float(C[i]) * (row[r] * col[n])) * (1 / 16129) + bias[n], i = r * N + n (RowCol).
 template <typename TB, typename TO>
 __global__ void __launch_bounds__(kThreads)
     mm_dequant_kernel(const int32_t* __restrict__ C, const float* __restrict__ row_stats,
@@ -122,8 +124,10 @@ __global__ void __launch_bounds__(kThreads)
                       int64_t total, int64_t N, TO* __restrict__ out) {
   constexpr float kInv127Sq = 1.0f / 16129.0f;  // 1 / (127 * 127)
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
-    const int64_t r = i / N, n = i - r * N;
+  const int64_t i0 = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  RowCol rc(i0, stride, N);
+  for (int64_t i = i0; i < total; i += stride, rc.advance()) {
+    const int64_t r = rc.row, n = rc.col;
     float v = mul_cpu(mul_cpu(float(C[i]), mul_cpu(row_stats[r], col_stats[n])), kInv127Sq);
     if (bias != nullptr) v = add_cpu(v, to_float(bias[n]));
     store_f(out, i, v);
