@@ -10,6 +10,12 @@
 # benchmarks; LOWBIT_GPU_SUITE_TIMEOUT (default 240 s) and LOWBIT_GPU_BENCH_TIMEOUT (default 120 s
 # per benchmark) bound them. Every log is written as it goes, so a run cut short keeps them.
 #
+# When the CUDA tests fail, the failed ones are run again with CUDA_LAUNCH_BLOCKING=1
+# (test_cuda_blocking.log) so an asynchronous kernel error is reported at the launch that caused
+# it. LOWBIT_GPU_SANITIZE=1 adds a compute-sanitizer stage (memcheck, then racecheck, on the kernel
+# tests; sanitize_<tool>.log; LOWBIT_GPU_SANITIZE_TIMEOUT, default 150 s per tool, and
+# LOWBIT_GPU_SANITIZE_K, a pytest -k selection); it is off by default because it is slow.
+#
 # The machine may have no network: nothing is downloaded. The installed torch must be a CUDA
 # build; the kernels are compiled only for the GPU present (LOWBIT_CUDA_ARCHS overrides, e.g.
 # "80;90"), which keeps the build to a minute or two. Exit status: non-zero if the build or the
@@ -87,8 +93,33 @@ tail -25 "$OUT/test_cuda.log"
 if [ $rc -ne 0 ]; then
   say "FAILED: tests/test_cuda.py (rc $rc)"
   status=1
+  # Kernel errors are asynchronous: the failing test may not be the one whose launch went wrong.
+  CUDA_LAUNCH_BLOCKING=1 timeout 120 "$PYTHON" -m pytest -q -rs --lf tests/test_cuda.py \
+    >"$OUT/test_cuda_blocking.log" 2>&1
+  say "failed tests again with CUDA_LAUNCH_BLOCKING=1: rc $? ($(tail -1 "$OUT/test_cuda_blocking.log"))"
 else
   say "tests/test_cuda.py passed"
+fi
+
+# ---- compute-sanitizer (optional) ---------------------------------------------------------------
+# memcheck: out-of-bounds and misaligned device accesses; racecheck: shared-memory hazards (the
+# staged code tables, the int8 GEMM tiles). The caching allocator is off so that memcheck sees
+# each tensor's own bounds.
+if [ "${LOWBIT_GPU_SANITIZE:-0}" != 0 ]; then
+  SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+  if [ -z "$SAN" ]; then
+    say "compute-sanitizer not found: sanitizer stage skipped"
+  else
+    sel=${LOWBIT_GPU_SANITIZE_K:-not past_int32 and not compile and not opcheck and not one_kernel}
+    for tool in memcheck racecheck; do
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${LOWBIT_GPU_SANITIZE_TIMEOUT:-150}" \
+        "$SAN" --tool "$tool" --error-exitcode 99 "$PYTHON" -m pytest -q -p no:cacheprovider \
+        tests/test_cuda.py -k "$sel" >"$OUT/sanitize_$tool.log" 2>&1
+      rc=$?
+      say "compute-sanitizer $tool: rc $rc$([ $rc -eq 124 ] && echo " (timed out)")$([ $rc -eq 99 ] && echo " (ERRORS, see sanitize_$tool.log)")"
+      [ $rc -eq 99 ] && status=1
+    done
+  fi
 fi
 if [ "${LOWBIT_GPU_SUITE:-1}" != 0 ]; then
   timeout "${LOWBIT_GPU_SUITE_TIMEOUT:-240}" "$PYTHON" -m pytest -q tests \
