@@ -167,7 +167,7 @@ void quantize_blocks(const T* a, int64_t n, int64_t bs, const float* bound255, u
     uint8_t* qb = q + start;
     float m;
     bool bad;
-    simd::absmax_scan(x, len, m, bad);
+    simd::absmax_scan_bits(x, len, m, bad);
     const BlockScale s = make_block_scale(m, bad);
     absmax[b] = s.absmax;
     if (s.mode == BlockMode::zero || s.mode == BlockMode::nonfinite) {

@@ -4,6 +4,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "lowbit/blockscale.h"
@@ -140,6 +141,73 @@ inline __m256i gather_epi32(const int32_t* base, __m256i idx) {
 inline __m256 gather_ps(const float* base, __m256i idx) {
   return _mm256_mask_i32gather_ps(_mm256_castsi256_ps(opaque_zero_si256()), base, idx,
                                   _mm256_castsi256_ps(opaque_ones_si256()), 4);
+}
+
+}  // namespace lowbit::cpu::simd
+
+namespace lowbit::cpu::simd {
+
+// ---- absmax on bit patterns ---------------------------------------------------------------------
+// The same (absmax, nonfinite) pair as absmax_scan, from integer maxima of the patterns with the
+// sign cleared: for IEEE floats of one type, |x| patterns order like the values, and every NaN or
+// Inf pattern is at or above the Inf pattern. When no element is NaN/Inf, the largest pattern is
+// exactly max |x|; otherwise only the flag matters (the block stores NaN). 16-bit types take 16
+// elements per instruction with no conversion to fp32.
+namespace detail {
+inline uint32_t hmax_epu16(__m256i v) {
+  const __m128i m = _mm_max_epu16(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  // minpos finds the smallest word: the smallest of ~m is the largest of m.
+  const __m128i inv = _mm_xor_si128(m, _mm_set1_epi16(-1));
+  return 0xffffu - uint32_t(_mm_cvtsi128_si32(_mm_minpos_epu16(inv)) & 0xffff);
+}
+inline uint32_t hmax_epu32(__m256i v) {
+  __m128i m = _mm_max_epu32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0x4e));
+  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0xb1));
+  return uint32_t(_mm_cvtsi128_si32(m));
+}
+template <typename T>
+inline uint32_t abs_bits_max16(const T* a, int64_t n) {  // T: half_t or bfloat16_t
+  const uint16_t* p = reinterpret_cast<const uint16_t*>(a);
+  const __m256i mag = _mm256_set1_epi16(0x7fff);
+  __m256i m0 = _mm256_setzero_si256(), m1 = _mm256_setzero_si256();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    m0 = _mm256_max_epu16(m0, _mm256_and_si256(_mm256_loadu_si256((const __m256i*)(p + i)), mag));
+    m1 = _mm256_max_epu16(m1,
+                          _mm256_and_si256(_mm256_loadu_si256((const __m256i*)(p + i + 16)), mag));
+  }
+  for (; i + 16 <= n; i += 16)
+    m0 = _mm256_max_epu16(m0, _mm256_and_si256(_mm256_loadu_si256((const __m256i*)(p + i)), mag));
+  uint32_t m = hmax_epu16(_mm256_max_epu16(m0, m1));
+  for (; i < n; ++i) m = std::max<uint32_t>(m, p[i] & 0x7fffu);
+  return m;
+}
+}  // namespace detail
+
+inline void absmax_scan_bits(const bfloat16_t* a, int64_t n, float& m_out, bool& bad_out) {
+  const uint32_t m = detail::abs_bits_max16(a, n);
+  bad_out = m >= 0x7f80u;  // bf16 Inf; NaN above
+  m_out = bits_float(m << 16);
+}
+inline void absmax_scan_bits(const half_t* a, int64_t n, float& m_out, bool& bad_out) {
+  const uint32_t m = detail::abs_bits_max16(a, n);
+  bad_out = m >= 0x7c00u;  // fp16 Inf; NaN above
+  m_out = to_float(half_t{uint16_t(m)});
+}
+inline void absmax_scan_bits(const float* a, int64_t n, float& m_out, bool& bad_out) {
+  const __m256i mag = _mm256_set1_epi32(0x7fffffff);
+  __m256i m0 = _mm256_setzero_si256(), m1 = _mm256_setzero_si256();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    m0 = _mm256_max_epu32(m0, _mm256_and_si256(_mm256_loadu_si256((const __m256i*)(a + i)), mag));
+    m1 = _mm256_max_epu32(m1,
+                          _mm256_and_si256(_mm256_loadu_si256((const __m256i*)(a + i + 8)), mag));
+  }
+  uint32_t m = detail::hmax_epu32(_mm256_max_epu32(m0, m1));
+  for (; i < n; ++i) m = std::max<uint32_t>(m, float_bits(a[i]) & 0x7fffffffu);
+  bad_out = m >= 0x7f800000u;
+  m_out = bits_float(m);
 }
 
 }  // namespace lowbit::cpu::simd
