@@ -2,6 +2,7 @@
 // Codes and dequantized values are bit-identical to the generic kernels; products differ from
 // them only by the order of the fp32 sums.
 #include <algorithm>
+#include <type_traits>
 
 #include "avx2_util.h"
 #include "fourbit_avx2.h"
@@ -141,6 +142,79 @@ void decode_range(const uint8_t* packed, const Scales& absmax, const float* code
   }
 }
 
+// 16-bit outputs (bf16, fp16) through a per-block table: the block's 16 finished outputs,
+// from_float<T>(code[i] * s) (the SIMD roundings match from_float), split into a low-byte and a
+// high-byte table of 16 entries each, so that one pshufb per byte plane decodes 32 nibbles.
+inline __m256i bits16_of8(__m256 v, bfloat16_t) { return simd::to_bf16_bits(v); }
+inline __m256i bits16_of8(__m256 v, half_t) {
+  return _mm256_cvtepu16_epi32(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+
+struct ByteTables {
+  __m256i lo, hi;  // byte i (in both 128-bit lanes) = low / high byte of output value i
+};
+
+template <typename T>
+inline ByteTables byte_tables(const __m256 code[2], float s) {
+  const __m256 sv = _mm256_set1_ps(s);
+  const __m256i w0 = bits16_of8(_mm256_mul_ps(code[0], sv), T{});
+  const __m256i w1 = bits16_of8(_mm256_mul_ps(code[1], sv), T{});
+  // packus (values are 0..0xffff) interleaves halves: qwords [w0 0-3, w1 0-3, w0 4-7, w1 4-7];
+  // the permute puts the 16 words in order.
+  const __m256i words = _mm256_permute4x64_epi64(_mm256_packus_epi32(w0, w1), 0xd8);
+  // Per 128-bit lane: low bytes of its 8 words, then high bytes.
+  const __m256i split = _mm256_shuffle_epi8(
+      words, _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8,
+                              10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
+  // qwords [lo 0-7, hi 0-7, lo 8-15, hi 8-15] -> [lo 0-15 | hi 0-15].
+  const __m256i planes = _mm256_permute4x64_epi64(split, 0xd8);
+  return {_mm256_permute2x128_si256(planes, planes, 0x00),
+          _mm256_permute2x128_si256(planes, planes, 0x11)};
+}
+
+// 16 packed bytes (32 elements) -> 32 outputs at dst.
+inline void decode32_bytes(const ByteTables& t, const uint8_t* p, uint16_t* dst) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i nib = _mm_set1_epi8(0x0f);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), nib), lo = _mm_and_si128(b, nib);
+  // Element 2j is byte j's high nibble: interleaving (hi, lo) gives the indices in order.
+  const __m256i idx =
+      _mm256_setr_m128i(_mm_unpacklo_epi8(hi, lo), _mm_unpackhi_epi8(hi, lo));  // 0-15 | 16-31
+  const __m256i L = _mm256_shuffle_epi8(t.lo, idx), H = _mm256_shuffle_epi8(t.hi, idx);
+  // Within each lane, (low, high) byte pairs: words [0-7 | 16-23] and [8-15 | 24-31].
+  const __m256i w0 = _mm256_unpacklo_epi8(L, H), w1 = _mm256_unpackhi_epi8(L, H);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_permute2x128_si256(w0, w1, 0x20));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16),
+                      _mm256_permute2x128_si256(w0, w1, 0x31));
+}
+
+// dst[e - e0] for e in [e0, e1), e0 even (a block start): one table per block segment.
+template <typename T>
+void decode_range16(const uint8_t* packed, const float* absmax, const float* code, int64_t bs,
+                    int64_t e0, int64_t e1, T* dst) {
+  const __m256 cv[2] = {_mm256_loadu_ps(code), _mm256_loadu_ps(code + 8)};
+  alignas(32) uint16_t vals[32];
+  int64_t e = e0;
+  while (e < e1) {
+    const int64_t b = e / bs;
+    const int64_t seg_end = std::min(e1, (b + 1) * bs);
+    const ByteTables t = byte_tables<T>(cv, absmax[b]);
+    const uint8_t* p = packed + (e >> 1);
+    uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+    for (; e + 32 <= seg_end; e += 32, p += 16, d += 32) decode32_bytes(t, p, d);
+    if (e < seg_end) {  // partial last chunk: decode a full one into scratch, copy what exists
+      alignas(16) uint8_t tail[16] = {};
+      const int64_t cnt = seg_end - e;
+      std::copy(p, p + (cnt + 1) / 2, tail);
+      decode32_bytes(t, tail, vals);
+      std::copy(vals, vals + cnt, d);
+      d += cnt;
+      e = seg_end;
+    }
+    dst = reinterpret_cast<T*>(d);
+  }
+}
+
 // ---- product -----------------------------------------------------------------------------------
 
 // Dot product of two fp32 rows with four independent accumulators.
@@ -178,7 +252,10 @@ void dequantize_4bit(const uint8_t* packed, const float* absmax, const float* co
   if (e0 >= e1) return;
   dispatch_float(t, [&](auto tag) {
     using T = decltype(tag);
-    decode_range(packed, absmax, code16, blocksize, e0, e1, static_cast<T*>(out) + e0);
+    if constexpr (std::is_same_v<T, float>)
+      decode_range(packed, absmax, code16, blocksize, e0, e1, static_cast<T*>(out) + e0);
+    else
+      decode_range16(packed, absmax, code16, blocksize, e0, e1, static_cast<T*>(out) + e0);
   });
 }
 
