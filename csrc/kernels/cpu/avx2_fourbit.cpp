@@ -71,36 +71,48 @@ void quantize_impl(const T* a, int64_t n, int64_t bs, const Codebook16& cb, uint
   // order[] in both 128-bit lanes for pshufb (counts are 0..15, so no index has bit 7 set).
   const __m256i order =
       _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cb.order)));
-  for (int64_t b = b0; b < b1; ++b) {
-    const int64_t start = b * bs, len = std::min(n, start + bs) - start;
-    const T* x = a + start;
-    uint8_t* out = packed + start / 2;  // start is even: bs is even
-    float m;
-    bool bad;
-    simd::absmax_scan_bits(x, len, m, bad);
-    const BlockScale s = make_block_scale(m, bad);
-    absmax[b] = s.absmax;
-    if (s.mode == BlockMode::zero || s.mode == BlockMode::nonfinite) {
-      std::fill(out, out + (len + 1) / 2, uint8_t(cb.zero_code * 17));  // zero code, both nibbles
-      continue;
+  // Two passes over groups of blocks: all absmax scans and scales first, then the codes. With
+  // one pass, each small block (64 elements) waits on its own scan -> horizontal max -> divide ->
+  // scale chain (~50 cycles of latency) that the next block cannot start early enough to hide.
+  constexpr int64_t kGroup = 16;
+  BlockScale scale[kGroup];
+  for (int64_t g0 = b0; g0 < b1; g0 += kGroup) {
+    const int64_t g1 = std::min(b1, g0 + kGroup);
+    for (int64_t b = g0; b < g1; ++b) {
+      const int64_t start = b * bs, len = std::min(n, start + bs) - start;
+      float m;
+      bool bad;
+      simd::absmax_scan_bits(a + start, len, m, bad);
+      scale[b - g0] = make_block_scale(m, bad);
+      absmax[b] = scale[b - g0].absmax;
     }
-    const bool divide = s.mode == BlockMode::divide;
-    const __m256 inv = _mm256_set1_ps(s.inv), am = _mm256_set1_ps(s.absmax);
-    int64_t i = 0;
-    for (; i + 32 <= len; i += 32) {
-      __m256 xn[4];
-      for (int u = 0; u < 4; ++u) {
-        const __m256 v = simd::load8(x + i + 8 * u);
-        xn[u] = divide ? _mm256_div_ps(v, am) : _mm256_mul_ps(v, inv);
+    for (int64_t b = g0; b < g1; ++b) {
+      const int64_t start = b * bs, len = std::min(n, start + bs) - start;
+      const T* x = a + start;
+      uint8_t* out = packed + start / 2;  // start is even: bs is even
+      const BlockScale& s = scale[b - g0];
+      if (s.mode == BlockMode::zero || s.mode == BlockMode::nonfinite) {
+        std::fill(out, out + (len + 1) / 2, uint8_t(cb.zero_code * 17));  // zero code, both nibbles
+        continue;
       }
-      encode32(bk, order, xn, out + i / 2);
-    }
-    // Tail (< 32 elements, i even): scalar, the odd last element paired with the zero code.
-    for (; i < len; i += 2) {
-      const int c0 = cb.order[bucket16(cb.bound, normalize(to_float(x[i]), s))];
-      const int c1 = i + 1 < len ? cb.order[bucket16(cb.bound, normalize(to_float(x[i + 1]), s))]
-                                 : cb.zero_code;
-      out[i / 2] = uint8_t((c0 << 4) | c1);
+      const bool divide = s.mode == BlockMode::divide;
+      const __m256 inv = _mm256_set1_ps(s.inv), am = _mm256_set1_ps(s.absmax);
+      int64_t i = 0;
+      for (; i + 32 <= len; i += 32) {
+        __m256 xn[4];
+        for (int u = 0; u < 4; ++u) {
+          const __m256 v = simd::load8(x + i + 8 * u);
+          xn[u] = divide ? _mm256_div_ps(v, am) : _mm256_mul_ps(v, inv);
+        }
+        encode32(bk, order, xn, out + i / 2);
+      }
+      // Tail (< 32 elements, i even): scalar, the odd last element paired with the zero code.
+      for (; i < len; i += 2) {
+        const int c0 = cb.order[bucket16(cb.bound, normalize(to_float(x[i]), s))];
+        const int c1 = i + 1 < len ? cb.order[bucket16(cb.bound, normalize(to_float(x[i + 1]), s))]
+                                   : cb.zero_code;
+        out[i / 2] = uint8_t((c0 << 4) | c1);
+      }
     }
   }
 }
