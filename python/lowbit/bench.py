@@ -196,22 +196,47 @@ def bench_nf4_gemm(rows, shapes, ms, repeats):
 
 def bench_quant(rows, shape, repeats, copy_bw):
     """Blockwise 8-bit (blocksize 4096) and NF4 (blocksize 64) quantize / dequantize of a bf16
-    tensor: ratio vs bitsandbytes' CPU backend (both allocate their outputs) and, with
-    preallocated outputs, bandwidth (bytes read + written) vs a plain copy."""
+    tensor of `shape`, against bitsandbytes' CPU backend in the same process.
+
+    Speed-up (bar 3x): the same call on both sides: bf16 in, codes + fp32 absmax out (quantize),
+    or codes + absmax in, a new bf16 tensor out (dequantize); each side allocates its outputs
+    inside the call (bitsandbytes' CPU ops have no out= form) and reads the same number of
+    rotated input copies. bitsandbytes runs its C kernels where it has them (8-bit both ways,
+    NF4 dequantize) and its torch fallback for NF4 quantize (it has no CPU kernel for it).
+
+    Bandwidth (bar 60% of a plain copy_): bytes read + written by the kernel (bf16 = 2 bytes,
+    codes 1 or 1/2 byte per element) over the time of our op with its output preallocated
+    (dequantize .out) or allocated by the op (quantize has no out= form; its 8-16 MiB outputs
+    come back from the allocator without new page faults). A fresh 16-32 MiB output costs page
+    faults on first touch, which no kernel can avoid and both sides of the speed-up pay: the
+    notes give that cost as measured here (torch.empty + fill_ of the same size).
+    """
     try:
         import bitsandbytes.functional as BF
     except Exception:  # bitsandbytes missing or broken: bandwidth only
         BF = None
     n = shape[0] * shape[1]
     A = torch.randn(shape, dtype=torch.bfloat16)
-    As = [(A.clone(),) for _ in range(copies_for(n * 2))]
+    copies = copies_for(n * 2)
+    As = [(A.clone(),) for _ in range(copies)]
     code8 = LF.create_dynamic_map(signed=True)
-    cases = []
-    # (name, ours, bnb, bytes moved, args for ours, args for bnb)
-    q8 = [ops.quantize_blockwise(a, code8, 4096) for (a,) in As]
     out16 = [torch.empty(shape, dtype=torch.bfloat16) for _ in range(2)]
+    fresh_ms = 1e3 * timeit(
+        lambda: torch.empty(shape, dtype=torch.bfloat16).fill_(0), [()], repeats
+    )
+
+    def dq8_out(q, m, o):
+        return ops.dequantize_blockwise.out(q, m, code8, 4096, torch.bfloat16, out=o)
+
+    def dq4_out(p, m, o):
+        return ops.dequantize_4bit.out(p, m, 64, "nf4", list(shape), torch.bfloat16, out=o)
+
+    q8 = [ops.quantize_blockwise(a, code8, 4096) for (a,) in As]
     q4 = [ops.quantize_4bit(a, 64, "nf4", torch.uint8) for (a,) in As]
-    cases.append(
+    bq8 = [(BF.quantize_blockwise(a, blocksize=4096),) for (a,) in As] if BF else None
+    bq4 = [BF.quantize_4bit(a, blocksize=64, quant_type="nf4") for (a,) in As] if BF else None
+    # (name, ours, bnb, bytes moved, args for ours, args for bnb, out= form or None)
+    cases = [
         (
             "8-bit blockwise quantize",
             lambda a: ops.quantize_blockwise(a, code8, 4096),
@@ -219,21 +244,17 @@ def bench_quant(rows, shape, repeats, copy_bw):
             n * 3,
             As,
             As,
-        )
-    )
-    # Both sides allocate their outputs (bitsandbytes' CPU backend has no out= form); the
-    # bandwidth column times our out= form, since a fresh 32 MiB output costs page faults.
-    cases.append(
+            None,
+        ),
         (
             "8-bit blockwise dequantize",
             lambda q, m: ops.dequantize_blockwise(q, m, code8, 4096, torch.bfloat16),
             (lambda qs: BF.dequantize_blockwise(*qs)) if BF else None,
             n * 3,
             q8,
-            [(BF.quantize_blockwise(a, blocksize=4096),) for (a,) in As[:2]] if BF else None,
-        )
-    )
-    cases.append(
+            bq8,
+            dq8_out,
+        ),
         (
             "NF4 quantize",
             lambda a: ops.quantize_4bit(a, 64, "nf4", torch.uint8),
@@ -241,41 +262,32 @@ def bench_quant(rows, shape, repeats, copy_bw):
             n * 2 + n // 2,
             As,
             As,
-        )
-    )
-    cases.append(
+            None,
+        ),
         (
             "NF4 dequantize",
             lambda p, m: ops.dequantize_4bit(p, m, 64, "nf4", list(shape), torch.bfloat16),
             (lambda p, s: BF.dequantize_4bit(p, s)) if BF else None,
             n * 2 + n // 2,
             q4,
-            [BF.quantize_4bit(a, blocksize=64, quant_type="nf4") for (a,) in As[:2]]
-            if BF
-            else None,
-        )
-    )
-    for name, ours, bnb, nbytes, args, bargs in cases:
+            bq4,
+            dq4_out,
+        ),
+    ]
+    for name, ours, bnb, nbytes, args, bargs, out_form in cases:
         t = timeit(ours, args, repeats)
-        t_bw = t  # quantize has no out= form: its time includes allocating the outputs
-        fn = None
-        if name.startswith("8-bit blockwise dequantize"):
-
-            def fn(q, m, o):
-                return ops.dequantize_blockwise.out(q, m, code8, 4096, torch.bfloat16, out=o)
-
-        elif name.startswith("NF4 dequantize"):
-
-            def fn(p, m, o):
-                return ops.dequantize_4bit.out(p, m, 64, "nf4", list(shape), torch.bfloat16, out=o)
-
-        if fn is not None:
-            t_bw = timeit(fn, [(*a, out16[i % 2]) for i, a in enumerate(args)], repeats)
+        if out_form is not None:
+            t_bw = timeit(out_form, [(*a, out16[i % 2]) for i, a in enumerate(args)], repeats)
+            how = f"kernel (out=) {1e3 * t_bw:.2f} ms"
+            how += f"; fresh bf16 output first touch {fresh_ms:.1f} ms"
+        else:
+            t_bw = t
+            how = "whole op"
         bw = nbytes / t_bw
-        extra = f"{bw / 1e9:.1f} GB/s = {100 * bw / copy_bw:.0f}% of copy (bar 60%)"
+        extra = f"{bw / 1e9:.1f} GB/s = {100 * bw / copy_bw:.0f}% of copy (bar 60%), {how}"
         label = f"{name} {shape[0]}x{shape[1]} bf16"
         if bnb is not None:
-            t_b = timeit(bnb, bargs, max(3, repeats // 2))
+            t_b = timeit(bnb, bargs, repeats)
             rows.append(Row(label, 1e3 * t, "bitsandbytes CPU", 1e3 * t_b, 3.0, extra))
         else:
             rows.append(Row(label, 1e3 * t, "(bitsandbytes missing)", 1e3 * t, None, extra))
