@@ -54,7 +54,8 @@ CASES_SCRIPT = textwrap.dedent(
         return a
 
     code8 = F.create_dynamic_map(signed=True)
-    for shape in [(1,), (63,), (4097,), (1000, 37), (512, 4096)]:
+    ALL = sys.argv[2] == "all"  # "gemv": only the 4-bit products, with their inputs
+    for shape in ([(1,), (63,), (4097,), (1000, 37), (512, 4096)] if ALL else []):
         for dt in DT:
             a = special(torch.randn(shape) * 3).to(dt)
             for bs in [64, 256, 4096]:
@@ -79,7 +80,10 @@ CASES_SCRIPT = textwrap.dedent(
                 for M in [1, 3]:
                     for dt in [torch.float32, torch.bfloat16]:
                         x = torch.randn(M, K).to(dt)
-                        out[f"gemv4/{N}/{K}/{qt}/{bs}/{M}/{dt}"] = ops.gemv_4bit(x, p, [N, K], m, cb, bs)
+                        key = f"gemv4/{N}/{K}/{qt}/{bs}/{M}/{dt}"
+                        out[key] = ops.gemv_4bit(x, p, [N, K], m, cb, bs)
+                        if not ALL:
+                            out[key + "/in"] = (x, p, m)
 
     # Double quantization decoded inside the kernel (nested blocks of 64 and 256), next to the
     # same product on the absmax decoded beforehand (dequantize_blockwise + offset).
@@ -99,9 +103,14 @@ CASES_SCRIPT = textwrap.dedent(
                         out[f"{key}/nested{nbs}"] = ops.gemv_4bit(
                             x, p, [N, K], q, cb, bs, m2, code8, float(off), nbs)
                         out[f"{key}/unfused{nbs}"] = ops.gemv_4bit(x, p, [N, K], dec, cb, bs)
+                        if not ALL:
+                            out[f"{key}/unfused{nbs}/in"] = (x, p, dec)
 
     # LLM.int8(): row quantization (with and without outliers), the int8 GEMM with -128 present,
     # its dequantization, and the fused layer.
+    if not ALL:
+        torch.save(out, sys.argv[1])
+        sys.exit(0)
     for (M, K) in [(1, 7), (1, 4096), (5, 333), (67, 4096), (130, 1024)]:
         for dt in DT:
             a = torch.randn(M, K)
@@ -154,16 +163,24 @@ CASES_SCRIPT = textwrap.dedent(
 )
 
 
-def _run_cases(isa: str, path: str) -> dict:
-    env = dict(os.environ, LOWBIT_CPU_ISA=isa)
-    subprocess.run([sys.executable, "-c", CASES_SCRIPT, path], env=env, check=True)
+def _run_cases(isa: str, path: str, gemv: str = "fp32", cases: str = "all") -> dict:
+    env = dict(os.environ, LOWBIT_CPU_ISA=isa, LOWBIT_CPU_GEMV=gemv)
+    subprocess.run([sys.executable, "-c", CASES_SCRIPT, path, cases], env=env, check=True)
     return torch.load(path)
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
+    """Every ISA with fp32 activations in the 4-bit products (the exact kernels)."""
     d = tmp_path_factory.mktemp("isa")
     return {isa: _run_cases(isa, str(d / f"{isa}.pt")) for isa in SUPPORTED}
+
+
+@pytest.fixture(scope="module")
+def q8_results(tmp_path_factory):
+    """The 4-bit products of every SIMD ISA with int8 activations (the default there)."""
+    d = tmp_path_factory.mktemp("isa_q8")
+    return {isa: _run_cases(isa, str(d / f"{isa}.pt"), "int8", "gemv") for isa in FAST}
 
 
 def _flat(v):
@@ -239,6 +256,67 @@ def test_nested_4bit_products_equal_unfused(results, isa):
     for key in keys:
         other = key.replace("/nested", "/unfused")
         assert torch.equal(_bits(got[key]), _bits(got[other])), f"{isa}: {key}"
+
+
+@pytest.mark.skipif(not FAST, reason="this machine has no SIMD path")
+@pytest.mark.parametrize("isa", FAST)
+def test_int8_activation_products_match_their_model(q8_results, isa):
+    # Where the int8-activation kernel applies (K % 64 == 0, power-of-two blocks, M <= 16) its
+    # integer sums are exact, so it equals reference.gemv_4bit_q8 up to fp32 rounding of the scales
+    # and partial sums; elsewhere (K = 100) the fp32 kernel runs and matches the exact reference.
+    got = q8_results[isa]
+    keys = [k for k in got if k.startswith("gemv4/") and not k.endswith("/in")]
+    assert len(keys) > 200
+    applied = 0
+    for key in keys:
+        N, K, qt, bs, M = key.split("/")[1:6]
+        N, K, bs, M = int(N), int(K), int(bs), int(M)
+        g = got[key].float()
+        x, p, m = got[key.replace("/nested", "/unfused") + "/in"]
+        cb = functional.get_4bit_type(qt)
+        if K % 64 or M > 16:
+            r = reference.gemv_4bit(x.float(), p, [N, K], m, cb, bs)
+            tol = (8e-3 if "bfloat16" in key else 2e-5 * K**0.5) * r.abs().max().clamp_min(1.0)
+        else:
+            r = reference.gemv_4bit_q8(x.float(), p, [N, K], m, cb, bs)
+            tol = (8e-3 if "bfloat16" in key else 1e-6 * K**0.5) * r.abs().max().clamp_min(1.0)
+            applied += 1
+        assert (r - g).abs().max() <= tol, f"{isa} int8-activation product differs on {key}"
+    assert applied > 150
+    nested = [k for k in keys if "/nested" in k]
+    assert len(nested) == 5 * 4 * 2 * 2 * 2
+    for key in nested:  # the in-kernel decode of a double-quantized absmax changes no bit
+        other = key.replace("/nested", "/unfused")
+        assert torch.equal(_bits(got[key]), _bits(got[other])), f"{isa}: {key}"
+
+
+def test_int8_activations_stay_close_to_the_exact_product():
+    # The accuracy the int8-activation path trades for speed, on Gaussian weights and activations:
+    # its distance to the exact fp32 product is a small fraction of NF4's own error.
+    torch.manual_seed(1)
+    N, K = 512, 4096
+    w, x = torch.randn(N, K), torch.randn(4, K)
+    p, m = torch.ops.lowbit.quantize_4bit(w, 64, "nf4", torch.uint8)
+    cb = functional.get_4bit_type("nf4")
+    exact = reference.gemv_4bit(x, p, [N, K], m, cb, 64)
+    q8 = reference.gemv_4bit_q8(x, p, [N, K], m, cb, 64)
+    nf4_err = (exact - x @ w.t()).pow(2).mean().sqrt()
+    assert (q8 - exact).pow(2).mean().sqrt() < 0.2 * nf4_err
+
+
+def test_gemv_mode_env():
+    code = "import lowbit._native as n; print(n.cpu_gemv_mode())"
+    for value, want in [("fp32", "fp32"), ("int8", "int8" if FAST else "fp32")]:
+        env = dict(os.environ, LOWBIT_CPU_GEMV=value)
+        r = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        assert r.stdout.strip() == want
+    env = dict(os.environ, LOWBIT_CPU_GEMV="int4")
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert "LOWBIT_CPU_GEMV=int4 is not one of int8, fp32" in r.stderr
 
 
 def test_generic_path_matches_reference(results):

@@ -176,12 +176,19 @@ def test_4bit_single_row_uses_gemv(recorder):
     assert torch.equal(out, expected)
 
 
-def test_4bit_many_rows_dequantize_then_linear(recorder):
+def test_4bit_many_rows_on_cpu_go_through_the_op(recorder):
+    # On the CPU gemv_4bit picks the kernel by M (int8 activations, fused fp32 or BLAS on
+    # dequantized tiles); the layer never builds the whole float weight itself.
     m = quantized_linear("fp4")
-    x = torch.randn(2, 5, 64)
-    out = m(x)
-    assert recorder.calls == ["dequantize_4bit"]
-    assert torch.equal(out, F.linear(x, _dequant(m), m.bias))
+    for rows in (5, 40):
+        recorder.calls.clear()
+        x = torch.randn(2, rows, 64)
+        out = m(x)
+        assert recorder.calls == ["gemv_4bit"]
+        qs = m.weight.quant_state
+        expected = torch.ops.lowbit.gemv_4bit(x, m.weight.data, [32, 64], qs.absmax, qs.code, 64)
+        assert torch.equal(out, expected + m.bias)
+        torch.testing.assert_close(out, F.linear(x, _dequant(m), m.bias), atol=0.05, rtol=0.05)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -192,8 +199,12 @@ def test_forward_matches_reference_and_float(kind, rows):
     x = torch.randn(rows, 64)
     if kind == "int8":  # activations are quantized too: compare with the op's executable spec
         ref = lowbit.reference.int8_linear(x, m.weight.data, m.weight.SCB, m.bias, m.threshold)
-    else:
-        ref = F.linear(x, _dequant(m), m.bias)
+    else:  # the op's executable spec: int8 activations where the CPU kernel uses them
+        qs = m.weight.quant_state
+        absmax = lowbit.functional.decode_absmax(qs)
+        shape = list(qs.shape)
+        ref = lowbit.reference.gemv_4bit_expected(x, m.weight.data, shape, absmax, qs.code, 64)
+        ref = ref + m.bias
     torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-4)
     # against the float layer: 4-bit is coarse, 8-bit close
     err = (m(x) - lin(x)).abs().max().item()
@@ -217,9 +228,10 @@ def test_compute_dtype_is_honoured_and_output_keeps_input_dtype():
     x = torch.randn(4, 64)
     out = m(x)
     assert out.dtype == torch.float32
-    W = m.dequantize(torch.bfloat16)
-    expected = F.linear(x.bfloat16(), W, m.bias.bfloat16()).float()
-    assert torch.equal(out, expected)
+    qs = m.weight.quant_state
+    xb = x.bfloat16()  # the op sees bf16 activations and returns bf16
+    expected = torch.ops.lowbit.gemv_4bit(xb, m.weight.data, [32, 64], qs.absmax, qs.code, 64)
+    assert torch.equal(out, (expected + m.bias.bfloat16()).float())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -119,7 +119,17 @@ def test_quant_storage_that_cannot_hold_the_bytes_is_refused():
 
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
 @pytest.mark.parametrize(
-    "M,N,K", [(1, 64, 64), (1, 33, 65), (3, 100, 129), (16, 256, 512), (1, 1, 1)]
+    "M,N,K",
+    [
+        (1, 64, 64),
+        (1, 33, 65),
+        (3, 100, 129),
+        (16, 256, 512),  # the most rows the CPU's int8-activation kernel takes
+        (1, 1, 1),
+        (17, 70, 256),  # CPU: BLAS on dequantized weight tiles
+        (9, 33, 100),  # CPU: K % blocksize != 0, the fused fp32 kernel
+        (20, 9000, 128),  # CPU: several BLAS tiles
+    ],
 )
 def test_gemv_matches_reference(device, dtype, quant_type, M, N, K):
     W = torch.randn(N, K, device=device)
@@ -127,7 +137,7 @@ def test_gemv_matches_reference(device, dtype, quant_type, M, N, K):
     code = F.get_4bit_type(quant_type, device=device)
     A = torch.randn(M, K, device=device).to(dtype)
     out = ops.gemv_4bit(A, packed, [N, K], absmax, code, 64)
-    ref = reference.gemv_4bit(A, packed, [N, K], absmax, code, 64)
+    ref = reference.gemv_4bit_expected(A, packed, [N, K], absmax, code, 64)
     assert out.shape == (M, N) and out.dtype == dtype
     # fp32 accumulation in another order, then one rounding to dtype
     tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
@@ -148,8 +158,11 @@ def test_functional_gemv_decodes_nested_absmax():
     W = torch.randn(64, 256)
     packed, state = F.quantize_4bit(W, quant_type="nf4", compress_statistics=True)
     A = torch.randn(1, 256)
-    expected = A @ F.dequantize_4bit(packed, state).t()
+    absmax = F.decode_absmax(state)
+    expected = reference.gemv_4bit_expected(A, packed, [64, 256], absmax, state.code, 64)
     torch.testing.assert_close(F.gemv_4bit(A, packed, state=state), expected, rtol=1e-4, atol=1e-4)
+    if not reference.cpu_gemv_takes_int8(1, 256, 64):
+        torch.testing.assert_close(expected, A @ F.dequantize_4bit(packed, state).t())
 
 
 def _nested(W, blocksize, quant_type, nested_blocksize):
@@ -175,6 +188,8 @@ def _nested(W, blocksize, quant_type, nested_blocksize):
         (1, 300, 4096, 64, 256),  # 19200 blocks over 75 nested blocks (the QLoRA layout)
         (1, 40, 1024, 128, 4096),
         (2, 17, 256, 256, 128),
+        (20, 9000, 128, 64, 256),  # CPU: BLAS tiles, scales decoded per tile
+        (12, 40, 256, 32, 64),
         (1, 1, 1, 64, 256),
     ],
 )
@@ -195,10 +210,11 @@ def test_gemv_nested_equals_unfused(
     assert fused.shape == (M, N) and fused.dtype == dtype
     # the same per-block scales feed the same kernel: equal bit for bit, every dtype and path
     assert torch.equal(fused, unfused)
-    ref = reference.gemv_4bit(
+    ref = reference.gemv_4bit_expected(
         A, packed, [N, K], q, code4, blocksize, absmax2, code8, offset, nested_blocksize
     )
-    assert torch.equal(ref, reference.gemv_4bit(A, packed, [N, K], decoded, code4, blocksize))
+    unfused_ref = reference.gemv_4bit_expected(A, packed, [N, K], decoded, code4, blocksize)
+    assert torch.equal(ref, unfused_ref)
     tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     torch.testing.assert_close(fused, ref, rtol=tol, atol=tol * K**0.5)
 

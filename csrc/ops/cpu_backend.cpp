@@ -12,6 +12,7 @@
 #include "lowbit/cpu_kernels.h"
 #include "ops/backend.h"
 #include "ops/common.h"
+#include "ops/cpu_gemm4.h"
 
 namespace lowbit::ops {
 
@@ -119,13 +120,12 @@ class CpuBackend final : public Backend {
   void gemv_4bit(const at::Tensor& a2, const at::Tensor& packed, const at::Tensor& absmax,
                  const at::Tensor& code, int64_t blocksize, const NestedAbsmax& nested,
                  at::Tensor& out) const override {
-    const int64_t M = a2.size(0), K = a2.size(1), N = out.size(1);
+    const int64_t M = a2.size(0), N = out.size(1);
     // fp32 activations and accumulation; the result is rounded once to out's dtype.
     const at::Tensor a = a2.to(at::kFloat).contiguous();
     at::Tensor acc =
         out.scalar_type() == at::kFloat ? out : at::empty({M, N}, out.options().dtype(at::kFloat));
     if (M > 0 && N > 0) {
-      const float* ap = a.data_ptr<float>();
       const uint8_t* bp = static_cast<const uint8_t*>(packed.data_ptr());
       // A double quantized absmax is decoded per block inside the kernel (no fp32 copy).
       BlockAbsmax scales;
@@ -138,12 +138,7 @@ class CpuBackend final : public Backend {
       } else {
         scales.absmax = absmax.data_ptr<float>();
       }
-      const float* cp = code.data_ptr<float>();
-      float* op_ = acc.data_ptr<float>();
-      at::parallel_for(0, N, grain_for(K * M, 65536), [&](int64_t n0, int64_t n1) {
-        std::vector<float> scratch(static_cast<size_t>(K));
-        cpu::gemm_4bit(ap, M, K, bp, scales, cp, blocksize, op_, N, n0, n1, scratch.data());
-      });
+      cpu_gemm_4bit(a, bp, scales, code.data_ptr<float>(), blocksize, acc);
     }
     if (!acc.is_same(out)) out.copy_(acc);
   }

@@ -30,6 +30,13 @@ def best_cpu_isa() -> str:
     return _name("lowbit_cpu_best_isa_name")
 
 
+def cpu_gemv_mode() -> str:
+    """'int8' when small-M 4-bit products on the CPU quantize their activations to int8 (the
+    default on AVX2 machines: several times faster, ~1-2% more error than NF4 alone), 'fp32' when
+    they keep fp32 activations (LOWBIT_CPU_GEMV=fp32, or no SIMD kernels)."""
+    return _name("lowbit_cpu_gemv_mode")
+
+
 def with_cuda() -> bool:
     """Whether this build of lowbit has its CUDA kernels."""
     return bool(getattr(_C, "with_cuda", 0))

@@ -152,6 +152,69 @@ def gemv_4bit(
     return (A.float() @ W.t()).to(A.dtype)
 
 
+def quantize_activations_q8(A: torch.Tensor):
+    """The int8 activations of the CPU fast path (cpu_kernels.h quantize_activations_q8), in
+    element order: per 64-element chunk of each row, codes rne(x * (127 / amax)) and scale
+    amax / 127 (codes and scale 0 for an all-zero chunk). A: fp32 [M, K], K % 64 == 0."""
+    M, K = A.shape
+    x = A.float().reshape(M, K // 64, 64)
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    inv = torch.full_like(amax, 127.0) / amax  # true division, as the kernel
+    codes = torch.where(amax > 0, torch.round(x * inv), torch.zeros_like(x))
+    scale = torch.where(amax > 0, amax / 127.0, torch.zeros_like(amax))
+    return codes.reshape(M, K), scale.reshape(M, K // 64)
+
+
+def q8_weight_codes(code: torch.Tensor):
+    """The 16 code values as the CPU fast path uses them: integers rne(code * 64 / cmax) in
+    [-64, 64], and the factor cmax / 64 that scales them back (cpu_kernels.h make_q8_codebook)."""
+    code = code.float().cpu()
+    cmax = code.abs().max()
+    return torch.round(code * (torch.tensor(64.0) / cmax)), cmax / 64.0
+
+
+def cpu_gemv_takes_int8(M: int, K: int, blocksize: int) -> bool:
+    """Whether lowbit's CPU gemv_4bit runs the int8-activation kernel for M activation rows of
+    length K (finite activations, a 16-entry code with a nonzero finite max): the dispatch rule
+    of csrc/ops/cpu_gemm4.cpp, spelled out for tests and docs."""
+    from lowbit._native import cpu_gemv_mode
+
+    pow2 = blocksize >= 32 and blocksize & (blocksize - 1) == 0
+    return cpu_gemv_mode() == "int8" and 1 <= M <= 16 and K > 0 and K % 64 == 0 and pow2
+
+
+def gemv_4bit_expected(A, B, shapeB, absmax, code, blocksize: int, *nested) -> torch.Tensor:
+    """What lowbit's gemv_4bit op computes on A's device, as an executable spec: the int8-
+    activation model (gemv_4bit_q8) where the CPU takes that kernel, the exact product
+    (gemv_4bit) everywhere else. `nested`: gemv_4bit's double-quantization arguments."""
+    K = shapeB[1]
+    M = A.numel() // K if K else 0
+    if A.device.type == "cpu" and cpu_gemv_takes_int8(M, K, blocksize):
+        if nested and nested[0] is not None:
+            absmax = decode_nested_absmax(absmax, *nested)
+        return gemv_4bit_q8(A, B, shapeB, absmax, code, blocksize)
+    return gemv_4bit(A, B, shapeB, absmax, code, blocksize, *nested)
+
+
+def gemv_4bit_q8(A, B, shapeB, absmax, code, blocksize: int) -> torch.Tensor:
+    """What gemv_4bit computes on AVX2 CPUs for up to 16 activation rows when K % 64 == 0 and the
+    block size is a power of two >= 32 (LOWBIT_CPU_GEMV=int8, the default): the code values
+    rounded to integers on a 64 / max|code| grid (q8_weight_codes), the activations to int8 per
+    64-element chunk (quantize_activations_q8), then the exact product of those, here in fp64.
+    The kernel differs from this by fp32 rounding of the per-chunk scales and partial sums only.
+    fp32/fp16/bf16 [..., K] finite activations and an fp32 absmax."""
+    N, K = shapeB
+    A2 = A.reshape(-1, K).float()
+    w_int, w_scale = q8_weight_codes(code)
+    nib = unpack_nibbles(B, N * K).reshape(N, K).long().cpu()
+    scale = absmax.float().cpu().repeat_interleave(blocksize)[: N * K].reshape(N, K)
+    W = w_int[nib].double() * scale.double()
+    xq, xs = quantize_activations_q8(A2.cpu())
+    X = xq.double() * xs.double().repeat_interleave(64, dim=1)
+    out = (X @ W.t()) * float(w_scale)
+    return out.float().reshape(*A.shape[:-1], N).to(A.dtype)
+
+
 # ---- LLM.int8() -------------------------------------------------------------------------------
 
 

@@ -26,10 +26,18 @@ Isa active_isa();
 // "generic", "avx2" or "avx512".
 const char* isa_name(Isa isa);
 
+// Whether small-M 4-bit products quantize their activations to int8 (see gemm_4bit_q8 in
+// lowbit/cpu_kernels.h): true by default where the active ISA is avx2 or wider. The environment
+// variable LOWBIT_CPU_GEMV=fp32 keeps fp32 activations (the exact fused kernels), =int8 or unset
+// the default; other values warn once and keep the default. Read once, like LOWBIT_CPU_ISA.
+bool gemv_int8_activations();
+
 }  // namespace lowbit::cpu
 
 // The same for callers without C++ linkage (Python's ctypes: lowbit.bench reads it from _C).
 extern "C" {
 __attribute__((visibility("default"))) const char* lowbit_cpu_isa_name();
 __attribute__((visibility("default"))) const char* lowbit_cpu_best_isa_name();
+// "int8" or "fp32": the activations of small-M 4-bit products (gemv_int8_activations()).
+__attribute__((visibility("default"))) const char* lowbit_cpu_gemv_mode();
 }

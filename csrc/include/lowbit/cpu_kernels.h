@@ -42,6 +42,54 @@ void gemm_4bit(const float* a, int64_t M, int64_t K, const uint8_t* packed,
                const BlockAbsmax& scales, const float* code16, int64_t blocksize, float* out,
                int64_t N, int64_t n_begin, int64_t n_end, float* row_scratch);
 
+// ---- 4-bit products with int8 activations (csrc/kernels/cpu/avx2_gemm4_q8.cpp) ---------------
+// The fast small-M product of x86 CPUs with AVX2 (what llama.cpp does for Q4 x Q8): activations
+// are quantized to int8 per 64-element chunk of each row, the 16 code values to integers in
+// [-64, 64], and the dot products run on integer multiply-adds (vpmaddubsw) instead of fp32 FMAs:
+// 2 shuffles instead of 24 per 64 weights, so the product runs at memory speed. The extra error
+// (code values rounded to 1/128 of their range, activations to 1/254 of their chunk's absmax) is
+// about 12% of NF4's own rms error on Gaussian weights and activations (20% with activation
+// outliers), i.e. +1-2% total error; LOWBIT_CPU_GEMV=fp32 turns it off (see lowbit/cpu_isa.h).
+// reference.gemv_4bit_q8 is the pure-torch model of these numerics.
+constexpr int64_t kQ8Chunk = 64;
+// The weight codes enter vpmaddubsw as unsigned bytes u = code + kQ8WeightOffset in [0, 128].
+constexpr int32_t kQ8WeightOffset = 64;
+
+// The 16 code values as integers: code_u8[i] = rne(code[i] * (64 / cmax)) + 64, cmax = max
+// |code[i]|; the product is rescaled by `scale` = cmax / 64. ok = false when cmax is 0, NaN or Inf.
+struct Q8Codebook {
+  uint8_t code_u8[16];
+  float scale;
+  bool ok;
+};
+Q8Codebook make_q8_codebook(const float* code16);
+
+// Rows [r_begin, r_end) of a [M, K] (fp32, K % 64 == 0) to int8 codes q [M, K], per-chunk scales
+// [M, K / 64] and offset sums [M, 3, K / 64]. Chunk c of row m (elements x = a[m, 64c ..
+// 64c + 63]): amax = max |x|, scale = amax / 127, code = rne(x * (127 / amax)) (all codes and the
+// scale 0 when amax == 0). The codes are stored in two planes that match the nibble planes of a
+// packed weight byte run:
+//     q[m*K + 64c + j] = code of x[2j],  q[m*K + 64c + 32 + j] = code of x[2j + 1]  (j < 32).
+// offsets[m][h][c] = scale * (64 * sum of the codes of: h = 0 the chunk, h = 1 its elements
+// 0..31, h = 2 its elements 32..63): what the weight offset adds to the integer sums, subtracted
+// once per output.
+// Returns false if a row holds NaN or +-Inf, or a chunk whose nonzero absmax is below 2^-100
+// (127 / amax would overflow or lose the chunk): the caller then takes the fp32 kernels, which
+// give NaN/Inf and tiny values their exact meaning.
+bool quantize_activations_q8(const float* a, int64_t K, int8_t* q, float* scales, float* offsets,
+                             int64_t r_begin, int64_t r_end);
+
+// Shapes the int8-activation product handles: K % 64 == 0 and a power-of-two block size >= 32 (each
+// 64-element chunk then lies in one block, or exactly two when blocksize == 32).
+bool gemm_4bit_q8_supported(int64_t K, int64_t blocksize);
+
+// out[m, j] = sum_k x[m, k] * W[j, k] for j in [n_begin, n_end), with x given as
+// quantize_activations_q8's outputs; out is fp32 [M, N].
+void gemm_4bit_q8(const int8_t* q, const float* q_scales, const float* offsets, int64_t M,
+                  int64_t K, const uint8_t* packed, const BlockAbsmax& scales,
+                  const Q8Codebook& code, int64_t blocksize, float* out, int64_t N, int64_t n_begin,
+                  int64_t n_end);
+
 // ---- LLM.int8() (csrc/kernels/cpu/int8.cpp) --------------------------------------------------
 // Columns [c_begin, c_end) of a [rows, K]: mask[c] = 1 if any |a[r, c]| >= threshold.
 void int8_outlier_columns(FloatType t, const void* a, int64_t rows, int64_t K, float threshold,

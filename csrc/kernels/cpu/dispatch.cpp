@@ -1,6 +1,9 @@
 // The public kernel entry points (lowbit/cpu_kernels.h): each forwards to the kernel set of the
 // active ISA (lowbit/cpu_isa.h). The ISA is fixed at the first call, so the switch is a
 // well-predicted branch on a constant.
+#include <algorithm>
+#include <cmath>
+
 #include "kernels.h"
 #include "lowbit/cpu_isa.h"
 
@@ -58,9 +61,50 @@ void dequantize_4bit(const uint8_t* packed, const float* absmax, const float* co
 
 void gemm_4bit(const float* a, int64_t M, int64_t K, const uint8_t* packed,
                const BlockAbsmax& scales, const float* code16, int64_t blocksize, float* out,
-               int64_t N, int64_t n_begin, int64_t n_end, float* row_scratch) {
-  LOWBIT_DISPATCH_512(gemm_4bit, a, M, K, packed, scales, code16, blocksize, out, N, n_begin, n_end,
-                      row_scratch)
+               int64_t N, int64_t n_begin, int64_t n_end, float* row_scratch){
+    LOWBIT_DISPATCH_512(gemm_4bit, a, M, K, packed, scales, code16, blocksize, out, N, n_begin,
+                        n_end, row_scratch)}
+
+Q8Codebook make_q8_codebook(const float* code16) {
+  Q8Codebook cb{};
+  float cmax = 0.0f;
+  for (int i = 0; i < 16; ++i) cmax = std::max(cmax, std::fabs(code16[i]));
+  cb.ok = std::isfinite(cmax) && cmax > 0.0f;
+  if (!cb.ok) return cb;
+  const float inv = float(kQ8WeightOffset) / cmax;
+  // nearbyint rounds to nearest-even in the default rounding mode; |code * inv| <= 64 (+ulps).
+  for (int i = 0; i < 16; ++i)
+    cb.code_u8[i] = uint8_t(int(std::nearbyint(code16[i] * inv)) + kQ8WeightOffset);
+  cb.scale = cmax / float(kQ8WeightOffset);
+  return cb;
+}
+
+bool gemm_4bit_q8_supported(int64_t K, int64_t blocksize) {
+  return K > 0 && K % kQ8Chunk == 0 && blocksize >= 32 && (blocksize & (blocksize - 1)) == 0;
+}
+
+bool quantize_activations_q8(const float* a, int64_t K, int8_t* q, float* scales, float* offsets,
+                             int64_t r_begin, int64_t r_end) {
+#if defined(LOWBIT_CPU_X86)
+  if (active_isa() != Isa::generic)
+    return avx2::quantize_activations_q8(a, K, q, scales, offsets, r_begin, r_end);
+#endif
+  (void)a, (void)K, (void)q, (void)scales, (void)offsets, (void)r_begin, (void)r_end;
+  return false;  // no int8 kernels for this ISA: the caller takes the fp32 ones
+}
+
+void gemm_4bit_q8(const int8_t* q, const float* q_scales, const float* offsets, int64_t M,
+                  int64_t K, const uint8_t* packed, const BlockAbsmax& scales,
+                  const Q8Codebook& code, int64_t blocksize, float* out, int64_t N, int64_t n_begin,
+                  int64_t n_end) {
+#if defined(LOWBIT_CPU_X86)
+  avx2::gemm_4bit_q8(q, q_scales, offsets, M, K, packed, scales, code, blocksize, out, N, n_begin,
+                     n_end);
+#else
+  // Unreachable: quantize_activations_q8 returned false, so no caller gets here.
+  (void)q, (void)q_scales, (void)offsets, (void)M, (void)K, (void)packed, (void)scales;
+  (void)code, (void)blocksize, (void)out, (void)N, (void)n_begin, (void)n_end;
+#endif
 }
 
 void int8_outlier_columns(FloatType t, const void* a, int64_t rows, int64_t K, float threshold,

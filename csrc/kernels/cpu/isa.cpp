@@ -91,7 +91,29 @@ const char* isa_name(Isa isa) {
   }
 }
 
+namespace {
+
+bool choose_gemv_int8() {
+  const bool possible = active_isa() != Isa::generic;
+  const char* env = std::getenv("LOWBIT_CPU_GEMV");
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "int8") == 0) return possible;
+  if (std::strcmp(env, "fp32") == 0) return false;
+  std::fprintf(stderr, "lowbit: warning: LOWBIT_CPU_GEMV=%s is not one of int8, fp32; using %s\n",
+               env, possible ? "int8" : "fp32");
+  return possible;
+}
+
+}  // namespace
+
+bool gemv_int8_activations() {
+  static const bool on = choose_gemv_int8();
+  return on;
+}
+
 }  // namespace lowbit::cpu
 
+const char* lowbit_cpu_gemv_mode() {
+  return lowbit::cpu::gemv_int8_activations() ? "int8" : "fp32";
+}
 const char* lowbit_cpu_isa_name() { return lowbit::cpu::isa_name(lowbit::cpu::active_isa()); }
 const char* lowbit_cpu_best_isa_name() { return lowbit::cpu::isa_name(lowbit::cpu::best_isa()); }

@@ -45,6 +45,13 @@ LOWBIT_CPU_KERNEL_DECLS
 #if defined(LOWBIT_CPU_X86)
 namespace avx2 {
 LOWBIT_CPU_KERNEL_DECLS
+// Only SIMD versions exist: the int8-activation product is a speed path, never the only one.
+bool quantize_activations_q8(const float* a, int64_t K, int8_t* q, float* scales, float* offsets,
+                             int64_t r_begin, int64_t r_end);
+void gemm_4bit_q8(const int8_t* q, const float* q_scales, const float* offsets, int64_t M,
+                  int64_t K, const uint8_t* packed, const BlockAbsmax& scales,
+                  const Q8Codebook& code, int64_t blocksize, float* out, int64_t N, int64_t n_begin,
+                  int64_t n_end);
 }  // namespace avx2
 
 namespace avx512 {

@@ -172,9 +172,10 @@ class Linear4bit(nn.Linear):
         cdtype = self.compute_dtype or inp_dtype
         x = x.to(cdtype)
         bias = None if self.bias is None else self.bias.to(cdtype)
-        if x.numel() == x.shape[-1]:
-            # One token: the fused GEMV never materialises the weight, and decodes a double
-            # quantized absmax block by block inside the kernel.
+        if x.device.type == "cpu" or x.numel() == x.shape[-1]:
+            # One token (or any batch on the CPU, where the op picks the int8-activation kernel,
+            # the fused fp32 one or BLAS on fp32 weight tiles by size): the weight is never
+            # materialised, and a double quantized absmax is decoded block by block in the kernel.
             out = _ops.gemv_4bit(
                 x,
                 w.data,

@@ -1,0 +1,106 @@
+// The CPU 4-bit product (gemv_4bit for any M): picks one of three strategies by shape.
+//   * M <= kQ8MaxRows on an AVX2 machine: activations to int8, integer dot products
+//     (gemm_4bit_q8, the llama.cpp-style fast path; LOWBIT_CPU_GEMV=fp32 turns it off);
+//   * M >= kBlasMinRows: dequantize a tile of weight rows to fp32 (kept in cache, never the
+//     whole weight) and multiply it with torch's BLAS, tile after tile;
+//   * otherwise, and whenever the int8 path refuses (NaN/Inf/tiny activations, odd shapes): the
+//     fused fp32 kernel (gemm_4bit), exact up to the order of fp32 sums.
+#include "ops/cpu_gemm4.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <atomic>
+#include <vector>
+
+#include "lowbit/blockscale.h"
+#include "lowbit/cpu_isa.h"
+#include "lowbit/cpu_kernels.h"
+#include "ops/common.h"
+
+namespace lowbit::ops {
+
+namespace {
+
+// Up to this many activation rows, decoding each weight chunk once and reusing it from registers
+// beats dequantize + BLAS on AVX2 machines (benchmarks/ and python -m lowbit bench measure it).
+constexpr int64_t kQ8MaxRows = 16;
+// From this many rows on, BLAS on a dequantized fp32 tile wins over the fused fp32 kernel.
+constexpr int64_t kBlasMinRows = 8;
+// Weight rows per dequantized tile: about 4 MiB of fp32, so the tile stays in the last-level cache
+// between being written and being read by the GEMM.
+constexpr int64_t kTileBytes = int64_t(4) << 20;
+
+bool q8_product(const float* a, int64_t M, int64_t K, int64_t N, const uint8_t* packed,
+                const BlockAbsmax& scales, const float* code16, int64_t blocksize, float* out) {
+  if (M > kQ8MaxRows || !cpu::gemv_int8_activations() || !cpu::gemm_4bit_q8_supported(K, blocksize))
+    return false;
+  const cpu::Q8Codebook cb = cpu::make_q8_codebook(code16);
+  if (!cb.ok) return false;
+  std::vector<int8_t> q(static_cast<size_t>(M * K));
+  std::vector<float> qs(static_cast<size_t>(M * (K / cpu::kQ8Chunk)));
+  std::vector<float> offsets(3 * qs.size());
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, M, 1, [&](int64_t r0, int64_t r1) {
+    if (!cpu::quantize_activations_q8(a, K, q.data(), qs.data(), offsets.data(), r0, r1))
+      ok = false;
+  });
+  if (!ok) return false;
+  at::parallel_for(0, N, grain_for(K * M, 1 << 18), [&](int64_t n0, int64_t n1) {
+    cpu::gemm_4bit_q8(q.data(), qs.data(), offsets.data(), M, K, packed, scales, cb, blocksize, out,
+                      N, n0, n1);
+  });
+  return true;
+}
+
+// out [M, N] = a [M, K] @ W^T, W dequantized tile by tile. Needs K % blocksize == 0 so that a tile
+// of whole rows is a whole number of blocks.
+void blas_product(const at::Tensor& a, int64_t N, const uint8_t* packed, const BlockAbsmax& scales,
+                  const float* code16, int64_t blocksize, at::Tensor& out) {
+  const int64_t K = a.size(1);
+  const int64_t tile = std::max<int64_t>(1, kTileBytes / (4 * K));
+  // The transposed product outT [N, M] makes each tile's result a contiguous row range.
+  at::Tensor outT = at::empty({N, a.size(0)}, a.options());
+  at::Tensor w = at::empty({std::min(tile, N), K}, a.options());
+  const at::Tensor aT = a.t();
+  for (int64_t n0 = 0; n0 < N; n0 += tile) {
+    const int64_t rows = std::min(tile, N - n0);
+    const int64_t blocks = rows * K / blocksize, b_first = n0 * K / blocksize;
+    const uint8_t* pp = packed + n0 * K / 2;  // K % blocksize == 0 and blocksize is even
+    float* wp = w.data_ptr<float>();
+    at::parallel_for(0, blocks, grain_for(blocksize), [&](int64_t b0, int64_t b1) {
+      const float* m = scales.absmax + b_first + b0;
+      std::vector<float> decoded;
+      if (scales.nested()) {  // decode this sub-range's double-quantized scales once
+        decoded.resize(static_cast<size_t>(b1 - b0));
+        for (int64_t b = b0; b < b1; ++b) decoded[b - b0] = scales[b_first + b];
+        m = decoded.data();
+      }
+      cpu::dequantize_4bit(pp + b0 * blocksize / 2, m, code16, (b1 - b0) * blocksize, blocksize,
+                           FloatType::f32, wp + b0 * blocksize, 0, b1 - b0);
+    });
+    at::Tensor dst = outT.narrow(0, n0, rows);
+    at::mm_out(dst, w.narrow(0, 0, rows), aT);
+  }
+  out.copy_(outT.t());
+}
+
+}  // namespace
+
+void cpu_gemm_4bit(const at::Tensor& a, const uint8_t* packed, const BlockAbsmax& scales,
+                   const float* code16, int64_t blocksize, at::Tensor& out) {
+  const int64_t M = a.size(0), K = a.size(1), N = out.size(1);
+  const float* ap = a.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  if (q8_product(ap, M, K, N, packed, scales, code16, blocksize, op)) return;
+  if (M >= kBlasMinRows && K > 0 && K % blocksize == 0) {
+    blas_product(a, N, packed, scales, code16, blocksize, out);
+    return;
+  }
+  at::parallel_for(0, N, grain_for(K * M, 65536), [&](int64_t n0, int64_t n1) {
+    std::vector<float> scratch(static_cast<size_t>(K));
+    cpu::gemm_4bit(ap, M, K, packed, scales, code16, blocksize, op, N, n0, n1, scratch.data());
+  });
+}
+
+}  // namespace lowbit::ops

@@ -1,0 +1,17 @@
+// The CPU 4-bit product behind gemv_4bit (any M); see cpu_gemm4.cpp for how it picks a kernel.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+#include "lowbit/blockscale.h"
+
+namespace lowbit::ops {
+
+// out [M, N] (fp32, contiguous) = a [M, K] (fp32, contiguous) @ W^T, W [N, K] 4-bit packed with
+// per-block scales `scales` (fp32 or double quantized) and the 16-entry code table code16.
+void cpu_gemm_4bit(const at::Tensor& a, const uint8_t* packed, const BlockAbsmax& scales,
+                   const float* code16, int64_t blocksize, at::Tensor& out);
+
+}  // namespace lowbit::ops
