@@ -34,6 +34,12 @@ def cpu_isa() -> str:
     return fn().decode()
 
 
+def cpu_gemv_mode() -> str:
+    from lowbit._native import cpu_gemv_mode as mode
+
+    return mode()
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -165,6 +171,9 @@ def bench_int8(rows, shapes, ms, repeats, qdyn: bool):
 
 
 def bench_nf4_gemm(rows, shapes, ms, repeats):
+    """NF4 Linear at M > 1 as Linear4bit runs it on the CPU: gemv_4bit, which picks the int8-
+    activation kernel (M <= 16) or BLAS on dequantized fp32 weight tiles (larger M)."""
+    code = LF.get_4bit_type("nf4")
     for N, K in shapes:
         w = torch.randn(N, K)
         packed, absmax = ops.quantize_4bit(w, 64, "nf4", torch.uint8)
@@ -175,20 +184,16 @@ def bench_nf4_gemm(rows, shapes, ms, repeats):
         for M in ms:
             reps = repeats if M <= 128 else max(3, repeats // 3)
             xb = torch.randn(M, K, dtype=torch.bfloat16)
-
-            def nf4(p, m):
-                W = ops.dequantize_4bit(p, m, 64, "nf4", [N, K], torch.bfloat16)
-                return F.linear(xb, W)
-
-            t = timeit(nf4, qs, reps)
+            t = timeit(lambda p, m: ops.gemv_4bit(xb, p, [N, K], m, code, 64), qs, reps)
             t_base = timeit(lambda W: F.linear(xb, W), [(W,) for W in wbs], reps)
             rows.append(
                 Row(
-                    f"NF4 dequant+F.linear M={M} {N}x{K} (bf16)",
+                    f"NF4 linear M={M} {N}x{K} (bf16 act)",
                     1e3 * t,
                     "bf16 F.linear",
                     1e3 * t_base,
-                    0.8,
+                    0.8 if M >= 128 else None,
+                    "int8 activations" if M <= 16 else "BLAS on fp32 weight tiles",
                 )
             )
         del qs, wbs
@@ -345,13 +350,14 @@ def main(argv=None) -> int:
         qdyn=False,
     )
     bench_int8(rows, [(4096, 4096)], [128] if quick else [128, 512, 2048], repeats, qdyn=True)
-    bench_nf4_gemm(rows, [(4096, 4096)], [128] if quick else [128, 512, 2048], repeats)
+    bench_nf4_gemm(rows, [(4096, 4096)], [16, 128] if quick else [16, 128, 512, 2048], repeats)
     bench_quant(rows, (4096, 4096) if quick else (8192, 4096), repeats, copy_bw)
     header = [
         "## lowbit CPU benchmark",
         "",
         f"- command: `python -m lowbit bench --device cpu{' --quick' if quick else ''}`",
-        f"- CPU: {cpu_model()}, {os.cpu_count()} logical CPUs; kernels ISA: **{cpu_isa()}**",
+        f"- CPU: {cpu_model()}, {os.cpu_count()} logical CPUs; kernels ISA: **{cpu_isa()}**;"
+        f" 4-bit products with {cpu_gemv_mode()} activations (LOWBIT_CPU_GEMV)",
         f"- torch {torch.__version__}, {torch.get_num_threads()} threads; bitsandbytes {bnb_version}",
         f"- copy bandwidth (read + write): {copy_bw / 1e9:.1f} GB/s; speed-up = baseline ms / lowbit ms;"
         f" medians of {repeats}+ runs, weights rotated over > {4 * LLC_BYTES >> 20} MiB",

@@ -51,6 +51,7 @@ def collect() -> dict:
         "interop_threads": torch.get_num_interop_threads(),
         "lowbit_cpu_isa": _native.cpu_isa(),
         "lowbit_best_cpu_isa": _native.best_cpu_isa(),
+        "lowbit_cpu_gemv_activations": _native.cpu_gemv_mode(),
         "lowbit_with_cuda": _native.with_cuda(),
         "torch_cuda_version": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
@@ -79,7 +80,8 @@ def run(args) -> int:
     print(f"{'torch cpu capability':<22}{info['torch_cpu_capability']}")
     print(f"{'threads':<22}{info['threads']} (interop {info['interop_threads']})")
     print(
-        f"{'lowbit cpu kernels':<22}{info['lowbit_cpu_isa']} (best here: {info['lowbit_best_cpu_isa']})"
+        f"{'lowbit cpu kernels':<22}{info['lowbit_cpu_isa']} (best here: {info['lowbit_best_cpu_isa']});"
+        f" 4-bit products with {info['lowbit_cpu_gemv_activations']} activations"
     )
     print(f"{'lowbit built w/ CUDA':<22}{'yes' if info['lowbit_with_cuda'] else 'no'}")
     print(f"{'torch CUDA':<22}{info['torch_cuda_version'] or 'none'}")
