@@ -124,11 +124,12 @@ def test_quant_storage_that_cannot_hold_the_bytes_is_refused():
         (1, 64, 64),
         (1, 33, 65),
         (3, 100, 129),
-        (16, 256, 512),  # the most rows the CPU's int8-activation kernel takes
+        (16, 256, 512),
         (1, 1, 1),
-        (17, 70, 256),  # CPU: BLAS on dequantized weight tiles
+        (32, 70, 256),  # the most rows the CPU's int8-activation kernel takes
+        (33, 70, 256),  # CPU: BLAS on dequantized weight tiles
         (9, 33, 100),  # CPU: K % blocksize != 0, the fused fp32 kernel
-        (20, 9000, 128),  # CPU: several BLAS tiles
+        (40, 9000, 128),  # CPU: several BLAS tiles
     ],
 )
 def test_gemv_matches_reference(device, dtype, quant_type, M, N, K):
@@ -188,8 +189,8 @@ def _nested(W, blocksize, quant_type, nested_blocksize):
         (1, 300, 4096, 64, 256),  # 19200 blocks over 75 nested blocks (the QLoRA layout)
         (1, 40, 1024, 128, 4096),
         (2, 17, 256, 256, 128),
-        (20, 9000, 128, 64, 256),  # CPU: BLAS tiles, scales decoded per tile
-        (12, 40, 256, 32, 64),
+        (40, 9000, 128, 64, 256),  # CPU: BLAS tiles, scales decoded per tile
+        (36, 40, 256, 32, 64),
         (1, 1, 1, 64, 256),
     ],
 )

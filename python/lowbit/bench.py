@@ -172,7 +172,7 @@ def bench_int8(rows, shapes, ms, repeats, qdyn: bool):
 
 def bench_nf4_gemm(rows, shapes, ms, repeats):
     """NF4 Linear at M > 1 as Linear4bit runs it on the CPU: gemv_4bit, which picks the int8-
-    activation kernel (M <= 16) or BLAS on dequantized fp32 weight tiles (larger M)."""
+    activation kernel (M <= 32) or BLAS on dequantized fp32 weight tiles (larger M)."""
     code = LF.get_4bit_type("nf4")
     for N, K in shapes:
         w = torch.randn(N, K)
@@ -193,7 +193,7 @@ def bench_nf4_gemm(rows, shapes, ms, repeats):
                     "bf16 F.linear",
                     1e3 * t_base,
                     0.8 if M >= 128 else None,
-                    "int8 activations" if M <= 16 else "BLAS on fp32 weight tiles",
+                    "int8 activations" if M <= 32 else "BLAS on fp32 weight tiles",
                 )
             )
         del qs, wbs

@@ -180,7 +180,7 @@ def cpu_gemv_takes_int8(M: int, K: int, blocksize: int) -> bool:
     from lowbit._native import cpu_gemv_mode
 
     pow2 = blocksize >= 32 and blocksize & (blocksize - 1) == 0
-    return cpu_gemv_mode() == "int8" and 1 <= M <= 16 and K > 0 and K % 64 == 0 and pow2
+    return cpu_gemv_mode() == "int8" and 1 <= M <= 32 and K > 0 and K % 64 == 0 and pow2
 
 
 def gemv_4bit_expected(A, B, shapeB, absmax, code, blocksize: int, *nested) -> torch.Tensor:
@@ -197,7 +197,7 @@ def gemv_4bit_expected(A, B, shapeB, absmax, code, blocksize: int, *nested) -> t
 
 
 def gemv_4bit_q8(A, B, shapeB, absmax, code, blocksize: int) -> torch.Tensor:
-    """What gemv_4bit computes on AVX2 CPUs for up to 16 activation rows when K % 64 == 0 and the
+    """What gemv_4bit computes on AVX2 CPUs for up to 32 activation rows when K % 64 == 0 and the
     block size is a power of two >= 32 (LOWBIT_CPU_GEMV=int8, the default): the code values
     rounded to integers on a 64 / max|code| grid (q8_weight_codes), the activations to int8 per
     64-element chunk (quantize_activations_q8), then the exact product of those, here in fp64.
