@@ -80,18 +80,24 @@ def test_int8_matmul_leading_dims_out_and_strides(device):
     assert torch.equal(ops.int8_linear_matmul(non_contiguous(A), B), C)
 
 
-@pytest.mark.parametrize("K", [133144])
-def test_int8_matmul_at_the_int32_limit(K):
-    # 127 * 127 * 133144 = 2147480344 < 2**31: the largest K that cannot overflow.
-    A = torch.full((1, K), 127, dtype=torch.int8)
-    B = torch.full((2, K), -127, dtype=torch.int8)
+def test_int8_matmul_at_the_int32_limit():
+    # 128 * 128 * 131071 = 2147467264 < 2**31: the largest K that cannot overflow for any codes,
+    # -128 included (the kernels' sign trick and widening paths both hold it).
+    K = 131071
+    A = torch.full((1, K), -128, dtype=torch.int8)
+    B = torch.full((3, K), -128, dtype=torch.int8)
     B[1] = 127
+    B[2, ::2] = 127
     C = ops.int8_linear_matmul(A, B)
-    assert C.tolist() == [[-127 * 127 * K, 127 * 127 * K]]
-    with pytest.raises(ValueError, match="K = 133145 exceeds 133144"):
-        ops.int8_linear_matmul(
-            torch.ones(1, K + 1, dtype=torch.int8), torch.ones(2, K + 1, dtype=torch.int8)
-        )
+    assert C.tolist() == [[128 * 128 * K, -128 * 127 * K, -128 * 127 * 65536 + 128 * 128 * 65535]]
+    A127 = torch.full((1, K), 127, dtype=torch.int8)
+    assert ops.int8_linear_matmul(A127, B[1:2]).tolist() == [[127 * 127 * K]]
+    # one more would let (-128)^2 products pass 2**31 - 1: refused before any work
+    for k in (K + 1, 133144):
+        with pytest.raises(ValueError, match=f"K = {k} exceeds 131071"):
+            ops.int8_linear_matmul(
+                torch.ones(1, k, dtype=torch.int8), torch.ones(2, k, dtype=torch.int8)
+            )
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16, torch.float32])

@@ -9,8 +9,10 @@
 
 namespace lowbit::ops {
 
-// The largest K for which an int8 x int8 dot product cannot overflow int32: 127*127*K < 2**31.
-constexpr int64_t kMaxInt8K = 133144;
+// The largest K for which an int8 x int8 dot product cannot overflow int32 whatever the codes:
+// 128 * 128 * K < 2**31. lowbit's quantizers never emit -128 (127 * 127 would allow 133144), but
+// int8_linear_matmul takes any int8 tensors, and a checkpoint may hold -128.
+constexpr int64_t kMaxInt8K = 131071;
 
 inline void check_threshold(const char* op, double threshold) {
   TORCH_CHECK_VALUE(std::isfinite(threshold) && threshold >= 0.0, "lowbit.", op,
@@ -21,7 +23,7 @@ inline void check_threshold(const char* op, double threshold) {
 inline void check_k(const char* op, int64_t K) {
   TORCH_CHECK_VALUE(K <= kMaxInt8K, "lowbit.", op, ": K = ", K, " exceeds ", kMaxInt8K,
                     ", the largest inner dimension whose int32 accumulation cannot overflow "
-                    "(127 * 127 * K < 2**31)");
+                    "(128 * 128 * K < 2**31)");
 }
 
 // A int8 [..., K] times B int8 [N, K]^T; returns (M, N, K) with M the product of A's leading dims.

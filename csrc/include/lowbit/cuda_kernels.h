@@ -86,9 +86,8 @@ cudaError_t int8_vectorwise_quant(FloatType t, const void* a, int64_t rows, int6
 cudaError_t int8_vectorwise_dequant(const int8_t* q, const float* stats, int64_t rows, int64_t K,
                                     float* out, cudaStream_t stream);
 // C[m, n] = sum_k A[m, k] * B[n, k] with A [M, K], B [N, K] (both K-contiguous), int32 sums.
-// K <= 133144 (the wrapper checks it) so |C| < 2^31 for codes in [-127, 127]. -128 multiplies as
-// a signed byte; only a K above 131071 whose products are mostly (-128)^2 can exceed int32, and
-// then wraps (two's complement, as the CPU kernel does in practice). K == 0 writes zeros.
+// K <= 131071 (the wrapper checks it) so |C| < 128 * 128 * K < 2^31 for every int8 code, -128
+// included. K == 0 writes zeros.
 cudaError_t int8_gemm(const int8_t* A, const int8_t* B, int32_t* C, int64_t M, int64_t N, int64_t K,
                       cudaStream_t stream);
 // out[m, n] = float(C[m, n]) * (row[m] * col[n]) * (1 / 16129) + bias[n]; bias may be null.
