@@ -115,6 +115,7 @@ def test_table_lines_up():
         "model_mb": 86.6,
         "load_quantize_s": 0.5,
         "latency_ms": 12.34,
+        "latency_one_ms": 1.5,
         "cosine_mean": 0.99,
         "cosine_min": 0.98,
     }
