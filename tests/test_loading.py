@@ -3,7 +3,10 @@ tiny generated Llama / GPT-2 models (random weights, CPU)."""
 
 from __future__ import annotations
 
+import copy
+import io
 import json
+import sys
 
 import pytest
 import torch
@@ -67,6 +70,25 @@ def test_quantize_model_swaps_linears_and_skips_lm_head(kw):
     logits = model(x).logits
     assert (logits - ref).abs().max() < (0.05 if kw == Q8 else 0.5)
     assert all(biases[n] is None for n in biases if n != "lm_head")  # llama: no bias, none added
+
+
+def test_num_parameters_of_a_4bit_model_needs_no_bitsandbytes(monkeypatch):
+    # Transformers' num_parameters imports bitsandbytes for any is_loaded_in_4bit model; lowbit's
+    # models count their packed weights by logical shape instead, as the float model did.
+    model = tiny_llama()
+    want = [model.num_parameters(), model.num_parameters(exclude_embeddings=True)]
+    lowbit.quantize_model(model, LowbitConfig(**Q4))
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # any import of it now fails
+    assert [model.num_parameters(), model.num_parameters(exclude_embeddings=True)] == want
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # float ones
+    assert 0 < model.num_parameters(only_trainable=True) == trainable < want[0]
+    model.requires_grad_(False)
+    assert model.num_parameters(only_trainable=True) == 0
+    assert copy.deepcopy(model).num_parameters() == want[0]
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    assert torch.load(buf, weights_only=False).num_parameters() == want[0]
 
 
 def test_quantize_model_keeps_bias_and_handles_gpt2_conv1d():

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # 
 
 import lowbit  # noqa: E402, F401  (registers the "lowbit" quantizer)
 from lowbit import nn as lnn  # noqa: E402
+from lowbit._native import cpu_gemv_mode  # noqa: E402
 from lowbit.config import LowbitConfig  # noqa: E402
 from lowbit.nn.parameters import Int8Params, Params4bit  # noqa: E402
 
@@ -66,6 +67,18 @@ def _load(path, **kwargs):
 def _logits(model, input_ids):
     with torch.no_grad():
         return model(input_ids).logits
+
+
+# 4-bit layers on an AVX2 CPU round their activations to int8 (LOWBIT_CPU_GEMV=int8, the default
+# there), so "the same float weight" gives the same logits only up to that rounding.
+INT8_ACTIVATIONS = cpu_gemv_mode() == "int8"
+
+
+def _same_weights_same_logits(a, b, tol):
+    if INT8_ACTIVATIONS:
+        assert _cosine(a, b) > 0.9995
+    else:
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
 def _cosine(a, b):
@@ -207,7 +220,7 @@ def test_dequantize(tiny_llama, input_ids):
     model.dequantize()
     assert not any(isinstance(m, (lnn.Linear4bit, lnn.Linear8bitLt)) for m in model.modules())
     assert not hasattr(model.config, "quantization_config")
-    torch.testing.assert_close(_logits(model, input_ids), logits, rtol=1e-4, atol=1e-4)
+    _same_weights_same_logits(_logits(model, input_ids), logits, 1e-4)
 
 
 def test_lowbit_and_transformers_read_each_others_checkpoints(tiny_llama, input_ids, tmp_path):
@@ -313,7 +326,7 @@ def test_qlora_trains_and_merges(tiny_llama, input_ids, name):
     assert type(merged.model.layers[0].self_attn.q_proj) is torch.nn.Linear
     assert isinstance(merged.model.layers[0].self_attn.k_proj, (lnn.Linear4bit, lnn.Linear8bitLt))
     if name == "nf4":  # the same float weight, whether split into base + LoRA or merged
-        torch.testing.assert_close(_logits(merged, input_ids), logits, rtol=1e-3, atol=1e-3)
+        _same_weights_same_logits(_logits(merged, input_ids), logits, 1e-3)
     else:  # LLM.int8() also rounds the activations; the merged float layer does not
         assert _cosine(_logits(merged, input_ids), logits) > 0.9995
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch import nn
@@ -48,10 +49,42 @@ def skip_list(model, config: LowbitConfig, skip_modules) -> list[str]:
     return default_skip_modules(model) + config.skip_modules + list(skip_modules or [])
 
 
+def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+    """PreTrainedModel.num_parameters for a model with lowbit 4-bit layers. Transformers' own
+    version imports bitsandbytes whenever is_loaded_in_4bit is set (an ImportError without it)
+    and counts only its own Params4bit at their logical size; this one counts every quantized
+    4-bit weight by the shape in its quant state, everything else by numel()."""
+    skip = set()
+    if exclude_embeddings:
+        skip = {f"{n}.weight" for n, m in self.named_modules() if isinstance(m, nn.Embedding)}
+    total = 0
+    for name, param in self.named_parameters():
+        if name in skip or not (param.requires_grad or not only_trainable):
+            continue
+        state = getattr(param, "quant_state", None)
+        quantized = state is not None and getattr(param, "bnb_quantized", False)
+        total += math.prod(state.shape) if quantized else param.numel()
+    return total
+
+
+class _NumParameters:
+    """model.num_parameters for a lowbit 4-bit model: a plain object (not a bound method, which
+    pickle would look up again by name on the class and so lose), so torch.save/load and deepcopy
+    keep it."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        return num_parameters(self.model, only_trainable, exclude_embeddings)
+
+
 def _mark_quantized(model: nn.Module, config: LowbitConfig) -> None:
     # PEFT's prepare_model_for_kbit_training looks for these flags.
     model.is_loaded_in_4bit = config.bits == 4
     model.is_loaded_in_8bit = config.bits == 8
+    if config.bits == 4 and hasattr(model, "num_parameters"):
+        model.num_parameters = _NumParameters(model)
     model.quantization_method = "lowbit"
     hf_config = getattr(model, "config", None)
     if hf_config is not None and hasattr(hf_config, "to_dict"):
