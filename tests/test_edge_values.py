@@ -174,3 +174,48 @@ def test_int8_row_with_a_tiny_scale_keeps_its_zeros(device):
     q, stats, _ = ops.int8_vectorwise_quant(A, 0.0)
     assert q.tolist() == [[127, 0, -64, 32]] and stats.tolist() == [pytest.approx(1e-38)]
     assert torch.equal(q, reference.int8_vectorwise_quant(A, 0.0)[0])
+
+
+def test_gemv_edge_activations_on_the_cpu():
+    # The CPU's int8-activation 4-bit product (M <= 32, K % 64 == 0) hands NaN/Inf and tiny
+    # activations to the exact fp32 kernel, so they keep their meaning: NaN/Inf rows give NaN/Inf
+    # outputs, a 1e-39 row a tiny nonzero output, an all-zero row exact zeros.
+    N, K = 24, 256
+    W = torch.randn(N, K)
+    packed, absmax = ops.quantize_4bit(W, 64, "nf4", torch.uint8)
+    code = F.get_4bit_type("nf4")
+    x = torch.randn(4, K)
+    x[1] = 0.0
+    out = ops.gemv_4bit(x, packed, [N, K], absmax, code, 64)
+    assert torch.equal(out[1], torch.zeros(N))
+    torch.testing.assert_close(
+        out, reference.gemv_4bit_expected(x, packed, [N, K], absmax, code, 64), rtol=1e-4, atol=1e-3
+    )
+    exact = reference.gemv_4bit(x, packed, [N, K], absmax, code, 64)
+    for bad in (float("nan"), float("inf")):
+        y = x.clone()
+        y[2, 7] = bad
+        out = ops.gemv_4bit(y, packed, [N, K], absmax, code, 64)
+        assert not out[2].isfinite().any()
+        # the other rows: the exact kernel's answer (the whole call fell back to it)
+        keep = [0, 1, 3]
+        torch.testing.assert_close(out[keep], exact[keep], rtol=1e-4, atol=1e-4)
+    tiny = torch.full((1, K), 1e-39)
+    out = ops.gemv_4bit(tiny, packed, [N, K], absmax, code, 64)
+    ref = reference.gemv_4bit(tiny.double(), packed, [N, K], absmax.double(), code.double(), 64)
+    assert (out != 0).all()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-3, atol=0)
+
+
+def test_gemv_nan_weight_block_poisons_its_rows_on_every_path():
+    # A NaN/Inf weight block quantizes to absmax NaN: every product that reads it is NaN, on the
+    # int8-activation path (M = 1..32) and on BLAS tiles (M > 32) alike.
+    N, K = 8, 128
+    W = torch.randn(N, K)
+    W[3, 70] = float("nan")
+    packed, absmax = ops.quantize_4bit(W, 64, "nf4", torch.uint8)
+    code = F.get_4bit_type("nf4")
+    for M in (1, 5, 40):
+        out = ops.gemv_4bit(torch.randn(M, K), packed, [N, K], absmax, code, 64)
+        assert out[:, 3].isnan().all()
+        assert out[:, [0, 1, 2, 4, 5, 6, 7]].isfinite().all()
