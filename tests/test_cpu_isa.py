@@ -70,8 +70,10 @@ CASES_SCRIPT = textwrap.dedent(
                     for odt in DT:
                         out[f"dq4/{shape}/{dt}/{qt}/{bs}/{odt}"] = ops.dequantize_4bit(p, m, bs, qt, a.shape, odt)
 
-    # Fused 4-bit products: LLM shapes and odd ones (K not a multiple of 64 / 128, odd N, M > 1).
-    for (N, K) in [(33, 64), (17, 128), (64, 4096), (40, 11008), (11, 100), (300, 4096)]:
+    # Fused 4-bit products: LLM shapes and odd ones (K not a multiple of 64 / 128, odd N, M > 1;
+    # K = 192, 448: rows that start inside a block of 128 or 256).
+    for (N, K) in [(33, 64), (17, 128), (64, 4096), (40, 11008), (11, 100), (300, 4096),
+                   (5, 192), (9, 448)]:
         w = torch.randn(N, K)
         for qt in ["nf4", "fp4"]:
             cb = F.get_4bit_type(qt)

@@ -189,6 +189,8 @@ def _nested(W, blocksize, quant_type, nested_blocksize):
         (1, 300, 4096, 64, 256),  # 19200 blocks over 75 nested blocks (the QLoRA layout)
         (1, 40, 1024, 128, 4096),
         (2, 17, 256, 256, 128),
+        (1, 9, 448, 128, 64),  # rows start inside a block (K % blocksize != 0)
+        (3, 5, 192, 256, 64),
         (40, 9000, 128, 64, 256),  # CPU: BLAS tiles, scales decoded per tile
         (36, 40, 256, 32, 64),
         (1, 1, 1, 64, 256),

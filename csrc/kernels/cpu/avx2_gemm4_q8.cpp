@@ -96,15 +96,18 @@ void tile(const Activations& x, const uint8_t* packed, const Scales& absmax, __m
   for (int m = 0; m < MT; ++m) out[(m0 + m) * N + j] = (simd::hsum(acc[m]) - corr[m]) * code_scale;
 }
 
-// scale[c] = absmax(block b0 + c / 2^shift) * activation scale(c) for every chunk of one row;
+// scale[c] = absmax(block of chunk c) * activation scale(c) for every chunk of the row that starts
+// at element e0;
 // returns the row's offset correction sum_c absmax(block of c) * offset(c). Blocksize 64 (the
 // common case) runs 8 chunks per step; a double-quantized absmax takes the same steps, so its
 // results equal those of the decoded fp32 absmax bit for bit.
 template <typename Scales>
-float row_scales(const Activations& x, const Scales& absmax, int64_t b0, int shift, float* scale) {
+float row_scales(const Activations& x, const Scales& absmax, int64_t e0, int log2_bs,
+                 float* scale) {
   int64_t c = 0;
   float corr = 0.0f;
-  if (shift == 0) {
+  if (log2_bs == 6) {  // blocksize 64: chunk c is block e0 / 64 + c
+    const int64_t b0 = e0 >> 6;
     __m256 cv = _mm256_setzero_ps();
     for (; c + 8 <= x.chunks; c += 8) {
       __m256 a;
@@ -121,7 +124,8 @@ float row_scales(const Activations& x, const Scales& absmax, int64_t b0, int shi
     corr = simd::hsum(cv);
   }
   for (; c < x.chunks; ++c) {
-    const float a = absmax[b0 + (c >> shift)];
+    // The row may start inside a block (K % blocksize != 0): index from the element, not the row.
+    const float a = absmax[(e0 + 64 * c) >> log2_bs];
     scale[c] = a * x.scale[c];
     corr += a * x.offset[c];
   }
@@ -138,11 +142,10 @@ void gemv_rows(const Activations& x, const uint8_t* packed, const Scales& absmax
                float code_scale, int log2_bs, float* out, int64_t j0, int64_t stride,
                float* scale) {
   const int64_t chunks = x.chunks, K = x.K;
-  const int shift = log2_bs - 6;  // 2^shift chunks per block
   for (int64_t j = j0; j < j0 + stride; ++j) {
     float corr[RT];
     for (int r = 0; r < RT; ++r)
-      corr[r] = row_scales(x, absmax, ((j + r * stride) * K) >> log2_bs, shift, scale + r * chunks);
+      corr[r] = row_scales(x, absmax, (j + r * stride) * K, log2_bs, scale + r * chunks);
     __m256 acc[RT];
     for (auto& v : acc) v = _mm256_setzero_ps();
     const uint8_t* rows = packed + j * (K / 2);
