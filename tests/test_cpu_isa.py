@@ -292,18 +292,37 @@ def test_int8_activation_products_match_their_model(q8_results, isa):
         assert torch.equal(_bits(got[key]), _bits(got[other])), f"{isa}: {key}"
 
 
-def test_int8_activations_stay_close_to_the_exact_product():
-    # The accuracy the int8-activation path trades for speed, on Gaussian weights and activations:
-    # its distance to the exact fp32 product is a small fraction of NF4's own error.
+@pytest.mark.parametrize("acts", ["randn", "relu", "randn+1"])
+def test_int8_activations_stay_close_to_the_exact_product(acts):
+    # The accuracy the int8-activation path trades for speed: its distance to the exact fp32
+    # product is a small fraction of NF4's own error, also for activations with a nonzero mean
+    # (ReLU/GELU outputs), where a biased code grid would add up coherently over K.
     torch.manual_seed(1)
     N, K = 512, 4096
     w, x = torch.randn(N, K), torch.randn(4, K)
+    x = {"randn": x, "relu": torch.relu(x), "randn+1": x + 1}[acts]
     p, m = torch.ops.lowbit.quantize_4bit(w, 64, "nf4", torch.uint8)
     cb = functional.get_4bit_type("nf4")
     exact = reference.gemv_4bit(x, p, [N, K], m, cb, 64)
     q8 = reference.gemv_4bit_q8(x, p, [N, K], m, cb, 64)
     nf4_err = (exact - x @ w.t()).pow(2).mean().sqrt()
     assert (q8 - exact).pow(2).mean().sqrt() < 0.2 * nf4_err
+
+
+def test_q8_code_grid_is_unbiased():
+    # Rounded to nearest, NF4 on the 1/64 grid errs by -0.96 steps in sum; one code is rounded the
+    # other way so that the 16 equally likely codes err by less than half a step in sum.
+    q, scale = reference.q8_weight_codes(functional.get_4bit_type("nf4"))
+    assert q.tolist() == [-64, -44, -34, -25, -18, -12, -6, 0, 5, 10, 16, 22, 28, 36, 46, 64]
+    assert abs(float((q - functional.get_4bit_type("nf4") * 64).sum())) < 0.5 and scale == 1 / 64
+    q, _ = reference.q8_weight_codes(functional.get_4bit_type("fp4"))
+    assert q.abs().max() == 64 and q[3] == 64 and q[11] == -64
+    for bad in (float("nan"), float("inf")):
+        code = functional.get_4bit_type("nf4").clone()
+        code[5] = bad
+        assert reference.q8_weight_codes(code) is None
+    assert reference.q8_weight_codes(torch.zeros(16)) is None
+    assert reference.q8_weight_codes(functional.get_4bit_type("nf4") * 1e-38) is None
 
 
 def test_gemv_mode_env():

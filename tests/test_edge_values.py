@@ -219,3 +219,36 @@ def test_gemv_nan_weight_block_poisons_its_rows_on_every_path():
         out = ops.gemv_4bit(torch.randn(M, K), packed, [N, K], absmax, code, 64)
         assert out[:, 3].isnan().all()
         assert out[:, [0, 1, 2, 4, 5, 6, 7]].isfinite().all()
+
+
+@pytest.mark.parametrize(
+    "case", ["nan code", "tiny code", "zero code", "huge weights", "huge activations"]
+)
+def test_gemv_inputs_the_int8_path_cannot_hold_get_the_exact_kernel(case):
+    # Codes it cannot put on its integer grid, and magnitudes whose fp32 scale products could
+    # overflow, go to the exact fp32 kernel: never a NaN or a wrong finite number in their place.
+    N, K = 4, 128
+    torch.manual_seed(0)
+    W, x = torch.randn(N, K), torch.randn(1, K)
+    code = F.get_4bit_type("nf4").clone()
+    if case == "huge weights":
+        W = W * 1e35
+    if case == "huge activations":
+        x = x * 1e35
+    packed, absmax = ops.quantize_4bit(W, 64, "nf4", torch.uint8)
+    if case == "nan code":
+        code[5] = float("nan")
+    elif case == "tiny code":
+        code = code * 1e-37
+    elif case == "zero code":
+        code = torch.zeros(16)
+    out = ops.gemv_4bit(x, packed, [N, K], absmax, code, 64)
+    exact = reference.gemv_4bit(x.double(), packed, [N, K], absmax.double(), code.double(), 64)
+    assert torch.equal(out.isnan(), exact.isnan())
+    expected = reference.gemv_4bit_expected(x, packed, [N, K], absmax, code, 64)
+    assert torch.equal(expected.isnan(), exact.isnan())
+    finite = exact.isfinite()
+    # huge weights with moderate activations stay on the int8 path (nothing overflows there)
+    torch.testing.assert_close(out[finite], expected[finite], rtol=1e-4, atol=0)
+    if case != "huge weights":
+        torch.testing.assert_close(out.double()[finite], exact[finite], rtol=1e-4, atol=0)

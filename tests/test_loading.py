@@ -4,9 +4,11 @@ tiny generated Llama / GPT-2 models (random weights, CPU)."""
 from __future__ import annotations
 
 import copy
+import gc
 import io
 import json
 import sys
+import weakref
 
 import pytest
 import torch
@@ -89,6 +91,14 @@ def test_num_parameters_of_a_4bit_model_needs_no_bitsandbytes(monkeypatch):
     torch.save(model, buf)
     buf.seek(0)
     assert torch.load(buf, weights_only=False).num_parameters() == want[0]
+    # no reference cycle: the quantized model is freed by `del`, without the cyclic collector
+    gc.disable()
+    try:
+        ref = weakref.ref(model)
+        del model
+        assert ref() is None
+    finally:
+        gc.enable()
 
 
 def test_quantize_model_keeps_bias_and_handles_gpt2_conv1d():

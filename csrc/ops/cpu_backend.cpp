@@ -1,7 +1,9 @@
 // The CPU backend: each function splits its work items (blocks, rows or output features) over
 // torch's thread pool with at::parallel_for and runs the torch-free kernel on each sub-range.
 #include <ATen/Parallel.h>
+#if defined(__linux__)
 #include <sys/mman.h>
+#endif
 
 #include <cmath>
 #include <cstdint>
@@ -31,7 +33,9 @@ int log2_pow2(int64_t x) {
 // request) the same first touch costs about a third of that. torch does the same for every large
 // allocation when THP_MEM_ALLOC_ENABLE=1; here only the op's own output is asked for. Memory that
 // is already resident (an out= tensor, reused heap) is left alone: mincore() on its first 2 MiB
-// page says so. Only whole 2 MiB pages inside the tensor are marked, so nothing else changes.
+// page says so. Only whole 2 MiB pages inside the tensor are marked; when the allocator served
+// the tensor from its heap rather than a fresh mapping, the advice stays on those pages after the
+// tensor is freed (they may be reused as huge pages), which changes memory use, never results.
 void prefer_huge_pages(void* data, int64_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;

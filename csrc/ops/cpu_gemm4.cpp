@@ -3,14 +3,16 @@
 //     (gemm_4bit_q8, the llama.cpp-style fast path; LOWBIT_CPU_GEMV=fp32 turns it off);
 //   * M >= kBlasMinRows: dequantize a tile of weight rows to fp32 (kept in cache, never the
 //     whole weight) and multiply it with torch's BLAS, tile after tile;
-//   * otherwise, and whenever the int8 path refuses (NaN/Inf/tiny activations, odd shapes): the
-//     fused fp32 kernel (gemm_4bit), exact up to the order of fp32 sums.
+//   * otherwise, and whenever the int8 path refuses (NaN/Inf/tiny/huge activations, a code it
+//     cannot put on its grid, odd shapes, a NaN/Inf result): the fused fp32 kernel (gemm_4bit),
+//     exact up to the order of fp32 sums.
 #include "ops/cpu_gemm4.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <atomic>
+#include <cmath>
 #include <vector>
 
 #include "lowbit/blockscale.h"
@@ -52,6 +54,11 @@ bool q8_product(const float* a, int64_t M, int64_t K, int64_t N, const uint8_t* 
     cpu::gemm_4bit_q8(q.data(), qs.data(), offsets.data(), M, K, packed, scales, cb, blocksize, out,
                       N, n0, n1);
   });
+  // A NaN/Inf output (a NaN weight block, or scales so large that an fp32 product overflowed)
+  // is recomputed by the fp32 kernels, which give NaN and Inf their exact meaning: the int8 path
+  // never turns an overflow into a different answer. One pass over M * N floats.
+  for (int64_t i = 0; i < M * N; ++i)
+    if (!std::isfinite(out[i])) return false;
   return true;
 }
 
@@ -71,12 +78,14 @@ void blas_product(const at::Tensor& a, int64_t N, const uint8_t* packed, const B
     const uint8_t* pp = packed + n0 * K / 2;  // K % blocksize == 0 and blocksize is even
     float* wp = w.data_ptr<float>();
     at::parallel_for(0, blocks, grain_for(blocksize), [&](int64_t b0, int64_t b1) {
-      const float* m = scales.absmax + b_first + b0;
+      const float* m = nullptr;
       std::vector<float> decoded;
       if (scales.nested()) {  // decode this sub-range's double-quantized scales once
         decoded.resize(static_cast<size_t>(b1 - b0));
         for (int64_t b = b0; b < b1; ++b) decoded[b - b0] = scales[b_first + b];
         m = decoded.data();
+      } else {
+        m = scales.absmax + b_first + b0;
       }
       cpu::dequantize_4bit(pp + b0 * blocksize / 2, m, code16, (b1 - b0) * blocksize, blocksize,
                            FloatType::f32, wp + b0 * blocksize, 0, b1 - b0);

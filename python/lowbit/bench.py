@@ -104,6 +104,10 @@ def _back_guest_memory(nbytes: int = 3 << 30) -> None:
     backed costs a host-side fault per page: measured 90 ms instead of 7 for one fresh 64 MiB
     output here, for the first calls only. After this, allocating ops (lowbit's and bitsandbytes'
     alike) time their own work and the guest kernel's page faults, as in a long-running process."""
+    try:  # never more than a quarter of what is free now
+        nbytes = min(nbytes, os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4)
+    except (ValueError, OSError):
+        nbytes = min(nbytes, 512 << 20)
     chunk = 256 << 20
     bufs = []
     for _ in range(max(1, nbytes // chunk)):
@@ -218,7 +222,9 @@ def bench_nf4_gemm(rows, shapes, ms, repeats):
                     "bf16 F.linear",
                     1e3 * t_base,
                     0.8 if M >= 128 else None,
-                    "int8 activations" if M <= 32 else "BLAS on fp32 weight tiles",
+                    "int8 activations"
+                    if M <= 32 and cpu_gemv_mode() == "int8"
+                    else "BLAS on fp32 weight tiles",
                 )
             )
         del qs, wbs

@@ -166,34 +166,76 @@ def quantize_activations_q8(A: torch.Tensor):
 
 
 def q8_weight_codes(code: torch.Tensor):
-    """The 16 code values as the CPU fast path uses them: integers rne(code * 64 / cmax) in
-    [-64, 64], and the factor cmax / 64 that scales them back (cpu_kernels.h make_q8_codebook)."""
-    code = code.float().cpu()
-    cmax = code.abs().max()
-    return torch.round(code * (torch.tensor(64.0) / cmax)), cmax / 64.0
+    """The 16 code values as the CPU fast path uses them (cpu_kernels.h make_q8_codebook):
+    integers in [-64, 64] on a 64 / cmax grid (cmax = max |code|), rounded to nearest-even and
+    then made unbiased (while the summed rounding error exceeds half a step, the code rounded
+    farthest in that direction is rounded the other way, lowest index on ties), and the factor
+    cmax / 64 that scales them back. None when the code has a NaN/Inf entry, is all zero, or is
+    so small that 64 / cmax overflows: the CPU then keeps the exact kernel."""
+    c = code.float().cpu().reshape(-1)
+    cmax = c.abs().max()
+    inv = torch.tensor(64.0) / cmax  # fp32, as the kernel
+    if not (bool(torch.isfinite(c).all()) and float(cmax) > 0 and bool(torch.isfinite(inv))):
+        return None
+    v = c * inv  # fp32 products
+    q = [int(x) for x in torch.round(v).tolist()]
+    err = [q[i] - float(v[i]) for i in range(16)]
+    total = 0.0
+    for e in err:  # the kernel's summation order, in double
+        total += e
+    while abs(total) > 0.5:
+        sign = 1 if total > 0 else -1
+        pick = -1
+        for i in range(16):
+            if err[i] * sign > 0 and (pick < 0 or abs(err[i]) > abs(err[pick])):
+                pick = i
+        q[pick] -= sign
+        err[pick] -= sign
+        total -= sign
+    return torch.tensor(q, dtype=torch.float32), cmax / 64.0
 
 
-def cpu_gemv_takes_int8(M: int, K: int, blocksize: int) -> bool:
+def _q8_activations_ok(A2: torch.Tensor) -> bool:
+    """The activation side of the CPU dispatch: all finite, and every 64-element chunk's absmax
+    either 0 or within [2^-100, 2^64] (outside, fp32 scales could lose or overflow the chunk)."""
+    if not bool(torch.isfinite(A2).all()):
+        return False
+    amax = A2.float().reshape(A2.shape[0], -1, 64).abs().amax(-1)
+    return bool(((amax == 0) | ((amax >= 2.0**-100) & (amax <= 2.0**64))).all())
+
+
+def cpu_gemv_takes_int8(M: int, K: int, blocksize: int, A=None, code=None) -> bool:
     """Whether lowbit's CPU gemv_4bit runs the int8-activation kernel for M activation rows of
-    length K (finite activations, a 16-entry code with a nonzero finite max): the dispatch rule
-    of csrc/ops/cpu_gemm4.cpp, spelled out for tests and docs."""
+    length K: the dispatch rule of csrc/ops/cpu_gemm4.cpp, spelled out for tests and docs. With
+    the activations A and the code given, their conditions are checked too (q8_weight_codes,
+    finite and moderate activations). The kernel also hands a call whose result holds NaN/Inf to
+    the exact kernel; gemv_4bit_expected mirrors that through the exact result."""
     from lowbit._native import cpu_gemv_mode
 
     pow2 = blocksize >= 32 and blocksize & (blocksize - 1) == 0
-    return cpu_gemv_mode() == "int8" and 1 <= M <= 32 and K > 0 and K % 64 == 0 and pow2
+    if not (cpu_gemv_mode() == "int8" and 1 <= M <= 32 and K > 0 and K % 64 == 0 and pow2):
+        return False
+    if code is not None and q8_weight_codes(code) is None:
+        return False
+    return A is None or _q8_activations_ok(A.reshape(M, K))
 
 
 def gemv_4bit_expected(A, B, shapeB, absmax, code, blocksize: int, *nested) -> torch.Tensor:
     """What lowbit's gemv_4bit op computes on A's device, as an executable spec: the int8-
     activation model (gemv_4bit_q8) where the CPU takes that kernel, the exact product
-    (gemv_4bit) everywhere else. `nested`: gemv_4bit's double-quantization arguments."""
+    (gemv_4bit) everywhere else. `nested`: gemv_4bit's double-quantization arguments. Valid for
+    inputs whose fp32 products do not overflow (the kernel's NaN/Inf check is mirrored on the
+    exact result)."""
     K = shapeB[1]
     M = A.numel() // K if K else 0
-    if A.device.type == "cpu" and cpu_gemv_takes_int8(M, K, blocksize):
-        if nested and nested[0] is not None:
-            absmax = decode_nested_absmax(absmax, *nested)
-        return gemv_4bit_q8(A, B, shapeB, absmax, code, blocksize)
-    return gemv_4bit(A, B, shapeB, absmax, code, blocksize, *nested)
+    exact = gemv_4bit(A, B, shapeB, absmax, code, blocksize, *nested)
+    if A.device.type != "cpu" or not cpu_gemv_takes_int8(M, K, blocksize, A, code):
+        return exact
+    if not bool(torch.isfinite(exact).all()):
+        return exact
+    if nested and nested[0] is not None:
+        absmax = decode_nested_absmax(absmax, *nested)
+    return gemv_4bit_q8(A, B, shapeB, absmax, code, blocksize)
 
 
 def gemv_4bit_q8(A, B, shapeB, absmax, code, blocksize: int) -> torch.Tensor:

@@ -47,16 +47,18 @@ void gemm_4bit(const float* a, int64_t M, int64_t K, const uint8_t* packed,
 // are quantized to int8 per 64-element chunk of each row, the 16 code values to integers in
 // [-64, 64], and the dot products run on integer multiply-adds (vpmaddubsw) instead of fp32 FMAs:
 // 2 shuffles instead of 24 per 64 weights, so the product runs at memory speed. The extra error
-// (code values rounded to 1/128 of their range, activations to 1/254 of their chunk's absmax) is
-// about 12% of NF4's own rms error on Gaussian weights and activations (20% with activation
-// outliers), i.e. +1-2% total error; LOWBIT_CPU_GEMV=fp32 turns it off (see lowbit/cpu_isa.h).
-// reference.gemv_4bit_q8 is the pure-torch model of these numerics.
+// (code values rounded to 1/128 of their range with the rounding made unbiased, activations to
+// 1/254 of their chunk's absmax) is 13-15% of NF4's own rms error for Gaussian, ReLU, SiLU and
+// mean-shifted activations (21% with 1% of activation columns 20x larger), i.e. +1-2% total error;
+// LOWBIT_CPU_GEMV=fp32 turns it off (see lowbit/cpu_isa.h). reference.gemv_4bit_q8 is the
+// pure-torch model of these numerics.
 constexpr int64_t kQ8Chunk = 64;
 // The weight codes enter vpmaddubsw as unsigned bytes u = code + kQ8WeightOffset in [0, 128].
 constexpr int32_t kQ8WeightOffset = 64;
 
-// The 16 code values as integers: code_u8[i] = rne(code[i] * (64 / cmax)) + 64, cmax = max
-// |code[i]|; the product is rescaled by `scale` = cmax / 64. ok = false when cmax is 0, NaN or Inf.
+// The 16 code values as integers: code_u8[i] = q[i] + 64, q[i] = rne(code[i] * (64 / cmax)) with
+// cmax = max |code[i]|, then made unbiased (see make_q8_codebook); the product is rescaled by
+// `scale` = cmax / 64. ok = false for a NaN/Inf entry, an all-zero code, or 64 / cmax = Inf.
 struct Q8Codebook {
   uint8_t code_u8[16];
   float scale;

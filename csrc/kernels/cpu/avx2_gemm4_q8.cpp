@@ -18,6 +18,7 @@
 // for blocksize 32, lanes 0..3 (elements 0..31) belong to one block and lanes 4..7 to the next.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <type_traits>
 #include <vector>
 
@@ -33,6 +34,9 @@ namespace {
 // in every row stream. 2-8 KiB all measured the same; 1 KiB and less fell back.
 constexpr int64_t kPrefetchBytes = 4096;
 constexpr float kTinyAbsmax = 7.888609052210118e-31f;  // 2^-100
+// Above this chunk absmax the fp32 scale and offset products could overflow to Inf (and Inf - Inf
+// to NaN) where the exact sum is finite: such activations take the fp32 kernels too.
+constexpr float kHugeAbsmax = 1.8446744073709552e19f;  // 2^64
 
 // One chunk's offset weight codes, per plane (see the top of the file).
 struct Chunk {
@@ -40,7 +44,10 @@ struct Chunk {
 };
 
 inline Chunk decode_chunk(__m256i table, const uint8_t* p) {
-  _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes), _MM_HINT_T0);
+  // Integer arithmetic: the address may lie past the end of the weight, which a prefetch may
+  // touch (it never faults) but pointer arithmetic may not form.
+  _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) + kPrefetchBytes),
+               _MM_HINT_T0);
   const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   const __m256i low4 = _mm256_set1_epi8(0x0f);
   // vpshufb reads index bits 0..3 and zeroes a byte whose bit 7 is set, so both planes are masked.
@@ -233,7 +240,7 @@ bool quantize_activations_q8(const float* a, int64_t K, int8_t* q, float* scales
         off[0] = off[chunks] = off[2 * chunks] = 0.0f;
         continue;
       }
-      if (amax < kTinyAbsmax) return false;
+      if (amax < kTinyAbsmax || amax > kHugeAbsmax) return false;
       const __m256 inv = _mm256_set1_ps(127.0f / amax);
       alignas(32) int32_t codes[64];
       for (int i = 0; i < 8; ++i)  // vcvtps2dq rounds to nearest-even (the default MXCSR mode)

@@ -68,13 +68,40 @@ void gemm_4bit(const float* a, int64_t M, int64_t K, const uint8_t* packed,
 Q8Codebook make_q8_codebook(const float* code16) {
   Q8Codebook cb{};
   float cmax = 0.0f;
-  for (int i = 0; i < 16; ++i) cmax = std::max(cmax, std::fabs(code16[i]));
-  cb.ok = std::isfinite(cmax) && cmax > 0.0f;
-  if (!cb.ok) return cb;
+  bool finite = true;
+  for (int i = 0; i < 16; ++i) {
+    finite = finite && std::isfinite(code16[i]);
+    cmax = std::max(cmax, std::fabs(code16[i]));
+  }
   const float inv = float(kQ8WeightOffset) / cmax;
-  // nearbyint rounds to nearest-even in the default rounding mode; |code * inv| <= 64 (+ulps).
-  for (int i = 0; i < 16; ++i)
-    cb.code_u8[i] = uint8_t(int(std::nearbyint(code16[i] * inv)) + kQ8WeightOffset);
+  // A NaN/Inf entry, an all-zero code, or one so small that 64 / cmax overflows: the fp32 kernels.
+  cb.ok = finite && cmax > 0.0f && std::isfinite(inv);
+  if (!cb.ok) return cb;
+  // Round to nearest (even), then make the rounding unbiased: the 16 codes are equally likely by
+  // design (NF4's quantiles), and a grid error whose mean is not zero adds up coherently over K
+  // whenever the activations have a nonzero mean (ReLU/GELU outputs): on NF4 plain rounding errs
+  // by -0.06 grid steps per code on average, which tripled the path's error for randn + 1
+  // activations. While the summed error exceeds half a step, the code rounded farthest in its
+  // direction is rounded the other way (lowest index on ties); every code stays within one step of
+  // its value, so in [-64, 64]. reference.q8_weight_codes does the same in the same order.
+  double err[16], total = 0.0;
+  int q[16];
+  for (int i = 0; i < 16; ++i) {
+    const float v = code16[i] * inv;  // |v| <= 64 (+ulps)
+    q[i] = int(std::nearbyint(v));
+    err[i] = double(q[i]) - double(v);
+    total += err[i];
+  }
+  while (std::fabs(total) > 0.5) {
+    const int sign = total > 0 ? 1 : -1;
+    int pick = -1;
+    for (int i = 0; i < 16; ++i)
+      if (err[i] * sign > 0 && (pick < 0 || std::fabs(err[i]) > std::fabs(err[pick]))) pick = i;
+    q[pick] -= sign;
+    err[pick] -= sign;
+    total -= sign;
+  }
+  for (int i = 0; i < 16; ++i) cb.code_u8[i] = uint8_t(q[i] + kQ8WeightOffset);
   cb.scale = cmax / float(kQ8WeightOffset);
   return cb;
 }

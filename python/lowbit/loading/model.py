@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 
 import torch
 from torch import nn
@@ -68,15 +69,20 @@ def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool 
 
 
 class _NumParameters:
-    """model.num_parameters for a lowbit 4-bit model: a plain object (not a bound method, which
-    pickle would look up again by name on the class and so lose), so torch.save/load and deepcopy
-    keep it."""
+    """model.num_parameters for a lowbit 4-bit model. It holds the model weakly: a strong
+    reference from the model's own __dict__ would make a cycle, and a quantized model would then
+    outlive `del model` until the cyclic garbage collector ran. __reduce__ rebuilds it from the
+    model, so torch.save/load and deepcopy keep it (a bound method would be looked up again by
+    name on the class when unpickled, and lost)."""
 
     def __init__(self, model: nn.Module):
-        self.model = model
+        self.model = weakref.ref(model)
 
     def __call__(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
-        return num_parameters(self.model, only_trainable, exclude_embeddings)
+        return num_parameters(self.model(), only_trainable, exclude_embeddings)
+
+    def __reduce__(self):
+        return (_NumParameters, (self.model(),))
 
 
 def _mark_quantized(model: nn.Module, config: LowbitConfig) -> None:
