@@ -15,6 +15,7 @@
 
 #include <optional>
 
+#include "lowbit/blockscale.h"
 #include "lowbit/codebook.h"
 
 namespace lowbit::ops {
@@ -29,6 +30,24 @@ struct NestedAbsmax {
   int64_t blocksize = 256;  // a power of two in [64, 4096]
   bool defined() const { return absmax.defined(); }
 };
+
+// The kernels' view of a 4-bit weight's block scales: the fp32 absmax, or (nested defined) the
+// uint8 codes with their double-quantization tables. Pointers into the tensors, which must outlive
+// it.
+inline BlockAbsmax block_scales(const at::Tensor& absmax, const NestedAbsmax& nested) {
+  BlockAbsmax s;
+  if (!nested.defined()) {
+    s.absmax = absmax.data_ptr<float>();
+    return s;
+  }
+  s.code_index = absmax.data_ptr<uint8_t>();
+  s.nested_absmax = nested.absmax.data_ptr<float>();
+  s.nested_code = nested.code.data_ptr<float>();
+  s.nested_offset = nested.offset;
+  s.nested_log2 = 0;  // nested.blocksize is a power of two (checked by the op)
+  while ((int64_t(1) << s.nested_log2) < nested.blocksize) ++s.nested_log2;
+  return s;
+}
 
 class Backend {
  public:

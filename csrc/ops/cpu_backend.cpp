@@ -20,13 +20,6 @@ namespace lowbit::ops {
 
 namespace {
 
-// log2 of a power of two (checked by the op).
-int log2_pow2(int64_t x) {
-  int r = 0;
-  while ((int64_t(1) << r) < x) ++r;
-  return r;
-}
-
 // A fresh output of tens of MiB costs one page fault per 4 KiB page on its first write: measured
 // ~1.5 us each on the reference VM, 12 ms for a 32 MiB bf16 output, longer than dequantizing
 // into it. Backed by 2 MiB pages (transparent huge pages, when the system allows them on
@@ -132,17 +125,7 @@ class CpuBackend final : public Backend {
     if (M > 0 && N > 0) {
       const uint8_t* bp = static_cast<const uint8_t*>(packed.data_ptr());
       // A double quantized absmax is decoded per block inside the kernel (no fp32 copy).
-      BlockAbsmax scales;
-      if (nested.defined()) {
-        scales.code_index = absmax.data_ptr<uint8_t>();
-        scales.nested_absmax = nested.absmax.data_ptr<float>();
-        scales.nested_code = nested.code.data_ptr<float>();
-        scales.nested_offset = nested.offset;
-        scales.nested_log2 = log2_pow2(nested.blocksize);
-      } else {
-        scales.absmax = absmax.data_ptr<float>();
-      }
-      cpu_gemm_4bit(a, bp, scales, code.data_ptr<float>(), blocksize, acc);
+      cpu_gemm_4bit(a, bp, block_scales(absmax, nested), code.data_ptr<float>(), blocksize, acc);
     }
     if (!acc.is_same(out)) out.copy_(acc);
   }

@@ -18,13 +18,6 @@ namespace {
 // The stream of the device the op's guard has made current.
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-// log2 of a power of two (the op has checked it).
-int log2_pow2(int64_t x) {
-  int r = 0;
-  while ((int64_t(1) << r) < x) ++r;
-  return r;
-}
-
 cuda::Code16 code16_of(QuantType4 qt) {
   cuda::Code16 c;
   const float* v = code4_table(qt);
@@ -103,16 +96,7 @@ class CudaBackend final : public Backend {
                  at::Tensor& out) const override {
     const int64_t M = a2.size(0), K = a2.size(1), N = out.size(1);
     if (M <= 0 || N <= 0) return;
-    BlockAbsmax scales;
-    if (nested.defined()) {
-      scales.code_index = absmax.data_ptr<uint8_t>();
-      scales.nested_absmax = nested.absmax.data_ptr<float>();
-      scales.nested_code = nested.code.data_ptr<float>();
-      scales.nested_offset = nested.offset;
-      scales.nested_log2 = log2_pow2(nested.blocksize);
-    } else {
-      scales.absmax = absmax.data_ptr<float>();
-    }
+    const BlockAbsmax scales = block_scales(absmax, nested);
     C10_CUDA_CHECK(cuda::gemv_4bit(float_type(a2.scalar_type()), a2.data_ptr(), M, K,
                                    static_cast<const uint8_t*>(packed.data_ptr()), scales,
                                    code.data_ptr<float>(), blocksize, out.data_ptr(), N,

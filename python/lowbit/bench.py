@@ -10,7 +10,6 @@ of torch's threads. The table goes to stdout and to benchmarks/results/cpu.md.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import platform
 import statistics
@@ -20,24 +19,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-import lowbit
 from lowbit import functional as LF
+from lowbit._native import cpu_gemv_mode, cpu_isa
 
 ops = torch.ops.lowbit
 LLC_BYTES = 32 << 20  # rotate so that every timed working set exceeds this (x4)
-
-
-def cpu_isa() -> str:
-    """The kernels' active ISA, read from the extension without going through torch."""
-    fn = ctypes.CDLL(lowbit._C.__file__).lowbit_cpu_isa_name
-    fn.restype = ctypes.c_char_p
-    return fn().decode()
-
-
-def cpu_gemv_mode() -> str:
-    from lowbit._native import cpu_gemv_mode as mode
-
-    return mode()
 
 
 def cpu_model() -> str:
