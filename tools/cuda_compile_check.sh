@@ -8,6 +8,10 @@
 #   2. Links a host program against it that names every entry point declared in
 #      csrc/include/lowbit/cuda_kernels.h, so a declaration without a matching definition fails.
 #      It only calls them with empty sizes, which launch nothing, so it runs without a GPU.
+#      cuBLASLt (the int8 GEMM) is compiled against the real cublasLt.h (from the installed
+#      nvidia-cublas wheel, the toolkit, or else the pinned wheel downloaded once into the build
+#      folder, headers only) and linked against a stub library whose definitions must match the
+#      header's declarations of every cuBLASLt function lowbit calls.
 #   3. If the installed torch ships the c10/cuda headers (even CPU wheels do), checks the syntax
 #      of the host code built only with LOWBIT_WITH_CUDA, with g++ -fsyntax-only -DLOWBIT_WITH_CUDA:
 #      csrc/ops/cuda_backend.cpp (the CUDA launches), the device-generic ops (csrc/ops/<family>.cpp,
@@ -38,6 +42,46 @@ NVCC=$(command -v nvcc)
 echo "cuda_compile_check: $($NVCC --version | tail -1), archs $ARCHS, build dir $BUILD"
 start=$(date +%s)
 
+# ---- cuBLASLt's header (the int8 GEMM) ----------------------------------------------------------
+# Pinned: the version whose header the check compiles against when none is installed.
+CUBLAS_WHEEL_PIN=${LOWBIT_CUBLAS_WHEEL_PIN:-nvidia-cublas==13.1.1.3}
+LT_ROOT=""
+for d in $("$PYTHON" -c 'import glob, os, sysconfig; d = os.path.join(sysconfig.get_paths()["purelib"], "nvidia"); print(" ".join(sorted(glob.glob(os.path.join(d, "cu1*"))) + [os.path.join(d, "cublas")]))' 2>/dev/null || true); do
+  if [ -f "$d/include/cublasLt.h" ]; then LT_ROOT=$d; break; fi
+done
+if [ -z "$LT_ROOT" ]; then
+  for d in "$(dirname "$(dirname "$NVCC")")" /usr/local/cuda; do
+    if [ -f "$d/include/cublasLt.h" ]; then LT_ROOT=$d; break; fi
+  done
+fi
+if [ -z "$LT_ROOT" ]; then
+  LT_ROOT="$BUILD/cublas-headers"
+  if [ ! -f "$LT_ROOT/include/cublasLt.h" ]; then
+    echo "cuda_compile_check: no cublasLt.h installed; fetching the headers of $CUBLAS_WHEEL_PIN"
+    rm -rf "$BUILD/cublas-wheel" && mkdir -p "$BUILD/cublas-wheel"
+    "$PYTHON" -m pip download -q --disable-pip-version-check --no-deps "$CUBLAS_WHEEL_PIN" \
+      -d "$BUILD/cublas-wheel" || {
+      echo "cuda_compile_check: FAILED: could not download $CUBLAS_WHEEL_PIN (cuBLASLt headers)" >&2
+      exit 1
+    }
+    "$PYTHON" - "$BUILD/cublas-wheel" "$LT_ROOT" <<'PYEOF'
+import glob, os, sys, zipfile
+src, dst = sys.argv[1], sys.argv[2]
+(whl,) = glob.glob(os.path.join(src, "*.whl"))
+with zipfile.ZipFile(whl) as z:
+    for n in z.namelist():
+        parts = n.split("/")
+        if "include" in parts and n.endswith(".h"):
+            out = os.path.join(dst, "include", parts[-1])
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            with z.open(n) as f, open(out, "wb") as g:
+                g.write(f.read())
+PYEOF
+    rm -rf "$BUILD/cublas-wheel"  # the wheel is mostly the 500 MB library; keep the headers only
+  fi
+fi
+echo "cuda_compile_check: cuBLASLt header from $LT_ROOT"
+
 # ---- 1 + 2: the kernels library through its CMakeLists, and the link check ----------------------
 DRIVER="$BUILD/driver"
 mkdir -p "$DRIVER"
@@ -46,6 +90,14 @@ cmake_minimum_required(VERSION 3.24)
 project(lowbit_cuda_check LANGUAGES CXX CUDA)
 set(CMAKE_CXX_STANDARD 17)
 set(CMAKE_POSITION_INDEPENDENT_CODE ON)
+# A stub cuBLASLt: the check links without the 500 MB library, and a definition that does not match
+# the header's declaration (extern "C") fails to compile.
+find_package(CUDAToolkit REQUIRED)
+add_library(lowbit_cublaslt_stub SHARED cublaslt_stub.cpp)
+target_include_directories(lowbit_cublaslt_stub SYSTEM PRIVATE "$LT_ROOT/include")
+target_link_libraries(lowbit_cublaslt_stub PRIVATE CUDA::toolkit)
+set(LOWBIT_CUBLASLT_ROOT "$LT_ROOT" CACHE PATH "" FORCE)
+set(LOWBIT_CUBLASLT_LIBRARY lowbit_cublaslt_stub CACHE STRING "" FORCE)
 add_subdirectory("$ROOT/csrc/kernels/cuda" kernels)
 add_executable(link_check link_check.cpp)
 target_link_libraries(link_check PRIVATE lowbit_cuda_kernels)
@@ -54,7 +106,39 @@ target_link_libraries(link_check PRIVATE lowbit_cuda_kernels)
 find_package(CUDAToolkit REQUIRED)
 file(WRITE "\${CMAKE_BINARY_DIR}/cuda_include_dirs.txt" "\${CUDAToolkit_INCLUDE_DIRS}")
 EOF
+cat >"$DRIVER/cublaslt_stub.cpp" <<'EOF'
+// Every cuBLASLt function lowbit calls, defined against cublasLt.h's declarations; each fails.
+#include <cublasLt.h>
+
+#define STUB \
+  { return CUBLAS_STATUS_NOT_SUPPORTED; }
+cublasStatus_t cublasLtMatmulDescCreate(cublasLtMatmulDesc_t*, cublasComputeType_t,
+                                        cudaDataType_t) STUB
+cublasStatus_t cublasLtMatmulDescDestroy(cublasLtMatmulDesc_t) STUB
+cublasStatus_t cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t, cublasLtMatmulDescAttributes_t,
+                                              const void*, size_t) STUB
+cublasStatus_t cublasLtMatrixLayoutCreate(cublasLtMatrixLayout_t*, cudaDataType, uint64_t, uint64_t,
+                                          int64_t) STUB
+cublasStatus_t cublasLtMatrixLayoutDestroy(cublasLtMatrixLayout_t) STUB
+cublasStatus_t cublasLtMatmulPreferenceCreate(cublasLtMatmulPreference_t*) STUB
+cublasStatus_t cublasLtMatmulPreferenceDestroy(cublasLtMatmulPreference_t) STUB
+cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t,
+                                                    cublasLtMatmulPreferenceAttributes_t,
+                                                    const void*, size_t) STUB
+cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t, cublasLtMatmulDesc_t,
+                                              cublasLtMatrixLayout_t, cublasLtMatrixLayout_t,
+                                              cublasLtMatrixLayout_t, cublasLtMatrixLayout_t,
+                                              cublasLtMatmulPreference_t, int,
+                                              cublasLtMatmulHeuristicResult_t*, int*) STUB
+cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t, const void*, const void*,
+                              cublasLtMatrixLayout_t, const void*, cublasLtMatrixLayout_t,
+                              const void*, const void*, cublasLtMatrixLayout_t, void*,
+                              cublasLtMatrixLayout_t, const cublasLtMatmulAlgo_t*, void*, size_t,
+                              cudaStream_t) STUB
+const char* cublasLtGetStatusName(cublasStatus_t) { return "stub"; }
+EOF
 cat >"$DRIVER/link_check.cpp" <<'EOF'
+
 // Names every entry point of lowbit/cuda_kernels.h (so each must be defined with exactly the
 // declared signature) and calls each with empty sizes, which must launch nothing and succeed.
 #include <cstdio>
@@ -81,7 +165,18 @@ int main() {
       cuda::int8_gemm(nullptr, nullptr, nullptr, 0, 0, 0, s),
       cuda::int8_mm_dequant(nullptr, nullptr, nullptr, FloatType::f32, nullptr, 0, 0,
                             FloatType::bf16, nullptr, s),
+      cuda::int8_linear_quant(FloatType::bf16, nullptr, 0, 64, 6.0f, nullptr, nullptr, nullptr, 8,
+                              nullptr, s),
+      cuda::int8_linear_epilogue(nullptr, nullptr, nullptr, FloatType::f32, nullptr,
+                                 FloatType::f16, nullptr, 0, 8, nullptr, nullptr, 64, nullptr, s),
   };
+  // Not supported (K % 4 != 0): returns before touching the handle, enqueues nothing.
+  if (cuda::int8_gemm_lt(nullptr, nullptr, 0, nullptr, nullptr, nullptr, 1, 4, 3, s) !=
+          cuda::kInt8LtUnsupported ||
+      cuda::int8_lt_status_name(0) == nullptr || !cuda::int8_quant_one_block(1, 64)) {
+    std::printf("int8_gemm_lt / int8_quant_one_block: unexpected result\n");
+    return 1;
+  }
   for (cudaError_t e : r)
     if (e != cudaSuccess) {
       std::printf("an empty call returned %d\n", int(e));

@@ -11,6 +11,16 @@
 #include "ops/backend.h"
 #include "ops/common.h"
 
+// torch's cuBLASLt handle and workspace (ATen/cuda/CUDAContextLight.h). Declared here rather than
+// included: that header also pulls in cusparse.h and cusolverDn.h, which minimal CUDA toolkits and
+// the compile check lack. Same names and signatures, so they bind to libtorch_cuda's definitions.
+struct cublasLtContext;
+namespace at::cuda {
+cublasLtContext* getCurrentCUDABlasLtHandle();
+size_t getCUDABlasLtWorkspaceSize();
+void* getCUDABlasLtWorkspace();
+}  // namespace at::cuda
+
 namespace lowbit::ops {
 
 namespace {
@@ -128,9 +138,71 @@ class CudaBackend final : public Backend {
   }
 
   void int8_gemm(const at::Tensor& a2, const at::Tensor& b, at::Tensor& c2) const override {
-    C10_CUDA_CHECK(cuda::int8_gemm(a2.data_ptr<int8_t>(), b.data_ptr<int8_t>(),
-                                   c2.data_ptr<int32_t>(), a2.size(0), b.size(0), b.size(1),
-                                   current_stream()));
+    int8_gemm_raw(a2.data_ptr<int8_t>(), b.data_ptr<int8_t>(), c2.data_ptr<int32_t>(), a2.size(0),
+                  b.size(0), b.size(1));
+  }
+
+  // cuBLASLt on torch's handle and workspace (one kernel); the dp4a kernel of int8.cu only where
+  // cuBLASLt cannot run (K or N not a multiple of 4, operands not 4-byte aligned).
+  static void int8_gemm_raw(const int8_t* A, const int8_t* B, int32_t* C, int64_t M, int64_t N,
+                            int64_t K) {
+    const cudaStream_t stream = current_stream();
+    if (K % 4 == 0 && N % 4 == 0) {
+      const int st = cuda::int8_gemm_lt(
+          at::cuda::getCurrentCUDABlasLtHandle(), at::cuda::getCUDABlasLtWorkspace(),
+          at::cuda::getCUDABlasLtWorkspaceSize(), A, B, C, M, N, K, stream);
+      TORCH_CHECK(st <= 0, "lowbit: cuBLASLt int8 GEMM failed: ", cuda::int8_lt_status_name(st),
+                  " (M=", M, ", N=", N, ", K=", K, ")");
+      if (st == 0) return;
+    }
+    C10_CUDA_CHECK(cuda::int8_gemm(A, B, C, M, N, K, stream));
+  }
+
+  // LLM.int8() forward: quantize + outlier columns, int8 GEMM, epilogue; three launches, no host
+  // synchronisation, so it can be captured in a CUDA graph. Scratch: one allocation from torch's
+  // caching allocator (no launch), carved into aligned pieces.
+  at::Tensor int8_linear(const at::Tensor& a2, const at::Tensor& w, const at::Tensor& w_scale,
+                         const at::Tensor& bias, float threshold) const override {
+    const int64_t M = a2.size(0), K = a2.size(1), N = w.size(0);
+    const bool outliers = threshold > 0.0f;
+    const bool one_block = cuda::int8_quant_one_block(M, K);
+    const int64_t cap = cuda::kInt8OutlierCapacity;
+    // Byte offsets, each rounded up to 256 (cuBLASLt reads the codes with 16-byte loads at best).
+    auto up = [](int64_t b) { return (b + 255) / 256 * 256; };
+    const int64_t o_q = 0;
+    const int64_t o_rs = o_q + up(M * K);
+    const int64_t o_c = o_rs + up(M * 4);
+    const int64_t o_mask = o_c + up(M * N * 4);
+    const int64_t o_count = o_mask + (outliers && !one_block ? up((K + 31) / 32 * 4) : 0);
+    const int64_t o_cols = o_count + (outliers ? 256 : 0);
+    const int64_t o_ag = o_cols + (outliers ? up(K * 4) : 0);
+    const int64_t o_wg = o_ag + (outliers ? up(M * cap * 4) : 0);
+    const int64_t total = o_wg + (outliers && !one_block ? up(cap * N) : 0);
+    at::Tensor scratch = at::empty({total}, a2.options().dtype(at::kByte));
+    uint8_t* base = scratch.data_ptr<uint8_t>();
+    auto* q = reinterpret_cast<int8_t*>(base + o_q);
+    auto* rs = reinterpret_cast<float*>(base + o_rs);
+    auto* c = reinterpret_cast<int32_t*>(base + o_c);
+    cuda::Int8Outliers ob;
+    if (outliers) {
+      ob.mask = one_block ? nullptr : reinterpret_cast<uint32_t*>(base + o_mask);
+      ob.count = reinterpret_cast<int32_t*>(base + o_count);
+      ob.cols = reinterpret_cast<int32_t*>(base + o_cols);
+      ob.a_gather = reinterpret_cast<float*>(base + o_ag);
+      ob.w_gather = one_block ? nullptr : reinterpret_cast<int8_t*>(base + o_wg);
+    }
+    at::Tensor out = at::empty({M, N}, a2.options());
+    const FloatType t = float_type(a2.scalar_type());
+    const auto* wp = w.data_ptr<int8_t>();
+    C10_CUDA_CHECK(cuda::int8_linear_quant(t, a2.data_ptr(), M, K, threshold, q, rs, wp, N,
+                                           outliers ? &ob : nullptr, current_stream()));
+    int8_gemm_raw(q, wp, c, M, N, K);
+    C10_CUDA_CHECK(cuda::int8_linear_epilogue(
+        c, rs, w_scale.data_ptr<float>(),
+        bias.defined() ? float_type(bias.scalar_type()) : FloatType::f32,
+        bias.defined() ? bias.data_ptr() : nullptr, t, out.data_ptr(), M, N, a2.data_ptr(), wp, K,
+        outliers ? &ob : nullptr, current_stream()));
+    return out;
   }
 
   void int8_mm_dequant(const at::Tensor& c2, const at::Tensor& row_stats,

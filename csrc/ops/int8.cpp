@@ -143,6 +143,13 @@ at::Tensor int8_linear(const at::Tensor& A, const at::Tensor& W, const at::Tenso
   const Backend& backend = backend_for(op, A);
   const at::Tensor a2 = A.contiguous().reshape({M, K});
   const at::Tensor w = W.contiguous();
+  if (K > 0) {
+    // CUDA: three launches, no host synchronisation (cuda_backend.cpp); the CPU returns undefined.
+    const at::Tensor fused =
+        backend.int8_linear(a2, w, W_scale.contiguous(),
+                            bias_t.defined() ? bias_t.contiguous() : bias_t, float(threshold));
+    if (fused.defined()) return fused.reshape(out_shape);
+  }
   at::Tensor mask;
   at::Tensor cols;
   if (threshold > 0.0) {

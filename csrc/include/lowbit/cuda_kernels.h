@@ -95,4 +95,49 @@ cudaError_t int8_mm_dequant(const int32_t* C, const float* row_stats, const floa
                             FloatType bias_t, const void* bias, int64_t rows, int64_t N,
                             FloatType out_t, void* out, cudaStream_t stream);
 
+// ---- LLM.int8() int8 GEMM through cuBLASLt (csrc/kernels/cuda/int8_gemm_lt.cu) ----------------
+// C [M, N] = A [M, K] . B [N, K]^T in int32 (same contract as int8_gemm) with cuBLASLt on
+// lt_handle (a cublasLtHandle_t) and the given workspace, on `stream`; one kernel. Returns 0 when
+// it ran, kInt8LtUnsupported when cuBLASLt cannot take this problem (K or N not a multiple of 4, a
+// pointer not 4-byte aligned, no algorithm: the caller runs int8_gemm instead, nothing was
+// enqueued), or a cublasStatus_t (> 0) on a library error (int8_lt_status_name names it).
+constexpr int kInt8LtUnsupported = -1;
+int int8_gemm_lt(void* lt_handle, void* workspace, size_t workspace_bytes, const int8_t* A,
+                 const int8_t* B, int32_t* C, int64_t M, int64_t N, int64_t K, cudaStream_t stream);
+const char* int8_lt_status_name(int status);
+
+// ---- LLM.int8() forward in three launches (csrc/kernels/cuda/int8_linear.cu) -------------------
+// int8_linear_quant -> int8_gemm_lt (or int8_gemm) -> int8_linear_epilogue; nothing waits for the
+// host, so the sequence can be captured in a CUDA graph.
+//
+// Outlier columns: every column c with some |a[r, c]| >= threshold (threshold > 0). They are listed
+// on the device in ascending order; the first kInt8OutlierCapacity are gathered into dense
+// buffers, the rest are read in place by the epilogue. The result never depends on how many there
+// are (no column is dropped), only the time does.
+constexpr int kInt8OutlierCapacity = 256;
+// Device scratch of one forward (contents on entry do not matter).
+struct Int8Outliers {
+  uint32_t* mask = nullptr;    // [ceil(K / 32)]; needed unless int8_quant_one_block(rows, K)
+  int32_t* count = nullptr;    // [1]: the number of outlier columns
+  int32_t* cols = nullptr;     // [K]: the outlier columns, ascending (first *count entries)
+  float* a_gather = nullptr;   // [rows, kInt8OutlierCapacity]: a[r, cols[j]] in fp32
+  int8_t* w_gather = nullptr;  // [kInt8OutlierCapacity, N]: W[n, cols[j]]; needed unless one block
+};
+// Whether int8_linear_quant runs as one thread block (few rows; no grid barrier, no weight gather)
+// rather than a cooperative grid.
+bool int8_quant_one_block(int64_t rows, int64_t K);
+// a [rows, K] of type t (contiguous) -> q [rows, K] int8 and row_stats [rows], as
+// int8_vectorwise_quant with the outlier columns' codes zeroed; with threshold > 0 also the
+// outlier list of `ob` (W [N, K]: the weight whose outlier bytes are gathered). K <= 131071.
+cudaError_t int8_linear_quant(FloatType t, const void* a, int64_t rows, int64_t K, float threshold,
+                              int8_t* q, float* row_stats, const int8_t* W, int64_t N,
+                              const Int8Outliers* ob, cudaStream_t stream);
+// out [rows, N] of type t = C * (row * col) / 127^2 + bias (int8_mm_dequant's expression, bit for
+// bit) + sum over the outlier columns c (ascending) of a[r, c] * (W[n, c] * (col[n] / 127)) in
+// fp32, rounded once. ob == null: no outliers (threshold 0). a [rows, K] of type t, W [N, K].
+cudaError_t int8_linear_epilogue(const int32_t* C, const float* row_stats, const float* col_stats,
+                                 FloatType bias_t, const void* bias, FloatType t, void* out,
+                                 int64_t rows, int64_t N, const void* a, const int8_t* W, int64_t K,
+                                 const Int8Outliers* ob, cudaStream_t stream);
+
 }  // namespace lowbit::cuda
