@@ -14,11 +14,13 @@
 // torch's cuBLASLt handle and workspace (ATen/cuda/CUDAContextLight.h). Declared here rather than
 // included: that header also pulls in cusparse.h and cusolverDn.h, which minimal CUDA toolkits and
 // the compile check lack. Same names and signatures, so they bind to libtorch_cuda's definitions.
+// Weak: a torch without one of them still loads lowbit (the address is then null), and the int8
+// GEMM runs without a workspace, or without cuBLASLt when there is no handle.
 struct cublasLtContext;
 namespace at::cuda {
-cublasLtContext* getCurrentCUDABlasLtHandle();
-size_t getCUDABlasLtWorkspaceSize();
-void* getCUDABlasLtWorkspace();
+__attribute__((weak)) cublasLtContext* getCurrentCUDABlasLtHandle();
+__attribute__((weak)) size_t getCUDABlasLtWorkspaceSize();
+__attribute__((weak)) void* getCUDABlasLtWorkspace();
 }  // namespace at::cuda
 
 namespace lowbit::ops {
@@ -148,9 +150,14 @@ class CudaBackend final : public Backend {
                             int64_t K) {
     const cudaStream_t stream = current_stream();
     if (K % 4 == 0 && N % 4 == 0) {
-      const int st = cuda::int8_gemm_lt(
-          at::cuda::getCurrentCUDABlasLtHandle(), at::cuda::getCUDABlasLtWorkspace(),
-          at::cuda::getCUDABlasLtWorkspaceSize(), A, B, C, M, N, K, stream);
+      void* handle = &at::cuda::getCurrentCUDABlasLtHandle != nullptr
+                         ? static_cast<void*>(at::cuda::getCurrentCUDABlasLtHandle())
+                         : nullptr;
+      const bool ws = &at::cuda::getCUDABlasLtWorkspace != nullptr &&
+                      &at::cuda::getCUDABlasLtWorkspaceSize != nullptr;
+      const int st = cuda::int8_gemm_lt(handle, ws ? at::cuda::getCUDABlasLtWorkspace() : nullptr,
+                                        ws ? at::cuda::getCUDABlasLtWorkspaceSize() : 0, A, B, C, M,
+                                        N, K, stream);
       TORCH_CHECK(st <= 0, "lowbit: cuBLASLt int8 GEMM failed: ", cuda::int8_lt_status_name(st),
                   " (M=", M, ", N=", N, ", K=", K, ")");
       if (st == 0) return;
