@@ -165,6 +165,11 @@ def rows_for(args) -> list[dict]:
         else:
             base = timer(lambda: a.float() @ b.float().t())
             name = "fp32 matmul"
+        for i in range(1, args.lt_algos):  # cuBLASLt's other heuristic candidates
+            os.environ["LOWBIT_INT8_LT_ALGO"] = str(i)
+            t = timer(lambda: ops.int8_linear_matmul.out(a, b, out=c))
+            row(f"int8 GEMM M=2048 cuBLASLt cand. {i}", f"{N}x{K}", t, name, base, None)
+        os.environ.pop("LOWBIT_INT8_LT_ALGO", None)
         row(
             "int8 GEMM M=2048",
             f"{N}x{K}",
@@ -259,6 +264,13 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="two shapes instead of five")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--out", default="benchmarks/results/gpu_int8.md")
+    p.add_argument(
+        "--lt-algos",
+        type=int,
+        default=1,
+        help="also time cuBLASLt's heuristic candidates 1..N-1 for the int8 GEMM "
+        "(LOWBIT_INT8_LT_ALGO; the candidate index is clamped to those returned)",
+    )
     args = p.parse_args(argv)
     if args.device == "cpu" and args.repeats > 3:
         args.repeats = 3

@@ -16,6 +16,9 @@
 //
 // Plans (descriptors, layouts and the chosen algorithm) are cached per device, shape, alignment
 // and workspace size: the heuristic query costs host time that a decode step cannot afford.
+// LOWBIT_INT8_LT_ALGO=i (read on every call, part of the cache key) takes the heuristic's i-th
+// candidate instead of its first (clamped to the last one returned): a knob for measuring the
+// candidates (benchmarks/bench_gpu_int8.py --lt-algos), not for production.
 #include <cublasLt.h>
 
 #include <cstdlib>
@@ -44,8 +47,16 @@ struct LtPlan {
   }
 };
 
-// device, M, N, K, alignment of A, B, C (bytes, capped at 16), workspace bytes
-using LtKey = std::tuple<int, int64_t, int64_t, int64_t, int, int, int, size_t>;
+// device, M, N, K, alignment of A, B, C (bytes, capped at 16), workspace bytes, candidate index
+using LtKey = std::tuple<int, int64_t, int64_t, int64_t, int, int, int, size_t, int>;
+constexpr int kMaxCandidates = 16;
+
+int candidate_index() {
+  const char* e = std::getenv("LOWBIT_INT8_LT_ALGO");
+  if (e == nullptr || *e == 0) return 0;
+  const int i = std::atoi(e);
+  return i < 0 ? 0 : (i >= kMaxCandidates ? kMaxCandidates - 1 : i);
+}
 
 int alignment(const void* p) {
   const uintptr_t u = reinterpret_cast<uintptr_t>(p);
@@ -67,7 +78,7 @@ uint32_t reduction_mask() {
 
 // Builds the plan; status != success only for library errors (no algorithm: ok == false).
 cublasStatus_t make_plan(cublasLtHandle_t handle, const LtKey& key, LtPlan& p) {
-  const auto [dev, M, N, K, align_a, align_b, align_c, ws] = key;
+  const auto [dev, M, N, K, align_a, align_b, align_c, ws, pick] = key;
   (void)dev;
   cublasStatus_t st = cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32I, CUDA_R_32I);
   if (st != CUBLAS_STATUS_SUCCESS) return st;
@@ -92,7 +103,7 @@ cublasStatus_t make_plan(cublasLtHandle_t handle, const LtKey& key, LtPlan& p) {
   const uint32_t aa = uint32_t(align_b), ab = uint32_t(align_a), ac = uint32_t(align_c);
   const uint32_t red = reduction_mask();
   int found = 0;
-  cublasLtMatmulHeuristicResult_t res{};
+  cublasLtMatmulHeuristicResult_t res[kMaxCandidates] = {};
   st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb,
                                             sizeof(wsb));
   if (st == CUBLAS_STATUS_SUCCESS)
@@ -111,15 +122,16 @@ cublasStatus_t make_plan(cublasLtHandle_t handle, const LtKey& key, LtPlan& p) {
     st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
                                               &red, sizeof(red));
   if (st == CUBLAS_STATUS_SUCCESS) {
-    st = cublasLtMatmulAlgoGetHeuristic(handle, p.desc, p.la, p.lb, p.lc, p.lc, pref, 1, &res,
+    st = cublasLtMatmulAlgoGetHeuristic(handle, p.desc, p.la, p.lb, p.lc, p.lc, pref, pick + 1, res,
                                         &found);
     // "Not supported" here means no algorithm for this problem: fall back, do not raise.
     if (st == CUBLAS_STATUS_NOT_SUPPORTED) st = CUBLAS_STATUS_SUCCESS, found = 0;
   }
   cublasLtMatmulPreferenceDestroy(pref);
   if (st != CUBLAS_STATUS_SUCCESS) return st;
-  p.ok = found > 0 && res.state == CUBLAS_STATUS_SUCCESS;
-  if (p.ok) p.algo = res.algo;
+  const int i = pick < found ? pick : found - 1;
+  p.ok = found > 0 && res[i].state == CUBLAS_STATUS_SUCCESS;
+  if (p.ok) p.algo = res[i].algo;
   return CUBLAS_STATUS_SUCCESS;
 }
 
@@ -139,7 +151,7 @@ int int8_gemm_lt(void* lt_handle, void* workspace, size_t workspace_bytes, const
   if (workspace == nullptr) workspace_bytes = 0;
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return int(CUBLAS_STATUS_EXECUTION_FAILED);
-  const LtKey key{dev, M, N, K, align_a, align_b, align_c, workspace_bytes};
+  const LtKey key{dev, M, N, K, align_a, align_b, align_c, workspace_bytes, candidate_index()};
   auto handle = static_cast<cublasLtHandle_t>(lt_handle);
 
   std::shared_ptr<LtPlan> plan;
