@@ -74,6 +74,21 @@ def launches(fn, device: str) -> int | None:
     return sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
 
 
+def kernel_breakdown(fn, device: str) -> str:
+    """The device time of each kernel of one fn() call (torch.profiler), as 'name: us; ...'."""
+    if device != "cuda":
+        return ""
+    from torch.profiler import DeviceType, ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    ev = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    return "; ".join(f"{e.name[:48]}: {e.time_range.elapsed_us():.1f} us" for e in ev)
+
+
 def graphed(fn, device: str):
     """fn captured in a CUDA graph (after a warm-up on a side stream); returns the replay."""
     if device != "cuda":
@@ -218,6 +233,8 @@ def rows_for(args) -> list[dict]:
                 launches(int8_fn, dev),
                 bnb_ms,
             )
+            if N == shapes[0][0] and K == shapes[0][1]:
+                print("   kernels:", kernel_breakdown(int8_fn, dev), flush=True)
             if dev == "cuda" and M <= 16:
                 gi, gb = graphed(int8_fn, dev), graphed(bf16_fn, dev)
                 row(

@@ -97,6 +97,29 @@ def test_int8_matmul_int32_exact(M, K, N):
     assert torch.equal(got, expected)
 
 
+def device_kernels(fn):
+    """Names of the device events (kernels, memsets, copies) of one fn() call after a warm-up."""
+    from torch.profiler import DeviceType, ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
+
+
+@pytest.mark.parametrize("M", [1, 16, 17, 256])
+def test_int8_matmul_runs_on_cublaslt(M):
+    """K and N multiples of 4: one kernel, cuBLASLt's (not lowbit's dp4a fallback, which a build
+    that did not find cuBLASLt would use: see csrc/kernels/cuda/CMakeLists.txt)."""
+    A = torch.randint(-127, 128, (M, 512), dtype=torch.int8, device="cuda")
+    B = torch.randint(-127, 128, (256, 512), dtype=torch.int8, device="cuda")
+    names = device_kernels(lambda: ops.int8_linear_matmul(A, B))
+    assert len(names) == 1, names
+    assert "int8_gemm_tiled" not in names[0] and "int8_gemm_skinny" not in names[0], names
+
+
 def test_int8_matmul_out_views():
     """.out into a strided view and misaligned operands (cuBLASLt needs 4-byte alignment)."""
     M, K, N = 20, 256, 64
@@ -245,21 +268,13 @@ def make_layer(K, N, threshold, dtype=torch.bfloat16):
 @pytest.mark.parametrize("M", [1, 16, 17, 2048])
 def test_at_most_three_launches(threshold, M):
     """A Linear8bitLt forward enqueues at most three kernels (memsets and copies counted too)."""
-    from torch.profiler import DeviceType, ProfilerActivity, profile
-
     K, N = 1024, 512
     layer = make_layer(K, N, threshold)
     x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda").clamp(-5, 5)
     x[0, 7] = 9.0  # one outlier column
     with torch.no_grad():
-        layer(x)  # warm-up: plans, occupancy
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            layer(x)
-            torch.cuda.synchronize()
-    device_events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-    names = [e.name for e in device_events]
-    assert 1 <= len(device_events) <= 3, names
+        names = device_kernels(lambda: layer(x))
+    assert 1 <= len(names) <= 3, names
 
 
 def test_linear8bitlt_compile_fullgraph_and_cuda_graph():

@@ -19,8 +19,6 @@
 // LOWBIT_INT8_LT_ALGO=i (read on every call, part of the cache key) takes the heuristic's i-th
 // candidate instead of its first (clamped to the last one returned): a knob for measuring the
 // candidates (benchmarks/bench_gpu_int8.py --lt-algos), not for production.
-#include <cublasLt.h>
-
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -29,6 +27,18 @@
 #include <tuple>
 
 #include "lowbit/cuda_kernels.h"
+
+#ifdef LOWBIT_NO_CUBLASLT
+// Built without cuBLASLt (its header or library was not found, see CMakeLists.txt).
+namespace lowbit::cuda {
+int int8_gemm_lt(void*, void*, size_t, const int8_t*, const int8_t*, int32_t*, int64_t, int64_t,
+                 int64_t, cudaStream_t) {
+  return kInt8LtUnsupported;
+}
+const char* int8_lt_status_name(int) { return "lowbit was built without cuBLASLt"; }
+}  // namespace lowbit::cuda
+#else
+#include <cublasLt.h>
 
 namespace lowbit::cuda {
 
@@ -136,7 +146,7 @@ cublasStatus_t make_plan(cublasLtHandle_t handle, const LtKey& key, LtPlan& p) {
 }
 
 std::mutex g_mutex;
-std::map<LtKey, std::shared_ptr<LtPlan>> g_plans;
+std::map<LtKey, std::shared_ptr<LtPlan> > g_plans;
 constexpr size_t kMaxPlans = 1024;  // distinct (M, N, K, ...) seen; cleared when full
 
 }  // namespace
@@ -181,3 +191,4 @@ const char* int8_lt_status_name(int status) {
 }
 
 }  // namespace lowbit::cuda
+#endif  // LOWBIT_NO_CUBLASLT
