@@ -221,8 +221,11 @@ def rows_for(args) -> list[dict]:
             bnb_ms = None
             if bnb is not None and thr > 0:
                 xh = x.to(torch.float16)
-                with torch.no_grad():
-                    bnb_ms = timer(lambda xh=xh: bnb(xh))
+                try:
+                    with torch.no_grad():
+                        bnb_ms = timer(lambda xh=xh: bnb(xh))
+                except Exception as e:  # noqa: BLE001  (bitsandbytes' failure is not ours)
+                    print(f"   bitsandbytes failed: {type(e).__name__}: {e}", flush=True)
             row(
                 f"LLM.int8() t={thr:g} M={M}",
                 f"{N}x{K}",
