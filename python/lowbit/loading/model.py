@@ -12,9 +12,11 @@ from torch import nn
 from lowbit.config import LowbitConfig
 from lowbit.nn.replace import (
     default_skip_modules,
+    embeddings_to_quantize,
     float_weight_of,
     linear_features,
     linear_layers_to_quantize,
+    make_quantized_embedding,
     make_quantized_linear,
     set_submodule,
     swap_in_empty,
@@ -109,13 +111,30 @@ def replace_linear_layers(model: nn.Module, config, skip_modules=None) -> nn.Mod
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, config, skip_modules=None, progress=None) -> nn.Module:
+def quantize_model(
+    model: nn.Module, config, skip_modules=None, progress=None, quantize_embeddings: bool = False
+) -> nn.Module:
     """Swap the model's linear layers for quantized copies in place (each quantized on its own
-    device; bias kept), skipping lm_head, tied output layers and the skip lists. Returns the model."""
+    device; bias kept), skipping lm_head, tied output layers and the skip lists. Returns the model.
+
+    quantize_embeddings=True also swaps the nn.Embedding tables for Embedding4bit (the config's
+    quant type, no double quantization) or Embedding8bit, under the same skip lists; tables tied
+    to another module (e.g. to lm_head) and tables with max_norm stay float. Off by default, as in
+    Transformers."""
     config = as_config(config)
     if config.bits is None:
         raise ValueError("the config selects neither load_in_4bit nor load_in_8bit")
-    names = linear_layers_to_quantize(model, skip_list(model, config, skip_modules))
+    if not isinstance(quantize_embeddings, bool):
+        raise TypeError(f"quantize_embeddings must be a bool, got {quantize_embeddings!r}")
+    skip = skip_list(model, config, skip_modules)
+    if quantize_embeddings:
+        # Only the user's skip lists: Transformers names the input embeddings in
+        # _tied_weights_keys even when tie_word_embeddings is off, and a real tie is detected
+        # by the shared parameter itself.
+        user_skip = config.skip_modules + list(skip_modules or [])
+        for name in embeddings_to_quantize(model, user_skip):
+            _quantize_embedding(model, name, config)
+    names = linear_layers_to_quantize(model, skip)
     for name in progress_bar(names, desc="Quantizing", enabled=progress):
         old = model.get_submodule(name)
         in_f, out_f = linear_features(old)
@@ -133,3 +152,16 @@ def quantize_model(model: nn.Module, config, skip_modules=None, progress=None) -
         set_submodule(model, name, new)
     _mark_quantized(model, config)
     return model
+
+
+def _quantize_embedding(model: nn.Module, name: str, config: LowbitConfig) -> None:
+    old = model.get_submodule(name)
+    new = make_quantized_embedding(
+        old.num_embeddings, old.embedding_dim, config, dtype=old.weight.dtype, device="meta"
+    )
+    new.padding_idx = old.padding_idx  # lookups only: the padding row quantizes to exact zeros
+    new.train(old.training)
+    new.load_state_dict({"weight": old.weight.detach()}, assign=True)
+    if not old.weight.is_meta:
+        new.quantize_()
+    set_submodule(model, name, new)

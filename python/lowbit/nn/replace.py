@@ -161,3 +161,53 @@ def float_weight_of(module: nn.Module) -> torch.Tensor:
     """The [out, in] weight of an nn.Linear or a Conv1D."""
     w = module.weight.detach()
     return w.t() if is_conv1d(module) else w
+
+
+# ---- embeddings (opt-in: quantize_model(..., quantize_embeddings=True)) -------------------------
+
+
+def _quantized_embedding_types() -> tuple[type, ...]:
+    from lowbit.nn.embedding import Embedding4bit, Embedding8bit
+
+    return (Embedding4bit, Embedding8bit)
+
+
+def embeddings_to_quantize(model: nn.Module, skip: Iterable[str]) -> list[str]:
+    """Names of the float nn.Embedding modules to quantize: not skipped, not already quantized,
+    without max_norm (which renormalizes the table in place on lookup), and not sharing their
+    weight with another module (a tied lm_head would keep the float table alive, and the tie
+    would break on reload)."""
+    skip = list(skip)
+    owners: dict[int, int] = {}
+    for _, m in model.named_modules():
+        for p in m.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    return [
+        name
+        for name, m in model.named_modules()
+        if name
+        and isinstance(m, nn.Embedding)
+        and not isinstance(m, _quantized_embedding_types())
+        and m.max_norm is None
+        and owners.get(id(m.weight), 0) == 1
+        and not name_matches(name, skip)
+    ]
+
+
+def make_quantized_embedding(num_embeddings: int, embedding_dim: int, config, dtype, device="meta"):
+    """An empty Embedding4bit / Embedding8bit set up as `config` says (no double quantization:
+    a lookup gathers a few rows' scales, which plain fp32 absmax serves directly)."""
+    from lowbit.nn.embedding import Embedding4bit, Embedding8bit
+
+    if config.bits == 4:
+        return Embedding4bit(
+            num_embeddings,
+            embedding_dim,
+            dtype=dtype,
+            quant_type=config.bnb_4bit_quant_type,
+            quant_storage=config.bnb_4bit_quant_storage,
+            device=device,
+        )
+    if config.bits == 8:
+        return Embedding8bit(num_embeddings, embedding_dim, device=device, dtype=dtype)
+    raise ValueError("the config selects neither load_in_4bit nor load_in_8bit")
