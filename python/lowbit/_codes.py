@@ -164,7 +164,8 @@ def create_fp8_map(
 
     For exponent field e (bias b = 2**(exponent_bits-1)) and fraction bits f: e = 0 is subnormal,
     0.f * 2**-b; e > 0 is (1.f) * 2**(b + 1 - e) (bitsandbytes' convention: the exponent counts
-    down). create_fp8_map(True, 2, 1, 4) is the 16 values of FP4 (sorted, not by nibble).
+    down). create_fp8_map(True, 2, 1, 4) holds FP4's values except the smallest magnitude: 0.25/12
+    there, 0.0625/12 in the FP4 code that 4-bit quantization uses (FP4_CODE, as bitsandbytes).
     """
     for name, v, low in (
         ("exponent_bits", exponent_bits, 1),

@@ -87,12 +87,53 @@ class _NumParameters:
         return (_NumParameters, (self.model(),))
 
 
+class SavePretrained:
+    """model.save_pretrained for a model with lowbit layers: `format="bitsandbytes"` writes the
+    checkpoint through lowbit.save_pretrained in bitsandbytes' format (loadable without lowbit);
+    any other call goes to the model class's own save_pretrained (Transformers', which Trainer
+    also calls), unchanged. Holds the model weakly, as _NumParameters, for the same reasons."""
+
+    def __init__(self, model: nn.Module):
+        self.model = weakref.ref(model)
+
+    def __call__(self, save_directory, *args, format: str = "lowbit", **kwargs):
+        from lowbit.loading.save import FORMATS, save_pretrained
+
+        model = self.model()
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+        if format == "lowbit":
+            return type(model).save_pretrained(model, save_directory, *args, **kwargs)
+        unknown = sorted(set(kwargs) - {"max_shard_size", "safe_serialization"})
+        if args or unknown or kwargs.get("safe_serialization", True) is not True:
+            raise TypeError(
+                "save_pretrained(format='bitsandbytes') takes save_directory and max_shard_size "
+                f"(safetensors only); got extra arguments {unknown or list(args)}"
+            )
+        save_pretrained(
+            model,
+            save_directory,
+            max_shard_size=kwargs.get("max_shard_size", "5GB"),
+            format="bitsandbytes",
+        )
+
+    def __reduce__(self):
+        return (SavePretrained, (self.model(),))
+
+
+def attach_save_pretrained(model: nn.Module) -> None:
+    """Give a Transformers model with lowbit layers model.save_pretrained(..., format=...)."""
+    if callable(getattr(type(model), "save_pretrained", None)):
+        model.save_pretrained = SavePretrained(model)
+
+
 def _mark_quantized(model: nn.Module, config: LowbitConfig) -> None:
     # PEFT's prepare_model_for_kbit_training looks for these flags.
     model.is_loaded_in_4bit = config.bits == 4
     model.is_loaded_in_8bit = config.bits == 8
     if config.bits == 4 and hasattr(model, "num_parameters"):
         model.num_parameters = _NumParameters(model)
+    attach_save_pretrained(model)
     model.quantization_method = "lowbit"
     hf_config = getattr(model, "config", None)
     if hf_config is not None and hasattr(hf_config, "to_dict"):
