@@ -122,8 +122,14 @@ class StableEmbedding(Embedding):
         self.norm = nn.LayerNorm(embedding_dim, device=device)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        emb = super().forward(input)
-        return self.norm(emb.to(torch.get_default_dtype())).to(self.weight.dtype)
+        emb = super().forward(input).to(torch.get_default_dtype())
+        norm = self.norm
+        # The norm's parameters join the default-dtype computation too, so a module cast with
+        # .half() / .to(bfloat16) still runs (bitsandbytes raises a mixed-dtype error there).
+        weight = None if norm.weight is None else norm.weight.to(emb.dtype)
+        bias = None if norm.bias is None else norm.bias.to(emb.dtype)
+        out = torch_F.layer_norm(emb, norm.normalized_shape, weight, bias, norm.eps)
+        return out.to(self.weight.dtype)
 
 
 def _check_indices(module: nn.Module, input) -> None:
