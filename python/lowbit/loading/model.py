@@ -191,8 +191,18 @@ def quantize_model(
         if not old.weight.is_meta and not (config.bits == 8 and config.llm_int8_has_fp16_weight):
             new.quantize_()
         set_submodule(model, name, new)
-    _mark_quantized(model, config)
+    _mark_quantized(model, _with_user_skips(config, skip_modules))
     return model
+
+
+def _with_user_skips(config: LowbitConfig, skip_modules) -> LowbitConfig:
+    """The config to record on the model: with the skip_modules argument in its skip list, so a
+    saved checkpoint reloads with those layers float (not quantized on load)."""
+    if not skip_modules:
+        return config
+    d = config.to_dict()
+    d["llm_int8_skip_modules"] = list(dict.fromkeys(config.skip_modules + list(skip_modules)))
+    return LowbitConfig.from_dict(d)
 
 
 def _quantize_embedding(model: nn.Module, name: str, config: LowbitConfig) -> None:
