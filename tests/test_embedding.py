@@ -123,8 +123,9 @@ def test_quantized_embeddings_match_bitsandbytes(kind, dim, dtype):
 @pytest.mark.parametrize("kind", list(QUANTIZED))
 @pytest.mark.parametrize("dim", [64, 96, 37, 1])
 def test_quantized_embeddings_against_the_reference(device, dtype, kind, dim):
-    # dim 96 is even but not whole 64-blocks: bitsandbytes 0.50.2's CPU dequantize_4bit kernel
-    # decodes such shapes with wrong block scales, so lowbit is held to its reference here.
+    # dim 96 is a multiple of 32 but not of the 64-blocks: bitsandbytes 0.50.2's CPU
+    # dequantize_4bit decodes such shapes with wrong block scales, so lowbit is held to its
+    # reference here.
     src = _source(30, dim, dtype, device)
     emb = QUANTIZED[kind](30, dim, dtype=dtype, device=device)
     emb.load_state_dict(src.state_dict())
