@@ -284,3 +284,32 @@ def test_quantize_model_keeps_tied_and_skipped_embeddings_float():
     assert type(skipped.model.embed_tokens) is nn.Embedding
     with pytest.raises(TypeError, match="quantize_embeddings must be a bool"):
         lowbit.quantize_model(_helpers_nn.tiny_llama(), CONFIGS["nf4"], quantize_embeddings="yes")
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_quantized_embeddings_through_save_and_from_pretrained(name, tmp_path):
+    pytest.importorskip("transformers")
+    config = CONFIGS[name]
+    ids = _helpers_nn.tokens(256)
+    model = _helpers_nn.tiny_llama(tie=False, vocab_size=256)
+    model.save_pretrained(tmp_path / "float")
+    q = lowbit.quantize_model(model, config, quantize_embeddings=True)
+    with torch.no_grad():
+        expected = q(ids).logits
+    lowbit.save_pretrained(q, tmp_path / "q")
+    kinds = (lowbit.nn.Embedding4bit, lowbit.nn.Embedding8bit)
+    # a checkpoint holding quantized embeddings loads them quantized, as stored
+    back = lowbit.from_pretrained(tmp_path / "q")
+    assert isinstance(back.model.embed_tokens, kinds) and back.model.embed_tokens.is_quantized
+    # a float checkpoint quantizes them on load when asked, to the same codes as quantize_model
+    fresh = lowbit.from_pretrained(
+        tmp_path / "float", quantization_config=config, quantize_embeddings=True
+    )
+    assert isinstance(fresh.model.embed_tokens, kinds)
+    plain = lowbit.from_pretrained(tmp_path / "float", quantization_config=config)
+    assert type(plain.model.embed_tokens) is nn.Embedding
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, expected)
+        assert torch.equal(fresh(ids).logits, expected)
+    with pytest.raises(TypeError, match="quantize_embeddings must be a bool"):
+        lowbit.from_pretrained(tmp_path / "float", load_in_4bit=True, quantize_embeddings=1)

@@ -173,7 +173,7 @@ def _bnb_skip_entry(name: str, quantized: list[str]) -> str:
 def _bnb_quant_config(model: nn.Module) -> dict:
     """bitsandbytes' quantization_config (BitsAndBytesConfig.to_dict()) for this model, or a
     ValueError naming what bitsandbytes' loader could not read back."""
-    from lowbit.nn.replace import _quantized_embedding_types, is_quantizable_linear, name_matches
+    from lowbit.nn.replace import QUANTIZED_EMBEDDING_TYPES, is_quantizable_linear, name_matches
 
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QUANTIZED_LINEAR_TYPES)}
     if not layers:
@@ -181,9 +181,7 @@ def _bnb_quant_config(model: nn.Module) -> dict:
             "format='bitsandbytes': the model has no lowbit quantized linear layers; quantize it "
             "first (lowbit.quantize_model) or save it with Transformers"
         )
-    embeddings = [
-        n for n, m in model.named_modules() if isinstance(m, _quantized_embedding_types())
-    ]
+    embeddings = [n for n, m in model.named_modules() if isinstance(m, QUANTIZED_EMBEDDING_TYPES)]
     if embeddings:
         raise ValueError(
             f"format='bitsandbytes': bitsandbytes' loader keeps embeddings in float and cannot "

@@ -15,9 +15,12 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from lowbit.nn.embedding import Embedding4bit, Embedding8bit
 from lowbit.nn.modules import Linear4bit, Linear8bitLt
 
 QUANTIZED_LINEAR_TYPES = (Linear4bit, Linear8bitLt)
+QUANTIZED_EMBEDDING_TYPES = (Embedding4bit, Embedding8bit)
+QUANTIZED_TYPES = QUANTIZED_LINEAR_TYPES + QUANTIZED_EMBEDDING_TYPES  # what TensorLoader fills
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -166,12 +169,6 @@ def float_weight_of(module: nn.Module) -> torch.Tensor:
 # ---- embeddings (opt-in: quantize_model(..., quantize_embeddings=True)) -------------------------
 
 
-def _quantized_embedding_types() -> tuple[type, ...]:
-    from lowbit.nn.embedding import Embedding4bit, Embedding8bit
-
-    return (Embedding4bit, Embedding8bit)
-
-
 def embeddings_to_quantize(model: nn.Module, skip: Iterable[str]) -> list[str]:
     """Names of the float nn.Embedding modules to quantize: not skipped, not already quantized,
     without max_norm (which renormalizes the table in place on lookup), and not sharing their
@@ -187,7 +184,7 @@ def embeddings_to_quantize(model: nn.Module, skip: Iterable[str]) -> list[str]:
         for name, m in model.named_modules()
         if name
         and isinstance(m, nn.Embedding)
-        and not isinstance(m, _quantized_embedding_types())
+        and not isinstance(m, QUANTIZED_EMBEDDING_TYPES)
         and m.max_norm is None
         and owners.get(id(m.weight), 0) == 1
         and not name_matches(name, skip)
@@ -197,8 +194,6 @@ def embeddings_to_quantize(model: nn.Module, skip: Iterable[str]) -> list[str]:
 def make_quantized_embedding(num_embeddings: int, embedding_dim: int, config, dtype, device="meta"):
     """An empty Embedding4bit / Embedding8bit set up as `config` says (no double quantization:
     a lookup gathers a few rows' scales, which plain fp32 absmax serves directly)."""
-    from lowbit.nn.embedding import Embedding4bit, Embedding8bit
-
     if config.bits == 4:
         return Embedding4bit(
             num_embeddings,
