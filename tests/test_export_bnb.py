@@ -166,7 +166,22 @@ def test_bitsandbytes_loads_lowbit_exports(float_dir, tmp_path):
         jobs.append(
             {"kind": "load", "src": str(dst), "ids": str(dst / "ids.pt"), "out": str(dst / "r.pt")}
         )
+    # GPT-2: Conv1D layers (transposed [in, out] float weights) quantized by lowbit
+    gpt2 = lowbit.quantize_model(_helpers_nn.tiny_gpt2(), lowbit.LowbitConfig(**CONFIGS["nf4"]))
+    dst = tmp_path / "gpt2"
+    lowbit.save_pretrained(gpt2, dst, format="bitsandbytes")
+    torch.save(_helpers_nn.tokens(128, shape=(2, 12)), dst / "ids.pt")
+    jobs.append(
+        {"kind": "load", "src": str(dst), "ids": str(dst / "ids.pt"), "out": str(dst / "r.pt")}
+    )
     _run_bnb(tmp_path, jobs)
+
+    r = torch.load(dst / "r.pt")
+    assert not any(r["info"].values()), r["info"]
+    for n, m in gpt2.named_modules():
+        if isinstance(m, lnn.Linear4bit):
+            assert torch.equal(r["layers"][n]["weight"], m.dequantize(torch.float32)), n
+    assert _cosine(r["logits_exact"], _logits(gpt2, torch.load(dst / "ids.pt"))) > 0.9995
 
     for name, model in models.items():
         r = torch.load(tmp_path / name / "r.pt")
@@ -291,6 +306,11 @@ def test_model_save_pretrained_format_argument(float_dir, tmp_path):
     for d in ("q-bnb", "q-lowbit"):
         back = lowbit.from_pretrained(tmp_path / d)
         assert torch.equal(_logits(back, ids), _logits(ours, ids))
+    # a temporary model saves too (the format argument lives on the class, not the instance)
+    lowbit.from_pretrained(tmp_path / "q-lowbit").save_pretrained(
+        tmp_path / "t", format="bitsandbytes"
+    )
+    assert (tmp_path / "t" / "model.safetensors").is_file()
     with pytest.raises(ValueError, match="format must be one of"):
         ours.save_pretrained(tmp_path / "x", format="gguf")
     with pytest.raises(TypeError, match="extra arguments"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import weakref
@@ -87,44 +88,50 @@ class _NumParameters:
         return (_NumParameters, (self.model(),))
 
 
-class SavePretrained:
-    """model.save_pretrained for a model with lowbit layers: `format="bitsandbytes"` writes the
-    checkpoint through lowbit.save_pretrained in bitsandbytes' format (loadable without lowbit);
-    any other call goes to the model class's own save_pretrained (Transformers', which Trainer
-    also calls), unchanged. Holds the model weakly, as _NumParameters, for the same reasons."""
+def _save_pretrained_with_format(original):
+    """`original` (a model class's save_pretrained) with a `format` argument: "bitsandbytes" writes
+    the checkpoint through lowbit.save_pretrained in bitsandbytes' format (loadable without
+    lowbit); None or "lowbit" call `original` unchanged (Transformers' own, which Trainer calls
+    too)."""
 
-    def __init__(self, model: nn.Module):
-        self.model = weakref.ref(model)
+    @functools.wraps(original)
+    def save_pretrained(self, save_directory, *args, format: str | None = None, **kwargs):
+        from lowbit.loading.save import FORMATS
+        from lowbit.loading.save import save_pretrained as lowbit_save
 
-    def __call__(self, save_directory, *args, format: str = "lowbit", **kwargs):
-        from lowbit.loading.save import FORMATS, save_pretrained
-
-        model = self.model()
-        if format not in FORMATS:
+        if format is not None and format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-        if format == "lowbit":
-            return type(model).save_pretrained(model, save_directory, *args, **kwargs)
+        if format != "bitsandbytes":
+            return original(self, save_directory, *args, **kwargs)
         unknown = sorted(set(kwargs) - {"max_shard_size", "safe_serialization"})
         if args or unknown or kwargs.get("safe_serialization", True) is not True:
             raise TypeError(
                 "save_pretrained(format='bitsandbytes') takes save_directory and max_shard_size "
                 f"(safetensors only); got extra arguments {unknown or list(args)}"
             )
-        save_pretrained(
-            model,
+        lowbit_save(
+            self,
             save_directory,
             max_shard_size=kwargs.get("max_shard_size", "5GB"),
             format="bitsandbytes",
         )
 
-    def __reduce__(self):
-        return (SavePretrained, (self.model(),))
+    save_pretrained._lowbit_format = True
+    return save_pretrained
 
 
 def attach_save_pretrained(model: nn.Module) -> None:
-    """Give a Transformers model with lowbit layers model.save_pretrained(..., format=...)."""
-    if callable(getattr(type(model), "save_pretrained", None)):
-        model.save_pretrained = SavePretrained(model)
+    """Give the model's class a save_pretrained(..., format=...) (see _save_pretrained_with_format).
+
+    Set on the class, not the instance: an instance attribute holding the model would make a
+    reference cycle (the model freed only by the cyclic garbage collector), and holding it weakly
+    would lose a temporary model (`load(...).save_pretrained(...)`) before the call. Every call
+    without `format` runs the class's own method unchanged; Transformers would otherwise drop an
+    unknown `format` argument silently."""
+    cls = type(model)
+    original = getattr(cls, "save_pretrained", None)
+    if callable(original) and not getattr(original, "_lowbit_format", False):
+        cls.save_pretrained = _save_pretrained_with_format(original)
 
 
 def _mark_quantized(model: nn.Module, config: LowbitConfig) -> None:
