@@ -389,3 +389,22 @@ def test_code_maps_bad_input():
         F.create_fp8_map(True, 4, 4, 8)
     with pytest.raises(ValueError, match="exponent_bits must be an int >= 1"):
         F.create_fp8_map(True, 0, 7, 8)
+
+
+@needs_bnb
+@pytest.mark.parametrize("kind", ["nf4", "fp4-dq", "int8"])
+def test_linear_state_dict_keys_match_bitsandbytes(kind):
+    lin = torch.nn.Linear(64, 32)
+    if kind == "int8":
+        ours = lowbit.nn.Linear8bitLt(64, 32, has_fp16_weights=False)
+        theirs = bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=False)
+    else:
+        args = {"quant_type": kind[:3], "compress_statistics": kind.endswith("dq")}
+        ours = lowbit.nn.Linear4bit(64, 32, **args)
+        theirs = bnb.nn.Linear4bit(64, 32, **args)
+    ours.load_state_dict(lin.state_dict())
+    theirs.load_state_dict(lin.state_dict())
+    a, b = ours.to("cpu").state_dict(), theirs.to("cpu").state_dict()
+    assert sorted(a) == sorted(b)
+    for k in b:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k

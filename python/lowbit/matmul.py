@@ -128,7 +128,7 @@ def matmul_4bit(
         )
     N, K = shape
     nbytes = (N * K + 1) // 2
-    if B.is_floating_point() and B.numel() * B.element_size() == N * K * B.element_size():
+    if B.is_floating_point() and B.numel() == N * K:  # a float [N, K] weight, not packed bytes
         raise TypeError(
             f"{fn}: B must be the packed 4-bit weight (uint8 or quant_storage bytes), got a "
             f"float tensor of {N * K} elements; quantize it with lowbit.functional.quantize_4bit"
