@@ -408,3 +408,21 @@ def test_linear_state_dict_keys_match_bitsandbytes(kind):
     assert sorted(a) == sorted(b)
     for k in b:
         assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+
+
+def test_products_and_embeddings_compile_fullgraph():
+    W = torch.randn(48, 64)
+    packed, qs = F.quantize_4bit(W, quant_type="nf4", compress_statistics=True)
+    A = torch.randn(3, 64)
+    f4 = torch.compile(lambda a: lowbit.matmul_4bit(a, packed.t(), qs), fullgraph=True)
+    assert torch.equal(f4(A), lowbit.matmul_4bit(A, packed.t(), qs))
+    state = lowbit.MatmulLtState(has_fp16_weights=False)
+    lowbit.matmul(A, W, state=state)
+    f8 = torch.compile(
+        lambda a: lowbit.matmul(a, state.CB, state=state, threshold=6.0), fullgraph=True
+    )
+    assert torch.equal(f8(A), lowbit.matmul(A, state.CB, state=state, threshold=6.0))
+    idx = torch.randint(0, 50, (2, 5))
+    for emb in (lowbit.nn.EmbeddingNF4(50, 64), lowbit.nn.Embedding8bit(50, 64)):
+        emb.quantize_()
+        assert torch.equal(torch.compile(emb, fullgraph=True)(idx), emb(idx))
