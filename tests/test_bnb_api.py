@@ -46,7 +46,10 @@ def _assert_same_4bit_product(ours, theirs, device):
 SHAPES_4BIT = [((3, 5, 64), 48), ((1, 64), 96), ((7, 200), 33), ((64,), 64), ((40, 128), 80)]
 
 
-@pytest.mark.parametrize("a_shape,n", SHAPES_4BIT, ids=str)
+# K = 96 / 160: multiples of 32 but not of the 64-blocks, where bitsandbytes 0.50.2's CPU 4-bit
+# kernels decode with the wrong block scales (forward and gradient); lowbit is held to the exact
+# product there, not compared with bitsandbytes.
+@pytest.mark.parametrize("a_shape,n", SHAPES_4BIT + [((5, 96), 40), ((2, 160), 24)], ids=str)
 @pytest.mark.parametrize("kind", ["nf4", "fp4", "nf4-dq"])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_matmul_4bit_matches_the_exact_product(device, dtype, a_shape, n, kind, with_bias):
