@@ -103,3 +103,98 @@ def create_dynamic_map(
     data += [0] * (2**total_bits - len(data))
     data.sort()
     return torch.tensor(data, dtype=torch.float32)
+
+
+# ---- 256-entry code maps (bitsandbytes.functional's map creators) --------------------------------
+#
+# Each returns 256 fp32 values, bit-identical to bitsandbytes' function of the same name and
+# arguments: a map with fewer than 2**8 distinct entries is padded with zeros, as blockwise 8-bit
+# quantization indexes a full byte.
+
+
+def create_linear_map(
+    signed: bool = True, total_bits: int = 8, add_zero: bool = True
+) -> torch.Tensor:
+    """Evenly spaced values from -1 (0 when unsigned) to 1, zero-padded in the middle to 256.
+
+    A signed map with a zero (add_zero, or fewer than 8 bits) holds 2**total_bits - 1 points so that
+    0 is one of them; the padding zeros go between the negative and the positive halves.
+    """
+    _check_bits("create_linear_map", total_bits)
+    n = 2**total_bits
+    if signed and (add_zero or total_bits < 8):
+        n -= 1
+    values = torch.linspace(-1.0 if signed else 0.0, 1.0, n, dtype=torch.float32)
+    pad = 256 - n
+    if pad == 0:
+        return values
+    half = n // 2
+    return torch.cat([values[:half], torch.zeros(pad), values[half:]])
+
+
+def create_normal_map(offset: float = 0.9677083, use_extra_value: bool = True) -> torch.Tensor:
+    """NormalFloat: quantiles of N(0, 1) scaled to [-1, 1] (its 16 nonzero-padded values are NF4).
+
+    The positive side takes the normal quantiles at 8 (use_extra_value) or 7 evenly spaced
+    probabilities from `offset` down to (but excluding) 0.5, the negative side 7 of them; zeros pad
+    the map to 256 (one of them is NF4's 0). The probabilities are spaced in fp32 and the quantiles
+    taken in fp64 (torch.special.ndtri, the inverse normal CDF, as scipy's norm.ppf), then rounded
+    to fp32 and divided by the largest.
+    """
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)):
+        raise TypeError(f"create_normal_map: offset must be a number, got {type(offset).__name__}")
+    if not 0.5 < offset < 1.0:
+        raise ValueError(f"create_normal_map: offset must be in (0.5, 1), got {offset}")
+
+    def quantiles(count: int) -> torch.Tensor:
+        p = torch.linspace(offset, 0.5, count + 1, dtype=torch.float32)[:-1]
+        return torch.special.ndtri(p.double()).float()
+
+    positive = quantiles(8 if use_extra_value else 7)
+    negative = -quantiles(7)
+    zeros = torch.zeros(256 - positive.numel() - negative.numel())
+    values = torch.cat([positive, zeros, negative]).sort().values
+    return values / values.max()
+
+
+def create_fp8_map(
+    signed: bool = True, exponent_bits: int = 5, precision_bits: int = 2, total_bits: int = 8
+) -> torch.Tensor:
+    """A small float format's values, sorted and divided by the largest; zero-padded to 256.
+
+    For exponent field e (bias b = 2**(exponent_bits-1)) and fraction bits f: e = 0 is subnormal,
+    0.f * 2**-b; e > 0 is (1.f) * 2**(b + 1 - e) (bitsandbytes' convention: the exponent counts
+    down). create_fp8_map(True, 2, 1, 4) holds FP4's values except the smallest magnitude: 0.25/12
+    there, 0.0625/12 in the FP4 code that 4-bit quantization uses (FP4_CODE, as bitsandbytes).
+    """
+    for name, v, low in (
+        ("exponent_bits", exponent_bits, 1),
+        ("precision_bits", precision_bits, 0),
+    ):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"create_fp8_map: {name} must be an int >= {low}, got {v!r}")
+    _check_bits("create_fp8_map", total_bits)
+    if exponent_bits + precision_bits + int(bool(signed)) != total_bits:
+        raise ValueError(
+            f"create_fp8_map: exponent_bits + precision_bits + sign bit must equal total_bits "
+            f"({exponent_bits} + {precision_bits} + {int(bool(signed))} != {total_bits})"
+        )
+    bias = 2 ** (exponent_bits - 1)
+    values: list[float] = []
+    for e in range(2**exponent_bits):
+        for f in range(2**precision_bits):
+            # fraction bits most significant first: f / 2**precision_bits
+            frac = f / 2**precision_bits
+            v = frac * 2.0**-bias if e == 0 else (1.0 + frac) * 2.0 ** (bias + 1 - e)
+            values.append(v)
+            if signed:
+                values.append(-v)
+    values += [0.0] * (256 - len(values))
+    values.sort()
+    code = torch.tensor(values, dtype=torch.float32)
+    return code / code.max()
+
+
+def _check_bits(fn: str, total_bits) -> None:
+    if isinstance(total_bits, bool) or not isinstance(total_bits, int) or not 1 <= total_bits <= 8:
+        raise ValueError(f"{fn}: total_bits must be an int in 1..8, got {total_bits!r}")

@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import torch
 
-from lowbit._codes import create_dynamic_map, get_4bit_type
+from lowbit._codes import (
+    create_dynamic_map,
+    create_fp8_map,
+    create_linear_map,
+    create_normal_map,
+    get_4bit_type,
+)
 from lowbit.quant_state import (
     QuantState,
     pack_dict_to_tensor,
@@ -17,6 +23,9 @@ from lowbit.quant_state import (
 __all__ = [
     "QuantState",
     "create_dynamic_map",
+    "create_fp8_map",
+    "create_linear_map",
+    "create_normal_map",
     "get_4bit_type",
     "quantize_blockwise",
     "dequantize_blockwise",

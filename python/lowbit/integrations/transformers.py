@@ -286,6 +286,9 @@ class LowbitHfQuantizer(HfQuantizer):
                 if not any(isinstance(op, LowbitDeserialize) for op in getattr(c, "operations", ()))
             ]
         model.is_loaded_in_lowbit = True
+        from lowbit.loading.model import attach_save_pretrained
+
+        attach_save_pretrained(model)  # model.save_pretrained(..., format="bitsandbytes")
         return model
 
     def is_serializable(self):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import weakref
@@ -12,9 +13,11 @@ from torch import nn
 from lowbit.config import LowbitConfig
 from lowbit.nn.replace import (
     default_skip_modules,
+    embeddings_to_quantize,
     float_weight_of,
     linear_features,
     linear_layers_to_quantize,
+    make_quantized_embedding,
     make_quantized_linear,
     set_submodule,
     swap_in_empty,
@@ -85,12 +88,59 @@ class _NumParameters:
         return (_NumParameters, (self.model(),))
 
 
+def _save_pretrained_with_format(original):
+    """`original` (a model class's save_pretrained) with a `format` argument: "bitsandbytes" writes
+    the checkpoint through lowbit.save_pretrained in bitsandbytes' format (loadable without
+    lowbit); None or "lowbit" call `original` unchanged (Transformers' own, which Trainer calls
+    too)."""
+
+    @functools.wraps(original)
+    def save_pretrained(self, save_directory, *args, format: str | None = None, **kwargs):
+        from lowbit.loading.save import FORMATS
+        from lowbit.loading.save import save_pretrained as lowbit_save
+
+        if format is not None and format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+        if format != "bitsandbytes":
+            return original(self, save_directory, *args, **kwargs)
+        unknown = sorted(set(kwargs) - {"max_shard_size", "safe_serialization"})
+        if args or unknown or kwargs.get("safe_serialization", True) is not True:
+            raise TypeError(
+                "save_pretrained(format='bitsandbytes') takes save_directory and max_shard_size "
+                f"(safetensors only); got extra arguments {unknown or list(args)}"
+            )
+        lowbit_save(
+            self,
+            save_directory,
+            max_shard_size=kwargs.get("max_shard_size", "5GB"),
+            format="bitsandbytes",
+        )
+
+    save_pretrained._lowbit_format = True
+    return save_pretrained
+
+
+def attach_save_pretrained(model: nn.Module) -> None:
+    """Give the model's class a save_pretrained(..., format=...) (see _save_pretrained_with_format).
+
+    Set on the class, not the instance: an instance attribute holding the model would make a
+    reference cycle (the model freed only by the cyclic garbage collector), and holding it weakly
+    would lose a temporary model (`load(...).save_pretrained(...)`) before the call. Every call
+    without `format` runs the class's own method unchanged; Transformers would otherwise drop an
+    unknown `format` argument silently."""
+    cls = type(model)
+    original = getattr(cls, "save_pretrained", None)
+    if callable(original) and not getattr(original, "_lowbit_format", False):
+        cls.save_pretrained = _save_pretrained_with_format(original)
+
+
 def _mark_quantized(model: nn.Module, config: LowbitConfig) -> None:
     # PEFT's prepare_model_for_kbit_training looks for these flags.
     model.is_loaded_in_4bit = config.bits == 4
     model.is_loaded_in_8bit = config.bits == 8
     if config.bits == 4 and hasattr(model, "num_parameters"):
         model.num_parameters = _NumParameters(model)
+    attach_save_pretrained(model)
     model.quantization_method = "lowbit"
     hf_config = getattr(model, "config", None)
     if hf_config is not None and hasattr(hf_config, "to_dict"):
@@ -109,13 +159,30 @@ def replace_linear_layers(model: nn.Module, config, skip_modules=None) -> nn.Mod
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, config, skip_modules=None, progress=None) -> nn.Module:
+def quantize_model(
+    model: nn.Module, config, skip_modules=None, progress=None, quantize_embeddings: bool = False
+) -> nn.Module:
     """Swap the model's linear layers for quantized copies in place (each quantized on its own
-    device; bias kept), skipping lm_head, tied output layers and the skip lists. Returns the model."""
+    device; bias kept), skipping lm_head, tied output layers and the skip lists. Returns the model.
+
+    quantize_embeddings=True also swaps the nn.Embedding tables for Embedding4bit (the config's
+    quant type, no double quantization) or Embedding8bit, under the same skip lists; tables tied
+    to another module (e.g. to lm_head) and tables with max_norm stay float. Off by default, as in
+    Transformers."""
     config = as_config(config)
     if config.bits is None:
         raise ValueError("the config selects neither load_in_4bit nor load_in_8bit")
-    names = linear_layers_to_quantize(model, skip_list(model, config, skip_modules))
+    if not isinstance(quantize_embeddings, bool):
+        raise TypeError(f"quantize_embeddings must be a bool, got {quantize_embeddings!r}")
+    skip = skip_list(model, config, skip_modules)
+    if quantize_embeddings:
+        # Only the user's skip lists: Transformers names the input embeddings in
+        # _tied_weights_keys even when tie_word_embeddings is off, and a real tie is detected
+        # by the shared parameter itself.
+        user_skip = config.skip_modules + list(skip_modules or [])
+        for name in embeddings_to_quantize(model, user_skip):
+            _quantize_embedding(model, name, config)
+    names = linear_layers_to_quantize(model, skip)
     for name in progress_bar(names, desc="Quantizing", enabled=progress):
         old = model.get_submodule(name)
         in_f, out_f = linear_features(old)
@@ -131,5 +198,28 @@ def quantize_model(model: nn.Module, config, skip_modules=None, progress=None) -
         if not old.weight.is_meta and not (config.bits == 8 and config.llm_int8_has_fp16_weight):
             new.quantize_()
         set_submodule(model, name, new)
-    _mark_quantized(model, config)
+    _mark_quantized(model, _with_user_skips(config, skip_modules))
     return model
+
+
+def _with_user_skips(config: LowbitConfig, skip_modules) -> LowbitConfig:
+    """The config to record on the model: with the skip_modules argument in its skip list, so a
+    saved checkpoint reloads with those layers float (not quantized on load)."""
+    if not skip_modules:
+        return config
+    d = config.to_dict()
+    d["llm_int8_skip_modules"] = list(dict.fromkeys(config.skip_modules + list(skip_modules)))
+    return LowbitConfig.from_dict(d)
+
+
+def _quantize_embedding(model: nn.Module, name: str, config: LowbitConfig) -> None:
+    old = model.get_submodule(name)
+    new = make_quantized_embedding(
+        old.num_embeddings, old.embedding_dim, config, dtype=old.weight.dtype, device="meta"
+    )
+    new.padding_idx = old.padding_idx  # lookups only: the padding row quantizes to exact zeros
+    new.train(old.training)
+    new.load_state_dict({"weight": old.weight.detach()}, assign=True)
+    if not old.weight.is_meta:
+        new.quantize_()
+    set_submodule(model, name, new)

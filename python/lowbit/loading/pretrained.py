@@ -15,6 +15,9 @@ from lowbit.loading.model import as_config, progress_bar, replace_linear_layers,
 from lowbit.loading.tensors import TensorLoader
 from lowbit.nn.replace import (
     QUANTIZED_LINEAR_TYPES,
+    embeddings_to_quantize,
+    make_quantized_embedding,
+    set_submodule,
 )
 
 logger = logging.getLogger("lowbit")
@@ -113,6 +116,7 @@ def from_pretrained(
     model_class=None,
     trust_remote_code: bool = False,
     progress: bool | None = None,
+    quantize_embeddings: bool = False,
 ):
     """Load a Transformers-format directory quantized, streaming it tensor by tensor.
 
@@ -124,7 +128,13 @@ def from_pretrained(
     device_map: None/"cpu", a device, "auto" (through accelerate), or a {module prefix: device}
     dict. With an accelerator in the map, modules mapped to "cpu"/"disk" need
     llm_int8_enable_fp32_cpu_offload=True and then stay unquantized in float32.
+
+    quantize_embeddings=True quantizes the nn.Embedding tables too, as
+    lowbit.quantize_model(..., quantize_embeddings=True) does. Embeddings a checkpoint stores
+    quantized load quantized whatever this says.
     """
+    if not isinstance(quantize_embeddings, bool):
+        raise TypeError(f"quantize_embeddings must be a bool, got {quantize_embeddings!r}")
     from transformers import AutoConfig
 
     path = Path(path)
@@ -169,6 +179,12 @@ def from_pretrained(
 
     if config is not None:
         replace_linear_layers(model, config, skip)
+        stored = _stored_quantized_embeddings(model, files) if saved is not None else {}
+        wanted = []
+        if quantize_embeddings and saved is None:
+            wanted = embeddings_to_quantize(model, config.skip_modules + list(skip_modules or []))
+        for name in dict.fromkeys([*stored, *wanted]):
+            _swap_in_empty_embedding(model, name, config, stored.get(name), dtype)
 
     def device_for(name: str) -> str:
         # "disk" modules are read into CPU memory; with an accelerator, dispatch offloads them.
@@ -240,3 +256,41 @@ def _dispatch(model, device_map, offload_folder):
     if "disk" in device_map.values() and offload_folder is None:
         raise ValueError("device_map sends modules to 'disk': pass offload_folder")
     dispatch_model(model, device_map=device_map, offload_dir=offload_folder)
+
+
+def _stored_quantized_embeddings(model: nn.Module, files) -> dict[str, int]:
+    """{name: 4 or 8} of the model's nn.Embedding modules that the checkpoint stores quantized
+    (they own a `weight.quant_state.*` or an `SCB` key). Keys are listed from safetensors headers
+    only; pickled checkpoints are not scanned (their embeddings load as float)."""
+    from safetensors import safe_open
+
+    embeddings = {n for n, m in model.named_modules() if type(m) is nn.Embedding}
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    found: dict[str, int] = {}
+    for file in files:
+        if not str(file).endswith(".safetensors"):
+            continue
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if ".weight.quant_state." in key:
+                    owner, bits = key.partition(".weight.quant_state.")[0], 4
+                elif key.endswith(".SCB"):
+                    owner, bits = key[: -len(".SCB")], 8
+                else:
+                    continue
+                for name in (owner, owner.removeprefix(prefix + "."), f"{prefix}.{owner}"):
+                    if name in embeddings:
+                        found[name] = bits
+    return found
+
+
+def _swap_in_empty_embedding(model, name, config: LowbitConfig, bits, dtype) -> None:
+    old = model.get_submodule(name)
+    if bits is not None and bits != config.bits:
+        config = LowbitConfig(load_in_4bit=bits == 4, load_in_8bit=bits == 8)
+    new = make_quantized_embedding(
+        old.num_embeddings, old.embedding_dim, config, dtype=dtype or old.weight.dtype
+    )
+    new.padding_idx = old.padding_idx
+    new.train(old.training)
+    set_submodule(model, name, new)

@@ -8,11 +8,15 @@ import logging
 import torch
 from torch import nn
 
+from lowbit.nn.embedding import Embedding4bit, Embedding8bit
 from lowbit.nn.modules import Linear4bit, Linear8bitLt
 from lowbit.nn.parameters import Int8Params, Params4bit
 from lowbit.nn.replace import (
-    QUANTIZED_LINEAR_TYPES,
+    QUANTIZED_TYPES,
 )
+
+_FOUR_BIT = (Linear4bit, Embedding4bit)
+_EIGHT_BIT = (Linear8bitLt, Embedding8bit)
 
 logger = logging.getLogger("lowbit")
 
@@ -73,7 +77,7 @@ class TensorLoader:
 
     @staticmethod
     def _accepts(module: nn.Module, local: str) -> bool:
-        if isinstance(module, QUANTIZED_LINEAR_TYPES):
+        if isinstance(module, QUANTIZED_TYPES):
             return local in ("weight", "bias", "SCB", "weight_format") or local.startswith(
                 "weight."
             )
@@ -95,7 +99,7 @@ class TensorLoader:
         module = self.modules[mod_name]
         device = torch.device(self.device_for(mod_name))
         full = f"{mod_name}.{local}" if mod_name else local
-        if isinstance(module, QUANTIZED_LINEAR_TYPES):
+        if isinstance(module, QUANTIZED_TYPES):
             self._add_quantized(mod_name, module, local, tensor, device, full)
         else:
             self._set_plain(module, local, tensor, device, mod_name, full)
@@ -146,7 +150,7 @@ class TensorLoader:
         if is_conv1d_source(module):
             t = t.t()
         w = t.to(device=device, dtype=self._float_dtype(mod_name, t), copy=True).contiguous()
-        if isinstance(module, Linear4bit):
+        if isinstance(module, _FOUR_BIT):
             old = module.weight
             module.weight = Params4bit(
                 w,
@@ -159,12 +163,12 @@ class TensorLoader:
         else:
             has_fp16 = module.weight.has_fp16_weights
             module.weight = Int8Params(w, requires_grad=has_fp16, has_fp16_weights=has_fp16)
-        if not (isinstance(module, Linear8bitLt) and module.weight.has_fp16_weights):
+        if not (isinstance(module, _EIGHT_BIT) and module.weight.has_fp16_weights):
             module.quantize_()
 
     @staticmethod
     def _complete(module, stash) -> bool:
-        if isinstance(module, Linear8bitLt):
+        if isinstance(module, _EIGHT_BIT):
             return "weight" in stash and "SCB" in stash
         need = _required_4bit(stash)
         return bool(need) and need <= set(stash)
@@ -185,7 +189,7 @@ class TensorLoader:
             module = self.modules[mod_name]
             need = (
                 {"weight", "SCB"}
-                if isinstance(module, Linear8bitLt)
+                if isinstance(module, _EIGHT_BIT)
                 else _required_4bit(self.stash[mod_name])
             )
             missing = sorted(need - set(self.stash[mod_name]))

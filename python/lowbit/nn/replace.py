@@ -15,9 +15,12 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from lowbit.nn.embedding import Embedding4bit, Embedding8bit
 from lowbit.nn.modules import Linear4bit, Linear8bitLt
 
 QUANTIZED_LINEAR_TYPES = (Linear4bit, Linear8bitLt)
+QUANTIZED_EMBEDDING_TYPES = (Embedding4bit, Embedding8bit)
+QUANTIZED_TYPES = QUANTIZED_LINEAR_TYPES + QUANTIZED_EMBEDDING_TYPES  # what TensorLoader fills
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -161,3 +164,45 @@ def float_weight_of(module: nn.Module) -> torch.Tensor:
     """The [out, in] weight of an nn.Linear or a Conv1D."""
     w = module.weight.detach()
     return w.t() if is_conv1d(module) else w
+
+
+# ---- embeddings (opt-in: quantize_model(..., quantize_embeddings=True)) -------------------------
+
+
+def embeddings_to_quantize(model: nn.Module, skip: Iterable[str]) -> list[str]:
+    """Names of the float nn.Embedding modules to quantize: not skipped, not already quantized,
+    without max_norm (which renormalizes the table in place on lookup), and not sharing their
+    weight with another module (a tied lm_head would keep the float table alive, and the tie
+    would break on reload)."""
+    skip = list(skip)
+    owners: dict[int, int] = {}
+    for _, m in model.named_modules():
+        for p in m.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    return [
+        name
+        for name, m in model.named_modules()
+        if name
+        and isinstance(m, nn.Embedding)
+        and not isinstance(m, QUANTIZED_EMBEDDING_TYPES)
+        and m.max_norm is None
+        and owners.get(id(m.weight), 0) == 1
+        and not name_matches(name, skip)
+    ]
+
+
+def make_quantized_embedding(num_embeddings: int, embedding_dim: int, config, dtype, device="meta"):
+    """An empty Embedding4bit / Embedding8bit set up as `config` says (no double quantization:
+    a lookup gathers a few rows' scales, which plain fp32 absmax serves directly)."""
+    if config.bits == 4:
+        return Embedding4bit(
+            num_embeddings,
+            embedding_dim,
+            dtype=dtype,
+            quant_type=config.bnb_4bit_quant_type,
+            quant_storage=config.bnb_4bit_quant_storage,
+            device=device,
+        )
+    if config.bits == 8:
+        return Embedding8bit(num_embeddings, embedding_dim, device=device, dtype=dtype)
+    raise ValueError("the config selects neither load_in_4bit nor load_in_8bit")
