@@ -231,6 +231,12 @@ def mem_bytes(device: str) -> int:
     return torch.cuda.memory_allocated()
 
 
+def _write(path: str, lines: list[str]) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="tinyllama,llama3-8b")
@@ -283,16 +289,14 @@ def main(argv=None) -> int:
                 f"{ratio(base_pre, pre)} | {note.strip()} ({time.perf_counter() - t0:.0f} s) |"
             )
             print(lines[-1], flush=True)
+            _write(args.out, lines)  # after every row: a run cut short keeps what it measured
             del model
             gc.collect()
             if device == "cuda":
                 torch.cuda.empty_cache()
                 torch._dynamo.reset()
-    text = "\n".join(lines) + "\n"
-    print(text)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(text)
+    print("\n".join(lines))
+    _write(args.out, lines)
     return 0
 
 

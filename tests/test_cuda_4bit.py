@@ -93,7 +93,10 @@ def force(monkeypatch, tier):
         monkeypatch.setenv("LOWBIT_GEMM4_FORCE", tier)
 
 
-TIERS = ["gemv", "mma", "mma:0", "mma:1", "mma:2", "mma:0:4", "mma:2:3", "dequant", "generic"]
+# "gemv:W": W warps per column group (split-K inside the block); "mma:C:S": tile configuration C,
+# S blocks along K (fp32 partials + an ordered reduction).
+TIERS = ["gemv", "gemv:1", "gemv:8", "mma", "mma:0", "mma:1", "mma:2", "mma:0:4", "mma:2:3"]
+TIERS += ["dequant", "generic"]
 
 
 @pytest.mark.parametrize("tier", TIERS)

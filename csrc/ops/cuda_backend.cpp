@@ -114,13 +114,16 @@ class CudaBackend final : public Backend {
     if (M <= 0 || N <= 0) return;
     const BlockAbsmax scales = block_scales(absmax, nested);
     const FloatType ft = float_type(a2.scalar_type());
-    const bool aligned16 = reinterpret_cast<uintptr_t>(a2.data_ptr()) % 16 == 0 &&
-                           reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 == 0;
-    int sms = 0;  // the runtime answers from its cache: no device round trip
-    C10_CUDA_CHECK(
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-    const cuda::Gemm4Plan plan =
-        cuda::plan_gemm_4bit(ft, M, N, K, aligned16, sms, std::getenv("LOWBIT_GEMM4_FORCE"));
+    const bool a16 = reinterpret_cast<uintptr_t>(a2.data_ptr()) % 16 == 0;
+    const bool p16 = reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 == 0;
+    // Device facts from the runtime's cache (no device round trip).
+    const int dev = c10::cuda::current_device();
+    int sms = 0, major = 0, minor = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+    const cuda::Gemm4Plan plan = cuda::plan_gemm_4bit(ft, M, N, K, a16, p16, 10 * major + minor,
+                                                      sms, std::getenv("LOWBIT_GEMM4_FORCE"));
     const auto* pk = static_cast<const uint8_t*>(packed.data_ptr());
     if (plan.tier == cuda::Gemm4Tier::dequant_gemm) {
       // Large M: the product is compute-bound, so dequantize W once into a workspace of A's dtype

@@ -550,7 +550,8 @@ def bench_cuda_gemm(rows, timer, shapes, ms):
 
 def bench_cuda_tiers(lines, timer, shapes, ms):
     """Every tier (LOWBIT_GEMM4_FORCE) at every M: the data for the table in fourbit.cu."""
-    tiers = ["", "gemv", "mma:0", "mma:1", "mma:2", "mma:0:1", "mma:2:1", "dequant", "generic"]
+    tiers = ["", "gemv:1", "gemv:2", "gemv:4", "gemv:8", "mma:0", "mma:1", "mma:2", "mma:0:1"]
+    tiers += ["mma:1:1", "mma:2:1", "dequant", "generic"]
     lines += [
         "",
         "### 4-bit product tiers (ms; '' = the table's choice; LOWBIT_GEMM4_FORCE)",
@@ -567,7 +568,7 @@ def bench_cuda_tiers(lines, timer, shapes, ms):
                 x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
                 cells = [f"{1e3 * timer(lambda: F.linear(x, W)):.4f}"]
                 for tier in tiers:
-                    if tier == "gemv" and M > 8:
+                    if tier.startswith("gemv") and M > 8:
                         cells.append("")
                         continue
                     os.environ["LOWBIT_GEMM4_FORCE"] = tier

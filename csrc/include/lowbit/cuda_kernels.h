@@ -87,11 +87,13 @@ struct Gemm4Plan {
   int split = 1;                 // mma: blocks along K (> 1 needs a workspace)
   int64_t workspace_floats = 0;  // fp32 workspace gemm_4bit needs (mma split-K partials)
 };
-// aligned16: a and the packed weight are 16-byte aligned. sm_count: the device's multiprocessors.
-// force: "" (the table), or "gemv", "mma[:config[:split]]", "dequant", "generic" (tests and
+// a_aligned16 / packed_aligned16: the data pointers are 16-byte aligned. cc: the device's compute
+// capability as 10 * major + minor (the tensor cores need 80). sm_count: its multiprocessors.
+// force: "" (the table), or "gemv[:warps per column]", "mma[:config[:split]]", "dequant",
+// "generic" (tests and
 // benchmarks pin a tier; a tier that cannot run the shape falls back to the table's choice).
-Gemm4Plan plan_gemm_4bit(FloatType t, int64_t M, int64_t N, int64_t K, bool aligned16, int sm_count,
-                         const char* force);
+Gemm4Plan plan_gemm_4bit(FloatType t, int64_t M, int64_t N, int64_t K, bool a_aligned16,
+                         bool packed_aligned16, int cc, int sm_count, const char* force);
 // Runs the gemv, mma or generic tier of `plan` (not dequant_gemm: the caller does that one).
 // workspace: plan.workspace_floats fp32 of device memory (null when 0).
 cudaError_t gemm_4bit(const Gemm4Plan& plan, FloatType t, const void* a, int64_t M, int64_t K,

@@ -68,6 +68,89 @@ __global__ void __launch_bounds__(kQuantWarps * 32)
   }
 }
 
+// Vectorised quantize for blocks of 32 .. 512 elements (the common 64/128/256): thread t owns the
+// 16 elements [16t, 16t + 16) (one or two 16-byte loads per 8 elements), so a block of bs
+// elements is LPB = bs / 16 consecutive lanes of one warp. One read of the input: the lanes of a
+// block fold their 16 values into (max, nonfinite), combine them with xor shuffles inside the
+// LPB-lane group, and quantize from registers; each thread writes its 8 packed bytes at once
+// (element 16t + 2i in the HIGH nibble of byte i, the same layout as the scalar kernel). The
+// chunk that holds the end of the tensor (n % 16 != 0) loads and stores element by element,
+// padding an odd last byte's low nibble with zero_code. Needs `a` 16-byte aligned and `packed`
+// 8-byte aligned. Threads past the end still take part in the shuffles (with nothing to add).
+template <typename T>
+__device__ __forceinline__ void load16(const T* p, float* x) {
+  if constexpr (std::is_same_v<T, float>) {
+    const float4* q = reinterpret_cast<const float4*>(p);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float4 v = __ldg(q + i);
+      x[4 * i] = v.x, x[4 * i + 1] = v.y, x[4 * i + 2] = v.z, x[4 * i + 3] = v.w;
+    }
+  } else {
+    const uint4* q = reinterpret_cast<const uint4*>(p);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint4 u = __ldg(q + h);
+      const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {  // word i: element 2i in its low half (little endian)
+        x[8 * h + 2 * i] = widen(T{uint16_t(w[i] & 0xFFFFu)});
+        x[8 * h + 2 * i + 1] = widen(T{uint16_t(w[i] >> 16)});
+      }
+    }
+  }
+}
+
+template <typename T, int LPB>
+__global__ void __launch_bounds__(256)
+    quantize_4bit_vec_kernel(const T* __restrict__ a, int64_t n, int bs_log2,
+                             const __grid_constant__ Codebook16 cb_param,
+                             uint8_t* __restrict__ packed, float* __restrict__ absmax) {
+  __shared__ Codebook16 cb;
+  if (threadIdx.x == 0) cb = cb_param;
+  __syncthreads();
+  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t e0 = t << 4;
+  const int64_t len = e0 < n ? (n - e0 < 16 ? n - e0 : 16) : 0;
+  float x[16];
+  if (len == 16) {
+    load16(a + e0, x);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 16; ++i) x[i] = i < len ? load_f(a, e0 + i) : 0.0f;
+  }
+  float m = 0.0f;
+  bool bad = false;
+#pragma unroll
+  for (int i = 0; i < 16; ++i)
+    if (i < len) absmax_fold(x[i], m, bad);
+#pragma unroll
+  for (int o = LPB / 2; o > 0; o >>= 1) {  // the LPB lanes of one block: an aligned lane group
+    const float w = __shfl_xor_sync(kFullMask, m, o);
+    m = w > m ? w : m;  // never NaN (absmax_fold keeps NaN out of the max)
+    bad = (__shfl_xor_sync(kFullMask, int(bad), o) != 0) || bad;
+  }
+  if (len == 0) return;  // after the shuffles: every lane took part
+  const BlockScale s = make_block_scale(m, bad);
+  if ((t & (LPB - 1)) == 0) absmax[e0 >> bs_log2] = s.absmax;
+  const bool flat = s.mode == BlockMode::zero || s.mode == BlockMode::nonfinite;
+  uint32_t code[16];
+#pragma unroll
+  for (int i = 0; i < 16; ++i)
+    code[i] = (flat || i >= len) ? cb.zero_code : cb.order[bucket16(cb.bound, normalize(x[i], s))];
+  if (len == 16) {
+    uint32_t w[2] = {0, 0};
+#pragma unroll
+    for (int i = 0; i < 8; ++i)  // byte i = (code[2i] << 4) | code[2i + 1], at bits [8i, 8i+8)
+      w[i >> 2] |= ((code[2 * i] << 4) | code[2 * i + 1]) << (8 * (i & 3));
+    *reinterpret_cast<uint2*>(packed + (e0 >> 1)) = make_uint2(w[0], w[1]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+      if (2 * i < len) packed[(e0 >> 1) + i] = uint8_t((code[2 * i] << 4) | code[2 * i + 1]);
+  }
+}
+
 // ---- dequantize ---------------------------------------------------------------------------------
 
 // Thread per packed byte j: elements 2j (high nibble) and 2j+1 (low nibble, if < n), both in
@@ -272,10 +355,29 @@ cudaError_t quantize_4bit(FloatType t, const void* a, int64_t n, int64_t blocksi
   const int64_t nblocks = div_up(n, blocksize);
   const unsigned grid = grid_for(nblocks, kQuantWarps);
   const int bs_log2 = log2_pow2(blocksize);
+  const bool vec = blocksize <= 512 && reinterpret_cast<uintptr_t>(a) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(packed) % 8 == 0;
+  const int64_t chunks = div_up(n, 16);
+  if (vec && div_up(chunks, 256) > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  const unsigned vgrid = unsigned(div_up(chunks, 256));
   dispatch_float(t, [&](auto tag) {
     using T = decltype(tag);
-    quantize_4bit_kernel<T><<<grid, kQuantWarps * 32, 0, stream>>>(
-        static_cast<const T*>(a), n, nblocks, bs_log2, cb, packed, absmax);
+    const T* ap = static_cast<const T*>(a);
+    if (!vec)
+      quantize_4bit_kernel<T>
+          <<<grid, kQuantWarps * 32, 0, stream>>>(ap, n, nblocks, bs_log2, cb, packed, absmax);
+    else if (blocksize == 32)
+      quantize_4bit_vec_kernel<T, 2><<<vgrid, 256, 0, stream>>>(ap, n, bs_log2, cb, packed, absmax);
+    else if (blocksize == 64)
+      quantize_4bit_vec_kernel<T, 4><<<vgrid, 256, 0, stream>>>(ap, n, bs_log2, cb, packed, absmax);
+    else if (blocksize == 128)
+      quantize_4bit_vec_kernel<T, 8><<<vgrid, 256, 0, stream>>>(ap, n, bs_log2, cb, packed, absmax);
+    else if (blocksize == 256)
+      quantize_4bit_vec_kernel<T, 16>
+          <<<vgrid, 256, 0, stream>>>(ap, n, bs_log2, cb, packed, absmax);
+    else
+      quantize_4bit_vec_kernel<T, 32>
+          <<<vgrid, 256, 0, stream>>>(ap, n, bs_log2, cb, packed, absmax);
   });
   return cudaGetLastError();
 }
@@ -336,23 +438,30 @@ struct Gemm4Table {
   int mma_blocks_per_sm = 2;   // mma: split K until tiles * split >= this * SMs ...
   int mma_min_ktiles = 4;      // ... while each split keeps >= this many k-tiles
   int mma_max_split = 8;
+  int generic_max_m = 32;  // K % 32 != 0 or misaligned A: the generic kernel up to this M,
+                           // above it dequantize + cuBLAS (when the packed data is aligned)
 };
 constexpr Gemm4Table kGemm4Table{};
 
-Gemm4Plan plan_gemm_4bit(FloatType t, int64_t M, int64_t N, int64_t K, bool aligned16, int sm_count,
-                         const char* force) {
+Gemm4Plan plan_gemm_4bit(FloatType t, int64_t M, int64_t N, int64_t K, bool a_aligned16,
+                         bool packed_aligned16, int cc, int sm_count, const char* force) {
   const Gemm4Table& tb = kGemm4Table;
   if (sm_count < 1) sm_count = 1;
-  const bool fast = aligned16 && K > 0 && K % 32 == 0;
-  const bool tc = fast && t != FloatType::f32;
+  // The gemv and mma kernels read 16-byte vectors of whole 32-element groups of A and W rows; the
+  // tensor-core kernel needs fp16/bf16 and sm_80 (mma.sync bf16, cp.async); the dequantize kernel
+  // reads 8-byte pieces of the packed data.
+  const bool fast = a_aligned16 && packed_aligned16 && K > 0 && K % 32 == 0;
+  const bool tc = fast && t != FloatType::f32 && cc >= 80;
+  const bool deq = packed_aligned16 && K > 0;
   Gemm4Plan p;
   // The tier: the forced one when it can run the shape, else the table's.
   enum { none, gemv, mma, dequant, generic } want = none;
   int force_cfg = -1, force_split = 0;
   if (force != nullptr && force[0] != 0) {
-    if (std::strncmp(force, "gemv", 4) == 0)
+    if (std::strncmp(force, "gemv", 4) == 0) {
       want = gemv;
-    else if (std::strncmp(force, "mma", 3) == 0) {
+      if (force[4] == ':') force_cfg = force[5] - '0';  // warps per column: 1, 2, 4 or 8
+    } else if (std::strncmp(force, "mma", 3) == 0) {
       want = mma;
       if (force[3] == ':') {
         force_cfg = force[4] - '0';
@@ -365,9 +474,10 @@ Gemm4Plan plan_gemm_4bit(FloatType t, int64_t M, int64_t N, int64_t K, bool alig
   }
   if (want == gemv && !(fast && M <= 8)) want = none;
   if (want == mma && !tc) want = none;
+  if (want == dequant && !deq) want = none;
   if (want == none) {
     if (!fast)
-      want = generic;
+      want = (M <= tb.generic_max_m || !deq) ? generic : dequant;
     else if (M <= tb.gemv_max_m)
       want = gemv;
     else if (tc && M <= tb.mma_max_m)
@@ -390,12 +500,13 @@ Gemm4Plan plan_gemm_4bit(FloatType t, int64_t M, int64_t N, int64_t K, bool alig
     while (ks < 8 && groups * ks < int64_t(tb.gemv_warps_per_sm) * sm_count &&
            nvec / (32 * ks * 2) >= tb.gemv_min_vectors / 2)
       ks *= 2;
+    if (force_cfg == 1 || force_cfg == 2 || force_cfg == 4 || force_cfg == 8) ks = force_cfg;
     p.config = ks;
     return p;
   }
   p.tier = Gemm4Tier::mma;
   p.config = M <= tb.mma_bm16_max_m ? 0 : (M <= tb.mma_bm32_max_m ? 1 : 2);
-  if (force_cfg >= 0 && force_cfg <= 2) p.config = force_cfg;
+  if (force_cfg >= 0 && force_cfg <= 2) p.config = force_cfg;  // "mma:config[:split]"
   const int64_t tiles = div_up(M, mma_4bit_bm(p.config)) * div_up(N, 128);
   const int64_t ktiles = div_up(K, 32 * mma_4bit_kc(p.config));
   int split = 1;

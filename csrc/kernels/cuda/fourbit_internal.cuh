@@ -29,6 +29,18 @@ __device__ __forceinline__ uint2 ldg_stream8(const void* p) {
   return r;
 }
 
+// fp16/bf16 bits widened to fp32, exactly (every fp16 and bf16 value is an fp32 value). fp16 with
+// the hardware conversion (one instruction, instead of numeric.h's portable bit manipulation,
+// which costs registers and issue slots in the hot loops); NaN stays NaN.
+__device__ __forceinline__ float widen(half_t h) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h.bits));
+  return f;
+}
+__device__ __forceinline__ float widen(bfloat16_t h) {
+  return __uint_as_float(uint32_t(h.bits) << 16);
+}
+
 // SIMT GEMV, M <= 8 rows (fourbit_gemv.cu). Needs K % 32 == 0 and 16-byte aligned a / packed.
 // ksplit: warps per column group (1, 2, 4 or 8).
 template <typename T, typename Policy>

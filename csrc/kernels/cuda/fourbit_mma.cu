@@ -23,6 +23,8 @@
 // Each decoded weight is (code[q] - z) * s in fp32 (Policy, fourbit_decode.cuh), rounded once to
 // the activation dtype: the same value dequantize_4bit(dtype) gives, so this tier computes what
 // dequantize + matmul computes, up to the order of the fp32 sums.
+#include <atomic>
+
 #include "fourbit_internal.cuh"
 
 namespace lowbit::cuda {
@@ -32,6 +34,14 @@ namespace {
 constexpr int kMmaThreads = 128;
 constexpr int kBN = 128;
 
+// The kernel is built for every target architecture but only ever launched on sm_80 and later
+// (plan_gemm_4bit checks the compute capability): older targets get a trap instead of the
+// sm_80 instructions.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define LOWBIT_MMA_UNSUPPORTED 1
+#endif
+
+#ifndef LOWBIT_MMA_UNSUPPORTED
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -86,6 +96,23 @@ __device__ __forceinline__ void mma16816<half_t>(float* c, uint32_t a0, uint32_t
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
+
+#else
+__device__ __forceinline__ void cp_async16(void*, const void*, bool) { __trap(); }
+__device__ __forceinline__ void cp_async_commit() {}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {}
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float, float) {
+  __trap();
+  return 0;
+}
+template <typename T>
+__device__ __forceinline__ void mma16816(float*, uint32_t, uint32_t, uint32_t, uint32_t, uint32_t,
+                                         uint32_t) {
+  __trap();
+}
+#endif  // LOWBIT_MMA_UNSUPPORTED
 
 // Shared memory of one stage. A: BM rows of KC*32 elements (64*KC bytes) plus 64 bytes of padding,
 // so that the pitch is 64 (mod 128) bytes: the two rows that one quarter-warp's 16-byte reads
@@ -237,11 +264,20 @@ cudaError_t launch_cfg(const T* a, int64_t M, int64_t K, const uint8_t* packed, 
   constexpr int smem = S::kStage * STAGES;
   auto kernel = mma_4bit_kernel<T, Policy, BM, KC, STAGES>;
   if (smem > 48 * 1024) {
-    // Above 48 KB a kernel must opt in; a host-side attribute (no stream work, fine during graph
-    // capture), set on every launch because it is per device and cheap.
-    const cudaError_t e =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    // Above 48 KB a kernel must opt in, once per device: on the first launch there, which is an
+    // eager one (torch.cuda.graph and torch.compile's cudagraphs run a warm-up before capturing),
+    // so no attribute call happens while a stream is being captured. Devices past 63 set it on
+    // every launch.
+    static std::atomic<uint64_t> done{0};
+    int dev = 0;
+    cudaError_t e = cudaGetDevice(&dev);
     if (e != cudaSuccess) return e;
+    const uint64_t bit = dev < 64 ? uint64_t(1) << dev : 0;
+    if (bit == 0 || (done.load(std::memory_order_relaxed) & bit) == 0) {
+      e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+      if (e != cudaSuccess) return e;
+      done.fetch_or(bit, std::memory_order_relaxed);
+    }
   }
   const int64_t KT = div_up(K, 32 * KC);
   const int64_t tps = div_up(KT, split);

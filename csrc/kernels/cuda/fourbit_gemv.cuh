@@ -19,6 +19,8 @@
 //     for an affine policy);
 //   * fp32 accumulation, a warp reduction, then the KSPLIT warps' sums added in a fixed order
 //     through shared memory (deterministic), rounded once to T.
+#pragma once
+
 #include "fourbit_internal.cuh"
 
 namespace lowbit::cuda {
@@ -41,8 +43,8 @@ __device__ __forceinline__ void load_x8(const T16* p, float* x) {
   const uint32_t w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    x[2 * i] = to_float(T16{uint16_t(w[i] & 0xFFFFu)});
-    x[2 * i + 1] = to_float(T16{uint16_t(w[i] >> 16)});
+    x[2 * i] = widen(T16{uint16_t(w[i] & 0xFFFFu)});
+    x[2 * i + 1] = widen(T16{uint16_t(w[i] >> 16)});
   }
 }
 
@@ -231,16 +233,11 @@ cudaError_t launch_gemv_fast(const T* a, int64_t M, int64_t K, const uint8_t* pa
   return launch_mt<T, Policy, 8>(a, M, K, packed, pol, out, N, ksplit, stream);
 }
 
+// Explicit instantiations, one activation dtype per translation unit
+// (fourbit_gemv_{f32,f16,bf16}.cu) so that the build compiles them in parallel.
 #define LOWBIT_GEMV_FAST(T, S)                                                                 \
   template cudaError_t launch_gemv_fast<T, CodeTablePolicy<S>>(                                \
       const T*, int64_t, int64_t, const uint8_t*, const CodeTablePolicy<S>&, T*, int64_t, int, \
       cudaStream_t);
-LOWBIT_GEMV_FAST(float, const float*)
-LOWBIT_GEMV_FAST(float, BlockAbsmax)
-LOWBIT_GEMV_FAST(half_t, const float*)
-LOWBIT_GEMV_FAST(half_t, BlockAbsmax)
-LOWBIT_GEMV_FAST(bfloat16_t, const float*)
-LOWBIT_GEMV_FAST(bfloat16_t, BlockAbsmax)
-#undef LOWBIT_GEMV_FAST
 
 }  // namespace lowbit::cuda
