@@ -35,7 +35,7 @@ ELEM_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
 GEMV_MAX_M = 8
 MMA_BM16_MAX_M = 16
 MMA_BM32_MAX_M = 48
-MMA_MAX_M = 1024
+MMA_MAX_M = 512
 
 
 def code16(quant_type: str) -> torch.Tensor:
@@ -93,9 +93,11 @@ def force(monkeypatch, tier):
         monkeypatch.setenv("LOWBIT_GEMM4_FORCE", tier)
 
 
-# "gemv:W": W warps per column group (split-K inside the block); "mma:C:S": tile configuration C,
+# "gemv:W:C": W warps per column group (split-K inside the block), C columns per group (M = 1;
+# M > 1 always 2); "mma:C:S": tile configuration C,
 # S blocks along K (fp32 partials + an ordered reduction).
-TIERS = ["gemv", "gemv:1", "gemv:8", "mma", "mma:0", "mma:1", "mma:2", "mma:0:4", "mma:2:3"]
+TIERS = ["gemv", "gemv:1:1", "gemv:8:4", "gemv:2:2", "mma", "mma:0", "mma:1", "mma:2"]
+TIERS += ["mma:0:4", "mma:2:3"]
 TIERS += ["dequant", "generic"]
 
 

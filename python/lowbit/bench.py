@@ -550,11 +550,13 @@ def bench_cuda_gemm(rows, timer, shapes, ms):
 
 def bench_cuda_tiers(lines, timer, shapes, ms):
     """Every tier (LOWBIT_GEMM4_FORCE) at every M: the data for the table in fourbit.cu."""
-    tiers = ["", "gemv:1", "gemv:2", "gemv:4", "gemv:8", "mma:0", "mma:1", "mma:2", "mma:0:1"]
+    tiers = ["", "gemv:1:1", "gemv:2:1", "gemv:1:2", "gemv:2:2", "gemv:4:2", "gemv:8:2"]
+    tiers += ["gemv:1:4", "gemv:2:4", "mma:0", "mma:1", "mma:2", "mma:0:1"]
     tiers += ["mma:1:1", "mma:2:1", "dequant", "generic"]
     lines += [
         "",
-        "### 4-bit product tiers (ms; '' = the table's choice; LOWBIT_GEMM4_FORCE)",
+        "### 4-bit product tiers (ms; table = the table's choice; LOWBIT_GEMM4_FORCE: gemv:W:C ="
+        " W warps per column group, C columns per group (M = 1); mma:C:S = tile config C, S splits)",
         "",
         "| shape | M | bf16 F.linear | " + " | ".join(t or "table" for t in tiers) + " |",
         "|---|---:|---:|" + "---:|" * len(tiers),

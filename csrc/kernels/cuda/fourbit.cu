@@ -430,7 +430,8 @@ cudaError_t dequantize_4bit_weight(const uint8_t* packed, const BlockAbsmax& sca
 // tier at each M with LOWBIT_GEMM4_FORCE) and update them here.
 struct Gemm4Table {
   int gemv_max_m = 8;          // M <= this: SIMT gemv (any dtype)
-  int mma_max_m = 1024;        // fp16/bf16, gemv_max_m < M <= this: tensor cores
+  int gemv_m1_cols = 2;        // gemv, M = 1: columns per warp group (1, 2 or 4)
+  int mma_max_m = 512;         // fp16/bf16, gemv_max_m < M <= this: tensor cores
   int mma_bm16_max_m = 16;     // tensor cores: M <= this uses 16-row tiles,
   int mma_bm32_max_m = 48;     // <= this 32-row tiles, above 64-row tiles
   int gemv_warps_per_sm = 48;  // gemv: split K until columns * split >= this * SMs ...
@@ -460,7 +461,10 @@ Gemm4Plan plan_gemm_4bit(FloatType t, int64_t M, int64_t N, int64_t K, bool a_al
   if (force != nullptr && force[0] != 0) {
     if (std::strncmp(force, "gemv", 4) == 0) {
       want = gemv;
-      if (force[4] == ':') force_cfg = force[5] - '0';  // warps per column: 1, 2, 4 or 8
+      if (force[4] == ':') {  // "gemv:W[:C]": W warps per column group, C columns (M = 1)
+        force_cfg = force[5] - '0';
+        if (force[6] == ':') force_split = force[7] - '0';
+      }
     } else if (std::strncmp(force, "mma", 3) == 0) {
       want = mma;
       if (force[3] == ':') {
@@ -494,14 +498,15 @@ Gemm4Plan plan_gemm_4bit(FloatType t, int64_t M, int64_t N, int64_t K, bool a_al
     // Warps per column group: split K inside the block while the columns alone leave the SMs
     // short of warps and each warp still has several vectors per lane.
     p.tier = Gemm4Tier::gemv;
-    const int64_t cols = M == 1 ? 1 : 2;  // columns per group (cols_for, fourbit_gemv.cu)
+    int cols = M == 1 ? tb.gemv_m1_cols : 2;  // columns per warp group (fourbit_gemv.cuh)
+    if (M == 1 && (force_split == 1 || force_split == 2 || force_split == 4)) cols = force_split;
     const int64_t groups = div_up(N, cols), nvec = K / 32;
     int ks = 1;
     while (ks < 8 && groups * ks < int64_t(tb.gemv_warps_per_sm) * sm_count &&
            nvec / (32 * ks * 2) >= tb.gemv_min_vectors / 2)
       ks *= 2;
     if (force_cfg == 1 || force_cfg == 2 || force_cfg == 4 || force_cfg == 8) ks = force_cfg;
-    p.config = ks;
+    p.config = ks | (cols << 4);
     return p;
   }
   p.tier = Gemm4Tier::mma;

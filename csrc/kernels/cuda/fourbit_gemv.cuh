@@ -48,21 +48,17 @@ __device__ __forceinline__ void load_x8(const T16* p, float* x) {
   }
 }
 
-// Columns per warp: with more rows, each activation vector loaded from L1 serves two columns
-// (the L1 traffic of x per weight byte is 4 * M / COLS); more than two would exceed the register
-// file at M = 8 (plan_gemm_4bit mirrors this).
-template <int MT>
-constexpr int cols_for() {
-  return MT == 1 ? 1 : 2;
-}
-
-template <typename T, typename Policy, int MT, int KSPLIT>
+// Columns per warp group (COLS): each activation vector loaded from L1 serves COLS columns (the
+// L1 traffic of x per weight byte is 4 * M / COLS, and L1 loads share the MIO pipe with the table
+// shuffles). M = 1 takes 1, 2 or 4 (the plan's choice, measured by bench --tiers); M > 1 takes 2
+// (more would exceed the register file at M = 8).
+template <typename T, typename Policy, int MT, int KSPLIT, int COLS>
 __global__ void __launch_bounds__(kWarps * 32)
     gemv_4bit_fast_kernel(const T* __restrict__ a, int mr, int64_t K,
                           const uint8_t* __restrict__ packed, Policy pol, T* __restrict__ out,
                           int64_t N) {
-  constexpr int COLS = cols_for<MT>();
-  constexpr int U = 4 / COLS;  // vectors per column per step: 4 16-byte loads in flight per lane
+  constexpr int U =
+      COLS >= 4 ? 1 : 4 / COLS;  // vectors per column per step: 4 16-byte loads in flight per lane
   constexpr int kGroups = kWarps / KSPLIT;
   __shared__ float nested_code[Policy::kNested ? 256 : 1];
   __shared__ float red[KSPLIT > 1 ? kWarps : 1][COLS * MT];
@@ -195,29 +191,29 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
-template <typename T, typename Policy, int MT, int KSPLIT>
+template <typename T, typename Policy, int MT, int KSPLIT, int COLS>
 cudaError_t launch_mt_ks(const T* a, int64_t M, int64_t K, const uint8_t* packed, const Policy& pol,
                          T* out, int64_t N, cudaStream_t stream) {
-  constexpr int per_block = (kWarps / KSPLIT) * cols_for<MT>();
+  constexpr int per_block = (kWarps / KSPLIT) * COLS;
   const int64_t blocks = div_up(N, per_block);
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  gemv_4bit_fast_kernel<T, Policy, MT, KSPLIT>
+  gemv_4bit_fast_kernel<T, Policy, MT, KSPLIT, COLS>
       <<<unsigned(blocks), kWarps * 32, 0, stream>>>(a, int(M), K, packed, pol, out, N);
   return cudaGetLastError();
 }
 
-template <typename T, typename Policy, int MT>
+template <typename T, typename Policy, int MT, int COLS>
 cudaError_t launch_mt(const T* a, int64_t M, int64_t K, const uint8_t* packed, const Policy& pol,
                       T* out, int64_t N, int ksplit, cudaStream_t stream) {
   switch (ksplit) {
     case 1:
-      return launch_mt_ks<T, Policy, MT, 1>(a, M, K, packed, pol, out, N, stream);
+      return launch_mt_ks<T, Policy, MT, 1, COLS>(a, M, K, packed, pol, out, N, stream);
     case 2:
-      return launch_mt_ks<T, Policy, MT, 2>(a, M, K, packed, pol, out, N, stream);
+      return launch_mt_ks<T, Policy, MT, 2, COLS>(a, M, K, packed, pol, out, N, stream);
     case 4:
-      return launch_mt_ks<T, Policy, MT, 4>(a, M, K, packed, pol, out, N, stream);
+      return launch_mt_ks<T, Policy, MT, 4, COLS>(a, M, K, packed, pol, out, N, stream);
     default:
-      return launch_mt_ks<T, Policy, MT, 8>(a, M, K, packed, pol, out, N, stream);
+      return launch_mt_ks<T, Policy, MT, 8, COLS>(a, M, K, packed, pol, out, N, stream);
   }
 }
 
@@ -225,12 +221,18 @@ cudaError_t launch_mt(const T* a, int64_t M, int64_t K, const uint8_t* packed, c
 
 template <typename T, typename Policy>
 cudaError_t launch_gemv_fast(const T* a, int64_t M, int64_t K, const uint8_t* packed,
-                             const Policy& pol, T* out, int64_t N, int ksplit,
+                             const Policy& pol, T* out, int64_t N, int config,
                              cudaStream_t stream) {
-  if (M == 1) return launch_mt<T, Policy, 1>(a, M, K, packed, pol, out, N, ksplit, stream);
-  if (M == 2) return launch_mt<T, Policy, 2>(a, M, K, packed, pol, out, N, ksplit, stream);
-  if (M <= 4) return launch_mt<T, Policy, 4>(a, M, K, packed, pol, out, N, ksplit, stream);
-  return launch_mt<T, Policy, 8>(a, M, K, packed, pol, out, N, ksplit, stream);
+  // config: warps per column group in bits 0-3, columns per group (M = 1 only) in bits 4-7.
+  const int ksplit = config & 15, cols = config >> 4;
+  if (M == 1) {
+    if (cols == 4) return launch_mt<T, Policy, 1, 4>(a, M, K, packed, pol, out, N, ksplit, stream);
+    if (cols == 2) return launch_mt<T, Policy, 1, 2>(a, M, K, packed, pol, out, N, ksplit, stream);
+    return launch_mt<T, Policy, 1, 1>(a, M, K, packed, pol, out, N, ksplit, stream);
+  }
+  if (M == 2) return launch_mt<T, Policy, 2, 2>(a, M, K, packed, pol, out, N, ksplit, stream);
+  if (M <= 4) return launch_mt<T, Policy, 4, 2>(a, M, K, packed, pol, out, N, ksplit, stream);
+  return launch_mt<T, Policy, 8, 2>(a, M, K, packed, pol, out, N, ksplit, stream);
 }
 
 // Explicit instantiations, one activation dtype per translation unit

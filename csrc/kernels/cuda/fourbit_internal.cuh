@@ -41,11 +41,12 @@ __device__ __forceinline__ float widen(bfloat16_t h) {
   return __uint_as_float(uint32_t(h.bits) << 16);
 }
 
-// SIMT GEMV, M <= 8 rows (fourbit_gemv.cu). Needs K % 32 == 0 and 16-byte aligned a / packed.
-// ksplit: warps per column group (1, 2, 4 or 8).
+// SIMT GEMV, M <= 8 rows (fourbit_gemv.cuh). Needs K % 32 == 0 and 16-byte aligned a / packed.
+// config: warps per column group (1, 2, 4 or 8, split-K in the block) | columns per warp group
+// (M = 1: 1, 2 or 4; M > 1: always 2) << 4.
 template <typename T, typename Policy>
 cudaError_t launch_gemv_fast(const T* a, int64_t M, int64_t K, const uint8_t* packed,
-                             const Policy& pol, T* out, int64_t N, int ksplit, cudaStream_t stream);
+                             const Policy& pol, T* out, int64_t N, int config, cudaStream_t stream);
 
 // Tensor-core tier (fourbit_mma.cu), T = half_t or bfloat16_t. Needs K % 32 == 0 and 16-byte
 // aligned a / packed. config: the tile configuration (0: BM 16, 1: BM 32, 2: BM 64; BN 128);
