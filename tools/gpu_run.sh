@@ -58,6 +58,10 @@ if ! "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.version.cuda and torch
   exit 1
 fi
 ARCHS=${LOWBIT_CUDA_ARCHS:-$("$PYTHON" -c 'import torch; print("%d%d" % torch.cuda.get_device_capability())')}
+# With a CUDA torch, torch's CMake config replaces CMAKE_CUDA_ARCHITECTURES by its own -gencode
+# flags from TORCH_CUDA_ARCH_LIST (or a detection run): name the GPU present, so the build neither
+# guesses nor compiles for other chips.
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$("$PYTHON" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}
 
 # ---- build --------------------------------------------------------------------------------------
 # pip + scikit-build-core when present (the supported install), else plain CMake with the .so
@@ -98,6 +102,16 @@ SO=$(cd /tmp && "$PYTHON" -c 'import lowbit._C as c; print(c.__file__)')
   readelf -d "$SO" | grep NEEDED
   echo "== std:: symbols defined in _C: $(nm -DC --defined-only "$SO" | grep -c ' std::')"
   nm -DC --defined-only "$SO" | grep -E " std::(locale|basic_ostream|basic_ios|codecvt|num_put|ctype|ios_base)" | head -20
+  echo "== all defined std:: symbols (first 60)"
+  nm -DC --defined-only "$SO" | grep " std::" | head -60
+  echo "== compilers that built _C (.comment)"
+  readelf -p .comment "$SO" 2>/dev/null | grep -v "^$"
+  # A gcc-toolset / devtoolset g++ links libstdc++ through a linker script that adds
+  # libstdc++_nonshared.a (pieces of libstdc++ copied into the .so): that would explain a second
+  # copy of the locale/ostream code inside _C.
+  LIBSTDCXX=$(${CXX:-g++} -print-file-name=libstdc++.so 2>/dev/null)
+  echo "== $LIBSTDCXX: $(file -L "$LIBSTDCXX" 2>/dev/null)"
+  head -c 300 "$LIBSTDCXX" 2>/dev/null | grep -a "INPUT\|GROUP" || true
   echo "== link line"
   grep -E -- "-o [^ ]*_C[^ ]*\.so" "$OUT/build.log" | tail -2
   echo "== compilers"
