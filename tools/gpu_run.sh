@@ -10,7 +10,8 @@
 # A lent machine runs one command for at most 10 minutes, so every stage after the build is
 # time-boxed, most important first: LOWBIT_GPU_TEST_TIMEOUT (default 240 s, the CUDA tests),
 # LOWBIT_GPU_BENCH_TIMEOUT (150 s, `python -m lowbit bench --device cuda --quick --tiers`),
-# LOWBIT_GPU_MODEL_TIMEOUT (150 s, benchmarks/bench_model_gpu.py on LOWBIT_GPU_MODELS),
+# LOWBIT_GPU_MODEL_TIMEOUT (150 s, benchmarks/bench_model_gpu.py on LOWBIT_GPU_MODELS with
+# LOWBIT_GPU_DECODE=graph|compile: a hand-captured CUDA graph, or torch.compile reduce-overhead),
 # LOWBIT_GPU_OTHER_BENCH_TIMEOUT (90 s each), LOWBIT_GPU_SUITE_TIMEOUT (240 s, the whole suite).
 # LOWBIT_GPU_SUITE=0 skips the whole suite, LOWBIT_GPU_BENCH=0 the benchmarks. Every log is
 # written as it goes, so a run cut short keeps them.
@@ -176,7 +177,8 @@ if [ "${LOWBIT_GPU_BENCH:-1}" != 0 ]; then
   say "python -m lowbit bench --device cuda --quick --tiers: rc $? (bench_lowbit_cuda.log, gpu.md)"
   # Whole models (Llama-3-8B and TinyLlama shapes): model_gpu.md.
   timeout "${LOWBIT_GPU_MODEL_TIMEOUT:-150}" "$PYTHON" benchmarks/bench_model_gpu.py \
-    --models "${LOWBIT_GPU_MODELS:-tinyllama,llama3-8b}" --out "$OUT/model_gpu.md" \
+    --models "${LOWBIT_GPU_MODELS:-tinyllama,llama3-8b}" --decode "${LOWBIT_GPU_DECODE:-graph}" \
+    --out "$OUT/model_gpu.md" \
     >"$OUT/bench_model.log" 2>&1
   say "benchmarks/bench_model_gpu.py: rc $? (bench_model.log, model_gpu.md)"
   # Any other benchmarks/*.py whose name mentions cuda/gpu (bench_gpu.py: the int8 part; the 4-bit

@@ -499,7 +499,8 @@ def bench_cuda_gemv1(rows, timer, shapes, bnb_F):
         t = timer(lambda: ops.gemv_4bit(x, *args))
         t_dq = timer(lambda: ops.gemv_4bit(x, *args_dq))
         t_fp4 = timer(lambda: ops.gemv_4bit(x, *args_fp4))
-        t16 = timer(lambda: ops.gemv_4bit(x.half(), *args))
+        xh = x.half()
+        t16 = timer(lambda: ops.gemv_4bit(xh, *args))
         extra = (
             f"double quant {t_dq / t:.3f}x time (bar <= 1.05); FP4 {t_fp4 / t:.3f}x time "
             f"(bar <= 1.05); fp16 act {t16 / t:.3f}x time"
