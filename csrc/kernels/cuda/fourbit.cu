@@ -482,7 +482,7 @@ Gemm4Plan plan_gemm_4bit(FloatType t, int64_t M, int64_t N, int64_t K, bool a_al
   if (want == none) {
     if (!fast)
       want = (M <= tb.generic_max_m || !deq) ? generic : dequant;
-    else if (M <= tb.gemv_max_m)
+    else if (M <= tb.gemv_max_m && M <= 8)  // the gemv kernels hold at most 8 rows
       want = gemv;
     else if (tc && M <= tb.mma_max_m)
       want = mma;

@@ -225,6 +225,7 @@ cudaError_t launch_gemv_fast(const T* a, int64_t M, int64_t K, const uint8_t* pa
                              cudaStream_t stream) {
   // config: warps per column group in bits 0-3, columns per group (M = 1 only) in bits 4-7.
   const int ksplit = config & 15, cols = config >> 4;
+  if (M > 8) return cudaErrorInvalidValue;  // the kernels hold at most 8 rows in registers
   if (M == 1) {
     if (cols == 4) return launch_mt<T, Policy, 1, 4>(a, M, K, packed, pol, out, N, ksplit, stream);
     if (cols == 2) return launch_mt<T, Policy, 1, 2>(a, M, K, packed, pol, out, N, ksplit, stream);
