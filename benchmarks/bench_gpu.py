@@ -1,6 +1,11 @@
-"""GPU ratio benchmarks for the CUDA kernels (issue: CUDA on an H100).
+"""GPU ratio benchmarks for the CUDA kernels.
 
-    python benchmarks/bench_gpu.py [--quick] [--out benchmarks/results/gpu.md]
+    python benchmarks/bench_gpu.py [--quick] [--tiers] [--out benchmarks/results/gpu_int8.md]
+
+The 4-bit products, quantize and dequantize are benchmarked by the package's one bench module,
+`python -m lowbit bench --device cuda` (python/lowbit/bench.py; table in
+benchmarks/results/gpu.md), which this script runs first with the same --quick / --tiers /
+--repeats. What follows here is the LLM.int8() and 8-bit blockwise part (table in --out).
 
 Every figure is a ratio against a baseline timed in the same process on the same GPU and shapes:
 torch F.linear with bf16 weights, torch._int_mm, a device-to-device copy (bandwidth) and, when it
@@ -72,15 +77,6 @@ def kernel_launches(fn, device: str) -> int | None:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
-def _bnb():
-    try:
-        import bitsandbytes.functional as bnb_F
-
-        return bnb_F
-    except Exception:  # noqa: BLE001  (any import failure just means no bitsandbytes column)
-        return None
-
-
 def row(table, name, shape, ours_ms, base_ms, base_name, bar=None, extra=""):
     ratio = base_ms / ours_ms
     verdict = "" if bar is None else ("met" if ratio >= bar else f"MISSED by {bar / ratio:.2f}x")
@@ -88,41 +84,6 @@ def row(table, name, shape, ours_ms, base_ms, base_name, bar=None, extra=""):
         f"| {name} | {shape} | {ours_ms:.4f} | {base_name} {base_ms:.4f} | {ratio:.2f}x | "
         f"{'' if bar is None else f'>= {bar:.2f}x'} {verdict} | {extra} |"
     )
-
-
-def bench_nf4(table, timer, device, shapes, bnb_F):
-    for N, K in shapes:
-        W = torch.randn(N, K, device=device, dtype=torch.bfloat16)
-        Wb = W.clone()
-        packed, st = LF.quantize_4bit(W, blocksize=64, quant_type="nf4")
-        packed_dq, st_dq = LF.quantize_4bit(
-            W, blocksize=64, quant_type="nf4", compress_statistics=True
-        )
-        for M in (1, 16, 2048):
-            x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
-            base = timer(lambda x=x: F.linear(x, Wb))
-            if M == 16 or M == 1:
-                ours = timer(lambda x=x: LF.gemv_4bit(x, packed, state=st))
-            else:
-                ours = timer(lambda x=x: F.linear(x, LF.dequantize_4bit(packed, st)))
-            bar = {1: 3.0, 16: 2.0, 2048: 1 / 1.15}[M]
-            extra = ""
-            if M == 1:
-                nbytes = packed.numel() + st.absmax.numel() * 4 + x.numel() * 2
-                extra = f"{nbytes / ours / 1e6:.0f} GB/s effective"
-                dq = timer(lambda x=x: LF.gemv_4bit(x, packed_dq, state=st_dq))
-                extra += f"; double quant {dq / ours:.3f}x time"
-                launches = kernel_launches(lambda x=x: LF.gemv_4bit(x, packed, state=st), device)
-                if launches is not None:
-                    extra += f"; {launches} launch(es)"
-                if bnb_F is not None and device == "cuda":
-                    try:
-                        bp, bst = bnb_F.quantize_4bit(W, blocksize=64, quant_type="nf4")
-                        bnb_ms = timer(lambda x=x: bnb_F.gemv_4bit(x, bp.t(), state=bst))
-                        extra += f"; bitsandbytes {bnb_ms:.4f} ms ({bnb_ms / ours:.2f}x)"
-                    except Exception as e:  # noqa: BLE001
-                        extra += f"; bitsandbytes failed: {type(e).__name__}"
-            row(table, f"NF4 M={M}", f"{N}x{K}", ours, base, "bf16 F.linear", bar, extra)
 
 
 def bench_int8(table, timer, device, shapes):
@@ -190,9 +151,22 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--out", default="benchmarks/results/gpu.md")
+    p.add_argument("--tiers", action="store_true", help="also time every 4-bit product tier")
+    p.add_argument(
+        "--skip-4bit", action="store_true", help="only the int8 part (the 4-bit one ran apart)"
+    )
+    p.add_argument("--out", default="benchmarks/results/gpu_int8.md")
     args = p.parse_args(argv)
     device = args.device
+    if device == "cuda" and not args.skip_4bit:
+        from lowbit.bench import main as bench_main
+
+        bench_main(
+            ["--device", "cuda"]
+            + (["--quick"] if args.quick else [])
+            + (["--tiers"] if args.tiers else [])
+            + (["--repeats", str(args.repeats)] if args.repeats else [])
+        )
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_gpu: no CUDA device")
     timer = Timer(device, args.repeats or (5 if args.quick else 25))
@@ -203,7 +177,6 @@ def main(argv=None) -> int:
         "| case | shape (N x K) | lowbit ms | baseline ms | ratio | bar | notes |",
         "|---|---|---|---|---|---|---|",
     ]
-    bench_nf4(table, timer, device, shapes, _bnb())
     bench_int8(table, timer, device, shapes)
     bench_quant(table, timer, device, args.quick or device == "cpu")
     machine = torch.cuda.get_device_name() if device == "cuda" else "cpu"

@@ -156,8 +156,11 @@ int main() {
       cuda::dequantize_blockwise(nullptr, nullptr, nullptr, 0, 64, FloatType::f16, nullptr, s),
       cuda::quantize_4bit(FloatType::bf16, nullptr, 0, 64, cb, nullptr, nullptr, s),
       cuda::dequantize_4bit(nullptr, nullptr, code, 0, 64, FloatType::f32, nullptr, s),
-      cuda::gemv_4bit(FloatType::f16, nullptr, 0, 0, nullptr, BlockAbsmax::plain(nullptr), nullptr,
-                      64, nullptr, 0, s),
+      cuda::dequantize_4bit_weight(nullptr, BlockAbsmax::plain(nullptr), nullptr, 0, 64,
+                                   FloatType::bf16, nullptr, s),
+      cuda::gemm_4bit(cuda::plan_gemm_4bit(FloatType::f16, 0, 0, 0, true, true, 90, 132, ""),
+                      FloatType::f16, nullptr, 0, 0, nullptr, BlockAbsmax::plain(nullptr), nullptr,
+                      64, nullptr, 0, nullptr, s),
       cuda::int8_outlier_columns(FloatType::f32, nullptr, 0, 0, 6.0f, nullptr, s),
       cuda::int8_vectorwise_quant(FloatType::f32, nullptr, 0, 0, 6.0f, nullptr, nullptr, nullptr,
                                   s),
@@ -184,6 +187,63 @@ int main() {
     }
   std::printf("link_check: all %zu entry points linked; empty calls launch nothing\n",
               sizeof(r) / sizeof(r[0]));
+  // The 4-bit product's dispatch (host code): each tier where the table and the forcing rules
+  // say, on an H200-like device (cc 90, 132 SMs).
+  using cuda::Gemm4Tier;
+  struct Case {
+    FloatType t;
+    int64_t M, N, K;
+    bool a16, p16;
+    int cc;
+    const char* force;
+    Gemm4Tier want;
+  };
+  const Case cases[] = {
+      {FloatType::bf16, 1, 4096, 4096, true, true, 90, "", Gemm4Tier::gemv},
+      {FloatType::f32, 8, 4096, 4096, true, true, 90, "", Gemm4Tier::gemv},
+      {FloatType::bf16, 9, 4096, 4096, true, true, 90, "", Gemm4Tier::mma},
+      {FloatType::f16, 512, 4096, 4096, true, true, 90, "", Gemm4Tier::mma},
+      {FloatType::bf16, 4096, 4096, 4096, true, true, 90, "", Gemm4Tier::dequant_gemm},
+      {FloatType::f32, 16, 4096, 4096, true, true, 90, "", Gemm4Tier::dequant_gemm},
+      {FloatType::bf16, 16, 4096, 4096, true, true, 75, "", Gemm4Tier::dequant_gemm},
+      {FloatType::bf16, 1, 64, 100, true, true, 90, "", Gemm4Tier::generic},
+      {FloatType::bf16, 16, 64, 4096, false, true, 90, "", Gemm4Tier::generic},
+      {FloatType::bf16, 2048, 64, 100, true, true, 90, "", Gemm4Tier::dequant_gemm},
+      {FloatType::bf16, 2048, 64, 100, true, false, 90, "", Gemm4Tier::generic},
+      {FloatType::bf16, 1, 4096, 4096, true, true, 90, "mma:2:3", Gemm4Tier::mma},
+      {FloatType::bf16, 16, 4096, 4096, true, true, 90, "gemv", Gemm4Tier::mma},  // M > 8
+      {FloatType::bf16, 9, 4096, 4096, true, true, 90, "gemv", Gemm4Tier::mma},
+      {FloatType::f32, 1, 4096, 4096, true, true, 90, "mma", Gemm4Tier::gemv},
+      {FloatType::bf16, 1, 4096, 4096, true, true, 90, "dequant", Gemm4Tier::dequant_gemm},
+      {FloatType::bf16, 16, 4096, 4096, true, true, 90, "generic", Gemm4Tier::generic},
+  };
+  int bad = 0;
+  for (const Case& c : cases) {
+    const cuda::Gemm4Plan p =
+        cuda::plan_gemm_4bit(c.t, c.M, c.N, c.K, c.a16, c.p16, c.cc, 132, c.force);
+    if (p.tier != c.want) {
+      std::printf("plan_gemm_4bit(M=%lld, N=%lld, K=%lld, force '%s'): tier %d, expected %d\n",
+                  (long long)c.M, (long long)c.N, (long long)c.K, c.force, int(p.tier),
+                  int(c.want));
+      ++bad;
+    }
+    if (p.tier == Gemm4Tier::mma && (p.split > 1) != (p.workspace_floats > 0)) ++bad;
+  }
+  // Split-K where the tiles do not fill the GPU, and the workspace that goes with it.
+  const cuda::Gemm4Plan s16 =
+      cuda::plan_gemm_4bit(FloatType::bf16, 16, 4096, 4096, true, true, 90, 132, "");
+  if (s16.split < 2 || s16.workspace_floats != int64_t(s16.split) * 16 * 4096) ++bad;
+  const cuda::Gemm4Plan g1 =
+      cuda::plan_gemm_4bit(FloatType::bf16, 1, 1024, 8192, true, true, 90, 132, "");
+  if ((g1.config & 15) < 2) ++bad;  // 1024 columns leave the SMs short: split K in the block
+  if (cuda::plan_gemm_4bit(FloatType::bf16, 1, 4096, 4096, true, true, 90, 132, "gemv:8:4")
+          .config != (8 | 4 << 4))
+    ++bad;
+  if (bad) {
+    std::printf("link_check: %d dispatch expectation(s) failed\n", bad);
+    return 1;
+  }
+  std::printf("link_check: 4-bit dispatch table OK (%zu cases)\n", sizeof(cases) / sizeof(cases[0]));
   return 0;
 }
 EOF

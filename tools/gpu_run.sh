@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# One run on a GPU machine: build lowbit with its CUDA kernels, run the CUDA tests (then the whole
-# suite), and the GPU benchmarks when benchmarks/ has any. Everything it produces goes under $OUT
-# (default ./out): env.txt, build.log, test_cuda.log + .xml, test_all.log + .xml, bench_*.log.
+# One run on a GPU machine: build lowbit with its CUDA kernels, run the CUDA tests
+# (tests/test_cuda*.py), the GPU benchmarks, then the whole suite. Everything it produces goes
+# under $OUT (default ./out): summary.txt, env.txt, build.log, so_symbols.txt, test_unsorted.log,
+# test_cuda.log + .xml, bench_lowbit_cuda.log + gpu.md, bench_model.log + model_gpu.md,
+# bench_<other>.log, test_all.log + .xml.
 #
 #   OUT=/some/dir bash tools/gpu_run.sh            # on the lent GPU machine, from the repo root
 #
-# A lent machine runs one command for at most 10 minutes, so the stages after the CUDA tests are
-# optional and time-boxed: LOWBIT_GPU_SUITE=0 skips the whole-suite run, LOWBIT_GPU_BENCH=0 the
-# benchmarks; LOWBIT_GPU_SUITE_TIMEOUT (default 240 s) and LOWBIT_GPU_BENCH_TIMEOUT (default 120 s
-# per benchmark) bound them. Every log is written as it goes, so a run cut short keeps them.
+# A lent machine runs one command for at most 10 minutes, so every stage after the build is
+# time-boxed, most important first: LOWBIT_GPU_TEST_TIMEOUT (default 240 s, the CUDA tests),
+# LOWBIT_GPU_BENCH_TIMEOUT (150 s, `python -m lowbit bench --device cuda --quick --tiers`),
+# LOWBIT_GPU_MODEL_TIMEOUT (150 s, benchmarks/bench_model_gpu.py on LOWBIT_GPU_MODELS with
+# LOWBIT_GPU_DECODE=graph|compile: a hand-captured CUDA graph, or torch.compile reduce-overhead),
+# LOWBIT_GPU_OTHER_BENCH_TIMEOUT (90 s each), LOWBIT_GPU_SUITE_TIMEOUT (240 s, the whole suite).
+# LOWBIT_GPU_SUITE=0 skips the whole suite, LOWBIT_GPU_BENCH=0 the benchmarks. Every log is
+# written as it goes, so a run cut short keeps them.
 #
 # When the CUDA tests fail, the failed ones are run again with CUDA_LAUNCH_BLOCKING=1
 # (test_cuda_blocking.log) so an asynchronous kernel error is reported at the launch that caused
@@ -53,6 +59,10 @@ if ! "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.version.cuda and torch
   exit 1
 fi
 ARCHS=${LOWBIT_CUDA_ARCHS:-$("$PYTHON" -c 'import torch; print("%d%d" % torch.cuda.get_device_capability())')}
+# With a CUDA torch, torch's CMake config replaces CMAKE_CUDA_ARCHITECTURES by its own -gencode
+# flags from TORCH_CUDA_ARCH_LIST (or a detection run): name the GPU present, so the build neither
+# guesses nor compiles for other chips.
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$("$PYTHON" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}
 
 # ---- build --------------------------------------------------------------------------------------
 # pip + scikit-build-core when present (the supported install), else plain CMake with the .so
@@ -84,21 +94,55 @@ if ! (cd /tmp && "$PYTHON" -c 'import lowbit._C as c, sys; sys.exit(0 if c.with_
   say "FAILED: lowbit._C was built without CUDA"
   exit 1
 fi
+# How _C was linked (the SIGSEGV of 2026-11-30 was inside libstdc++ code that the backtrace put in
+# _C): its NEEDED libraries, the std:: symbols it defines itself (a libstdc++ linked in statically
+# shows here as locale/ostream/codecvt symbols), and the link command from the build log.
+SO=$(cd /tmp && "$PYTHON" -c 'import lowbit._C as c; print(c.__file__)')
+{
+  echo "== $SO"
+  readelf -d "$SO" | grep NEEDED
+  echo "== std:: symbols defined in _C: $(nm -DC --defined-only "$SO" | grep -c ' std::')"
+  nm -DC --defined-only "$SO" | grep -E " std::(locale|basic_ostream|basic_ios|codecvt|num_put|ctype|ios_base)" | head -20
+  echo "== all defined std:: symbols (first 60)"
+  nm -DC --defined-only "$SO" | grep " std::" | head -60
+  echo "== compilers that built _C (.comment)"
+  readelf -p .comment "$SO" 2>/dev/null | grep -v "^$"
+  # A gcc-toolset / devtoolset g++ links libstdc++ through a linker script that adds
+  # libstdc++_nonshared.a (pieces of libstdc++ copied into the .so): that would explain a second
+  # copy of the locale/ostream code inside _C.
+  LIBSTDCXX=$(${CXX:-g++} -print-file-name=libstdc++.so 2>/dev/null)
+  echo "== $LIBSTDCXX: $(file -L "$LIBSTDCXX" 2>/dev/null)"
+  head -c 300 "$LIBSTDCXX" 2>/dev/null | grep -a "INPUT\|GROUP" || true
+  echo "== link line"
+  grep -E -- "-o [^ ]*_C[^ ]*\.so" "$OUT/build.log" | tail -2
+  echo "== compilers"
+  grep -iE "compiler identification" "$OUT/build.log"
+} >"$OUT/so_symbols.txt" 2>&1
+say "$(grep '== std::' "$OUT/so_symbols.txt") (so_symbols.txt)"
 
 # ---- tests --------------------------------------------------------------------------------------
 export HF_HUB_OFFLINE=1
-"$PYTHON" -m pytest -q -rs tests/test_cuda.py --junitxml="$OUT/test_cuda.xml" >"$OUT/test_cuda.log" 2>&1
+# The test that crashed the process on 2026-11-30 (SIGSEGV building an error message), alone
+# first, so that a crash cannot take the rest of the CUDA tests with it.
+timeout 60 "$PYTHON" -X faulthandler -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+  -k rejects_unsorted_code >"$OUT/test_unsorted.log" 2>&1
+say "test_quantize_blockwise_rejects_unsorted_code alone: rc $? ($(tail -1 "$OUT/test_unsorted.log"))"
+# tests/test_cuda_4bit.py first: the new kernels' tests are what this run is for.
+CUDA_TESTS="$(ls tests/test_cuda_4bit.py 2>/dev/null) $(ls tests/test_cuda*.py | grep -v test_cuda_4bit.py)"
+timeout "${LOWBIT_GPU_TEST_TIMEOUT:-240}" "$PYTHON" -m pytest -q -rs $CUDA_TESTS \
+  --deselect tests/test_cuda.py::test_quantize_blockwise_rejects_unsorted_code \
+  --junitxml="$OUT/test_cuda.xml" >"$OUT/test_cuda.log" 2>&1
 rc=$?
 tail -25 "$OUT/test_cuda.log"
 if [ $rc -ne 0 ]; then
-  say "FAILED: tests/test_cuda.py (rc $rc)"
+  say "FAILED: CUDA tests (rc $rc$([ $rc -eq 124 ] && echo ", timed out"))"
   status=1
   # Kernel errors are asynchronous: the failing test may not be the one whose launch went wrong.
-  CUDA_LAUNCH_BLOCKING=1 timeout 120 "$PYTHON" -m pytest -q -rs --lf tests/test_cuda.py \
+  CUDA_LAUNCH_BLOCKING=1 timeout 90 "$PYTHON" -m pytest -q -rs --lf $CUDA_TESTS \
     >"$OUT/test_cuda_blocking.log" 2>&1
   say "failed tests again with CUDA_LAUNCH_BLOCKING=1: rc $? ($(tail -1 "$OUT/test_cuda_blocking.log"))"
 else
-  say "tests/test_cuda.py passed"
+  say "CUDA tests passed: $(tail -1 "$OUT/test_cuda.log")"
 fi
 
 # ---- compute-sanitizer (optional) ---------------------------------------------------------------
@@ -110,17 +154,50 @@ if [ "${LOWBIT_GPU_SANITIZE:-0}" != 0 ]; then
   if [ -z "$SAN" ]; then
     say "compute-sanitizer not found: sanitizer stage skipped"
   else
-    sel=${LOWBIT_GPU_SANITIZE_K:-not past_int32 and not compile and not opcheck and not one_kernel}
+    # Not under the sanitizer: CUDA-graph captures (with the caching allocator off a capture
+    # would cudaMalloc, which is illegal), torch.compile, opcheck, the profiler-based tests and the
+    # past-int32 sizes (minutes under memcheck).
+    sel=${LOWBIT_GPU_SANITIZE_K:-not past_int32 and not compile and not opcheck and not one_kernel and not one_op and not graph}
     for tool in memcheck racecheck; do
       PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${LOWBIT_GPU_SANITIZE_TIMEOUT:-150}" \
         "$SAN" --tool "$tool" --error-exitcode 99 "$PYTHON" -m pytest -q -p no:cacheprovider \
-        tests/test_cuda.py -k "$sel" >"$OUT/sanitize_$tool.log" 2>&1
+        $CUDA_TESTS -k "$sel" >"$OUT/sanitize_$tool.log" 2>&1
       rc=$?
       say "compute-sanitizer $tool: rc $rc$([ $rc -eq 124 ] && echo " (timed out)")$([ $rc -eq 99 ] && echo " (ERRORS, see sanitize_$tool.log)")"
       [ $rc -eq 99 ] && status=1
     done
   fi
 fi
+
+# ---- benchmarks ---------------------------------------------------------------------------------
+if [ "${LOWBIT_GPU_BENCH:-1}" != 0 ]; then
+  # The package's bench module (4-bit products, every tier, quantize/dequantize): gpu.md.
+  timeout "${LOWBIT_GPU_BENCH_TIMEOUT:-150}" "$PYTHON" -m lowbit bench --device cuda --quick \
+    --tiers --out "$OUT/gpu.md" >"$OUT/bench_lowbit_cuda.log" 2>&1
+  say "python -m lowbit bench --device cuda --quick --tiers: rc $? (bench_lowbit_cuda.log, gpu.md)"
+  # Whole models (Llama-3-8B and TinyLlama shapes): model_gpu.md.
+  timeout "${LOWBIT_GPU_MODEL_TIMEOUT:-150}" "$PYTHON" benchmarks/bench_model_gpu.py \
+    --models "${LOWBIT_GPU_MODELS:-tinyllama,llama3-8b}" --decode "${LOWBIT_GPU_DECODE:-graph}" \
+    --out "$OUT/model_gpu.md" \
+    >"$OUT/bench_model.log" 2>&1
+  say "benchmarks/bench_model_gpu.py: rc $? (bench_model.log, model_gpu.md)"
+  # Any other benchmarks/*.py whose name mentions cuda/gpu (bench_gpu.py: the int8 part; the 4-bit
+  # part ran above).
+  for b in benchmarks/*.py; do
+    [[ "$b" == *gpu* || "$b" == *cuda* ]] || continue
+    [ "$b" = benchmarks/bench_model_gpu.py ] && continue
+    name=$(basename "$b" .py)
+    extra=()
+    [ "$b" = benchmarks/bench_gpu.py ] && extra=(--quick --skip-4bit --out "$OUT/gpu_int8.md")
+    timeout "${LOWBIT_GPU_OTHER_BENCH_TIMEOUT:-90}" "$PYTHON" "$b" "${extra[@]}" \
+      >"$OUT/bench_$name.log" 2>&1
+    say "benchmark $b: rc $? (bench_$name.log)"
+  done
+else
+  say "benchmarks skipped (LOWBIT_GPU_BENCH=0)"
+fi
+
+# ---- the whole suite (last: it may not fit the 10 minutes; its log is kept either way) ---------
 if [ "${LOWBIT_GPU_SUITE:-1}" != 0 ]; then
   timeout "${LOWBIT_GPU_SUITE_TIMEOUT:-240}" "$PYTHON" -m pytest -q tests \
     --junitxml="$OUT/test_all.xml" >"$OUT/test_all.log" 2>&1
@@ -129,20 +206,5 @@ if [ "${LOWBIT_GPU_SUITE:-1}" != 0 ]; then
 else
   say "whole suite skipped (LOWBIT_GPU_SUITE=0)"
 fi
-[ "${LOWBIT_GPU_BENCH:-1}" != 0 ] || { say "benchmarks skipped (LOWBIT_GPU_BENCH=0)"; exit $status; }
-
-# ---- benchmarks ---------------------------------------------------------------------------------
-# Any benchmarks/*.py whose name or text mentions cuda/gpu; run from the repo root.
-found=0
-for b in benchmarks/*.py; do
-  [ -f "$b" ] || continue
-  if [[ "$b" == *gpu* || "$b" == *cuda* ]] || grep -qiE "cuda|gpu" "$b"; then
-    found=1
-    name=$(basename "$b" .py)
-    timeout "${LOWBIT_GPU_BENCH_TIMEOUT:-120}" "$PYTHON" "$b" >"$OUT/bench_$name.log" 2>&1
-    say "benchmark $b: rc $? (bench_$name.log)"
-  fi
-done
-[ $found -eq 1 ] || say "no GPU benchmark in benchmarks/ yet"
 for f in BENCHMARKS.md benchmarks/results; do [ -e "$f" ] && cp -r "$f" "$OUT/"; done
 exit $status

@@ -2,8 +2,12 @@
 // device the op's guard has made current, and raises at once on a launch error. Empty inputs
 // launch nothing. Compiled only when the installed torch has CUDA (LOWBIT_WITH_CUDA).
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAStream.h>
+
+#include <cstdlib>
+#include <string>
 
 #include "lowbit/blockscale.h"
 #include "lowbit/codebook.h"
@@ -58,9 +62,18 @@ void check_sorted256(const char* op, const at::Tensor& c) {
   if (sorted) return;
   const at::Tensor h = c.to(at::kCPU);
   const float* cv = h.data_ptr<float>();
-  for (int i = 0; i < 255; ++i)
-    TORCH_CHECK_VALUE(cv[i] <= cv[i + 1], "lowbit.", op, ": code must be sorted ascending (entry ",
-                      i + 1, " is below entry ", i, ")");
+  // The entry indices go to c10::str as strings (std::to_string), so the message never formats an
+  // int through the stream's num_put facet. On the H200 machine (torch 2.11+cu130) this message
+  // with int indices crashed inside libstdc++'s integer insertion, in code that the backtrace put
+  // inside _C itself (../shared/gpu-runs/2026-11-30-h200.md), i.e. an _C that carries or binds to
+  // its own copy of part of libstdc++ beside the process's; tools/gpu_run.sh records which std::
+  // symbols _C defines and how it was linked, to confirm that there.
+  for (int i = 0; i < 255; ++i) {
+    if (cv[i] <= cv[i + 1]) continue;
+    const std::string hi = std::to_string(i + 1), lo = std::to_string(i);
+    TORCH_CHECK_VALUE(false, "lowbit.", op, ": code must be sorted ascending (entry ", hi,
+                      " is below entry ", lo, ")");
+  }
 }
 
 class CudaBackend final : public Backend {
@@ -98,21 +111,47 @@ class CudaBackend final : public Backend {
         out.numel(), blocksize, float_type(out.scalar_type()), out.data_ptr(), current_stream()));
   }
 
-  // The kernel reads A in its own dtype, accumulates in fp32 and rounds once to A's dtype, which
-  // is what the CPU backend's fp32 product followed by one conversion computes. A double
-  // quantized absmax is decoded per block inside the kernel (BlockAbsmax, the CPU kernels'
-  // expression): one launch, no temporary, and so nothing here that a CUDA graph capture or
-  // torch.compile's cudagraphs would have to keep alive.
+  // One call per product at any M: the tier (SIMT gemv, tensor cores, dequantize + cuBLAS, or the
+  // generic kernel for odd K / misaligned data) is chosen by cuda::plan_gemm_4bit, the one
+  // dispatch table (fourbit.cu). Every tier reads A in its own dtype, accumulates in fp32 and
+  // rounds once to A's dtype; a double quantized absmax is decoded per block inside the kernels.
+  // Nothing here synchronises, and the only allocations are the caching allocator's (the mma
+  // tier's split-K partials, the dequantize tier's weight workspace): stream-ordered, released at
+  // the end of the call and reused by the next, so the op is capturable in CUDA graphs and never
+  // keeps a dequantized copy. LOWBIT_GEMM4_FORCE (tests, benchmarks) pins a tier.
   void gemv_4bit(const at::Tensor& a2, const at::Tensor& packed, const at::Tensor& absmax,
                  const at::Tensor& code, int64_t blocksize, const NestedAbsmax& nested,
                  at::Tensor& out) const override {
     const int64_t M = a2.size(0), K = a2.size(1), N = out.size(1);
     if (M <= 0 || N <= 0) return;
     const BlockAbsmax scales = block_scales(absmax, nested);
-    C10_CUDA_CHECK(cuda::gemv_4bit(float_type(a2.scalar_type()), a2.data_ptr(), M, K,
-                                   static_cast<const uint8_t*>(packed.data_ptr()), scales,
-                                   code.data_ptr<float>(), blocksize, out.data_ptr(), N,
-                                   current_stream()));
+    const FloatType ft = float_type(a2.scalar_type());
+    const bool a16 = reinterpret_cast<uintptr_t>(a2.data_ptr()) % 16 == 0;
+    const bool p16 = reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 == 0;
+    // Device facts from the runtime's cache (no device round trip).
+    const int dev = c10::cuda::current_device();
+    int sms = 0, major = 0, minor = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+    const cuda::Gemm4Plan plan = cuda::plan_gemm_4bit(ft, M, N, K, a16, p16, 10 * major + minor,
+                                                      sms, std::getenv("LOWBIT_GEMM4_FORCE"));
+    const auto* pk = static_cast<const uint8_t*>(packed.data_ptr());
+    if (plan.tier == cuda::Gemm4Tier::dequant_gemm) {
+      // Large M: the product is compute-bound, so dequantize W once into a workspace of A's dtype
+      // at copy bandwidth and let cuBLAS run the GEMM.
+      at::Tensor w = at::empty({N, K}, a2.options());
+      C10_CUDA_CHECK(cuda::dequantize_4bit_weight(pk, scales, code.data_ptr<float>(), N * K,
+                                                  blocksize, ft, w.data_ptr(), current_stream()));
+      at::mm_out(out, a2, w.t());
+      return;
+    }
+    at::Tensor ws;
+    if (plan.workspace_floats > 0)
+      ws = at::empty({plan.workspace_floats}, a2.options().dtype(at::kFloat));
+    C10_CUDA_CHECK(cuda::gemm_4bit(
+        plan, ft, a2.data_ptr(), M, K, pk, scales, code.data_ptr<float>(), blocksize,
+        out.data_ptr(), N, ws.defined() ? ws.data_ptr<float>() : nullptr, current_stream()));
   }
 
   void int8_outlier_columns(const at::Tensor& a2, float threshold,

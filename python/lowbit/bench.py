@@ -1,4 +1,8 @@
-"""CPU ratio benchmarks: `python -m lowbit bench --device cpu [--quick]`.
+"""Ratio benchmarks: `python -m lowbit bench --device cpu|cuda [--quick]`.
+
+CPU (this docstring's first part) and CUDA (the section "CUDA" below, `--device cuda`, table in
+benchmarks/results/gpu.md) share the command, the Row / render table and the rule: every figure
+is a ratio against a baseline timed in the same process.
 
 Every figure is a ratio against a baseline timed in the same process on the same shapes: torch
 F.linear with bf16 weights, torch.ao dynamic int8 Linear (fbgemm), bitsandbytes' CPU backend
@@ -314,6 +318,10 @@ def bench_quant(rows, shape, repeats):
             rows.append(Row(label, 1e3 * t, "(bitsandbytes missing)", 1e3 * t, None, how, bw, 60))
 
 
+def _ms(ms: float) -> str:
+    return f"{ms:.2f}" if ms >= 1 else f"{ms:.4f}"  # GPU kernels take microseconds
+
+
 def render(rows, header: list[str], copy_bw: float) -> str:
     lines = header + [
         "",
@@ -323,15 +331,26 @@ def render(rows, header: list[str], copy_bw: float) -> str:
     for r in rows:
         bar = f">= {r.bar:g}x" if r.bar is not None else ""
         lines.append(
-            f"| {r.case} | {r.ours_ms:.2f} | {r.base_name} | {r.base_ms:.2f} | "
+            f"| {r.case} | {_ms(r.ours_ms)} | {r.base_name} | {_ms(r.base_ms)} | "
             f"{r.ratio:.2f}x | {bar} | {r.status()} | {r.notes(copy_bw)} |"
         )
     return "\n".join(lines) + "\n"
 
 
+def _emit(text: str, out: str | None) -> int:
+    """Print the table and write it to `out` (the CPU and CUDA benchmarks alike)."""
+    print(text)
+    if out:
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        with open(out, "w") as f:
+            f.write(text)
+        print(f"written to {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m lowbit bench", description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cpu", choices=["cpu"], help="only cpu is benchmarked here")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--quick", action="store_true", help="fewer shapes and repeats (< 2 minutes)")
     p.add_argument(
         "--out",
@@ -339,7 +358,13 @@ def main(argv=None) -> int:
         help="where to write the table (default: %(default)s)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    p.add_argument("--tiers", action="store_true", help="cuda: time every 4-bit product tier")
+    p.add_argument("--repeats", type=int, default=None, help="cuda: repeats per timing")
     args = p.parse_args(argv)
+    if args.device == "cuda":
+        if args.out == p.get_default("out"):
+            args.out = os.path.join("benchmarks", "results", "gpu.md")
+        return main_cuda(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -388,13 +413,249 @@ def main(argv=None) -> int:
         f"- total bench time {time.perf_counter() - t_start:.0f} s",
     ]
     text = render(rows, header, copy_bw)
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text)
-        print(f"written to {args.out}")
-    return 0
+    return _emit(text, args.out)
+
+
+# ---- CUDA ---------------------------------------------------------------------------------------
+# `python -m lowbit bench --device cuda [--quick] [--tiers]`: the same Row table, timed with CUDA
+# events, L2 flushed (a 256 MiB write) before every call so weights come from HBM as in a model,
+# median of repeats. Baselines timed in the same process: bf16 F.linear (cuBLAS), a device copy
+# (bandwidth, bytes read + written) and bitsandbytes when it imports with CUDA.
+
+GPU_SHAPES = [(11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336), (4096, 4096)]
+GPU_QUICK_SHAPES = [(4096, 4096), (11008, 4096), (4096, 14336)]
+# speed-up bars over bf16 F.linear by M (issue #10); M = 1 is 3.0x (2.5x at 4096x4096)
+GPU_BARS = {16: 2.5, 32: 2.0, 64: 1.3, 128: 0.8, 512: 0.8, 2048: 0.9}
+
+
+class CudaTimer:
+    """Median seconds of fn() over `repeats` calls, CUDA events, L2 flushed before each."""
+
+    def __init__(self, repeats: int):
+        self.repeats = repeats
+        self.flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+
+    def __call__(self, fn) -> float:
+        fn()
+        fn()
+        ev = [
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            for _ in range(self.repeats)
+        ]
+        for a, b in ev:
+            self.flush.zero_()
+            a.record()
+            fn()
+            b.record()
+        torch.cuda.synchronize()
+        return statistics.median(a.elapsed_time(b) for a, b in ev) / 1e3
+
+
+def _cuda_copy_bandwidth(timer) -> float:
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    t = timer(lambda: dst.copy_(src))
+    return 2 * (1 << 30) / t
+
+
+def _bnb_cuda():
+    try:
+        import bitsandbytes.functional as bnb_F
+
+        w = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16)
+        bnb_F.quantize_4bit(w, blocksize=64, quant_type="nf4")  # has a CUDA library?
+        return bnb_F
+    except Exception:  # noqa: BLE001  (no bitsandbytes, or no CUDA library in it)
+        return None
+
+
+def _q4(W, quant_type="nf4", nested=False):
+    """(packed, state, gemv args after A) of a bf16 weight on the GPU."""
+    packed, st = LF.quantize_4bit(
+        W, blocksize=64, quant_type=quant_type, compress_statistics=nested
+    )
+    N, K = W.shape
+    args = (packed, [N, K], st.absmax, st.code, 64, *LF.nested_absmax_args(st))
+    return packed, st, args
+
+
+def _gemv_bytes(packed, st, x, N) -> int:
+    return (
+        packed.numel() * packed.element_size()
+        + st.absmax.numel() * st.absmax.element_size()
+        + (x.numel() + x.shape[0] * N) * x.element_size()
+    )
+
+
+def bench_cuda_gemv1(rows, timer, shapes, bnb_F):
+    """M = 1: the decode of one token (memory-bound: the bar is bandwidth)."""
+    for N, K in shapes:
+        W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+        packed, st, args = _q4(W)
+        _, st_dq, args_dq = _q4(W, nested=True)
+        _, _, args_fp4 = _q4(W, "fp4")
+        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        base = timer(lambda: F.linear(x, W))
+        t = timer(lambda: ops.gemv_4bit(x, *args))
+        t_dq = timer(lambda: ops.gemv_4bit(x, *args_dq))
+        t_fp4 = timer(lambda: ops.gemv_4bit(x, *args_fp4))
+        xh = x.half()
+        t16 = timer(lambda: ops.gemv_4bit(xh, *args))
+        extra = (
+            f"double quant {t_dq / t:.3f}x time (bar <= 1.05); FP4 {t_fp4 / t:.3f}x time "
+            f"(bar <= 1.05); fp16 act {t16 / t:.3f}x time"
+        )
+        if bnb_F is not None:
+            try:
+                bp, bst = bnb_F.quantize_4bit(W, blocksize=64, quant_type="nf4")
+                tb = timer(lambda: bnb_F.gemv_4bit(x, bp.t(), state=bst))
+                extra += f"; bitsandbytes {1e3 * tb:.4f} ms ({tb / t:.2f}x ours)"
+            except Exception as e:  # noqa: BLE001
+                extra += f"; bitsandbytes failed: {type(e).__name__}"
+        rows.append(
+            Row(
+                f"NF4 M=1 {N}x{K} (bf16)",
+                1e3 * t,
+                "bf16 F.linear",
+                1e3 * base,
+                2.5 if (N, K) == (4096, 4096) else 3.0,
+                extra,
+                bw=_gemv_bytes(packed, st, x, N) / t,
+                bw_bar=75,
+            )
+        )
+
+
+def bench_cuda_gemm(rows, timer, shapes, ms):
+    """M > 1: the tier the table picks, against bf16 F.linear; FP4 alongside."""
+    for N, K in shapes:
+        W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+        _, _, args = _q4(W)
+        _, _, args_fp4 = _q4(W, "fp4")
+        for M in ms:
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            base = timer(lambda: F.linear(x, W))
+            t = timer(lambda: ops.gemv_4bit(x, *args))
+            t_fp4 = timer(lambda: ops.gemv_4bit(x, *args_fp4))
+            rows.append(
+                Row(
+                    f"NF4 M={M} {N}x{K} (bf16)",
+                    1e3 * t,
+                    "bf16 F.linear",
+                    1e3 * base,
+                    GPU_BARS.get(M),
+                    f"FP4 {t_fp4 / t:.3f}x time; {2 * M * N * K / t / 1e12:.0f} TFLOP/s",
+                )
+            )
+
+
+def bench_cuda_tiers(lines, timer, shapes, ms):
+    """Every tier (LOWBIT_GEMM4_FORCE) at every M: the data for the table in fourbit.cu."""
+    tiers = ["", "gemv:1:1", "gemv:2:1", "gemv:1:2", "gemv:2:2", "gemv:4:2", "gemv:8:2"]
+    tiers += ["gemv:1:4", "gemv:2:4", "mma:0", "mma:1", "mma:2", "mma:0:1"]
+    tiers += ["mma:1:1", "mma:2:1", "dequant", "generic"]
+    lines += [
+        "",
+        "### 4-bit product tiers (ms; table = the table's choice; LOWBIT_GEMM4_FORCE: gemv:W:C ="
+        " W warps per column group, C columns per group (M = 1); mma:C:S = tile config C, S splits)",
+        "",
+        "| shape | M | bf16 F.linear | " + " | ".join(t or "table" for t in tiers) + " |",
+        "|---|---:|---:|" + "---:|" * len(tiers),
+    ]
+    old = os.environ.get("LOWBIT_GEMM4_FORCE")
+    try:
+        for N, K in shapes:
+            W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+            _, _, args = _q4(W)
+            for M in ms:
+                x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+                cells = [f"{1e3 * timer(lambda: F.linear(x, W)):.4f}"]
+                for tier in tiers:
+                    if tier.startswith("gemv") and M > 8:
+                        cells.append("")
+                        continue
+                    os.environ["LOWBIT_GEMM4_FORCE"] = tier
+                    cells.append(f"{1e3 * timer(lambda: ops.gemv_4bit(x, *args)):.4f}")
+                lines.append(f"| {N}x{K} | {M} | " + " | ".join(cells) + " |")
+    finally:
+        if old is None:
+            os.environ.pop("LOWBIT_GEMM4_FORCE", None)
+        else:
+            os.environ["LOWBIT_GEMM4_FORCE"] = old
+
+
+def bench_cuda_quant(rows, timer, n):
+    """NF4 quantize / dequantize of n fp32 values against copy bandwidth."""
+    A = torch.randn(n, device="cuda")
+    p4, am4 = ops.quantize_4bit(A, 64, "nf4", torch.uint8)
+    out = torch.empty_like(A)
+    Ab = A.bfloat16()
+    outb = torch.empty_like(Ab)
+    cases = [
+        ("NF4 quantize fp32", lambda: ops.quantize_4bit(A, 64, "nf4", torch.uint8), n * 4.5),
+        (
+            "NF4 dequantize fp32 (out=)",
+            lambda: ops.dequantize_4bit.out(p4, am4, 64, "nf4", [n], torch.float32, out=out),
+            n * 4.5,
+        ),
+        (
+            "NF4 dequantize bf16 (out=)",
+            lambda: ops.dequantize_4bit.out(p4, am4, 64, "nf4", [n], torch.bfloat16, out=outb),
+            n * 2.5,
+        ),
+        ("NF4 quantize bf16", lambda: ops.quantize_4bit(Ab, 64, "nf4", torch.uint8), n * 2.5),
+    ]
+    copy = timer(lambda: out.copy_(A))
+    for name, fn, nbytes in cases:
+        t = timer(fn)
+        rows.append(
+            Row(
+                f"{name}, {n * 4 >> 20} MiB",
+                1e3 * t,
+                "copy fp32",
+                1e3 * copy,
+                None,
+                bw=nbytes / t,
+                bw_bar=80,
+            )
+        )
+
+
+def main_cuda(args) -> int:
+    if not torch.cuda.is_available():
+        raise SystemExit("lowbit bench: --device cuda needs a CUDA device")
+    torch.manual_seed(0)
+    quick = args.quick
+    timer = CudaTimer(args.repeats or (10 if quick else 25))
+    t_start = time.perf_counter()
+    bnb_F = _bnb_cuda()
+    copy_bws = [_cuda_copy_bandwidth(timer)]
+    rows: list[Row] = []
+    shapes = GPU_QUICK_SHAPES if quick else GPU_SHAPES
+    bench_cuda_gemv1(rows, timer, shapes, bnb_F)
+    ms = [16, 32, 64, 128, 512, 2048]
+    bench_cuda_gemm(rows, timer, shapes[:2], ms)
+    bench_cuda_quant(rows, timer, (4096 * 4096) if quick else (8192 * 8192))
+    copy_bws.append(_cuda_copy_bandwidth(timer))
+    copy_bw = max(copy_bws)
+    props = torch.cuda.get_device_properties(0)
+    cmd = "python -m lowbit bench --device cuda" + (" --quick" if quick else "")
+    header = [
+        "## lowbit CUDA benchmark",
+        "",
+        f"- command: `{cmd}{' --tiers' if args.tiers else ''}`; date {time.strftime('%Y-%m-%d')}",
+        f"- GPU: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, "
+        f"CUDA {torch.version.cuda}; bitsandbytes: {'yes' if bnb_F else 'not available'}",
+        f"- copy bandwidth (read + write, 1 GiB), best of {len(copy_bws)}: "
+        f"{copy_bw / 1e9:.0f} GB/s; CUDA events, L2 flushed before each call, median of "
+        f"{timer.repeats}; speed-up = baseline ms / lowbit ms",
+    ]
+    extra: list[str] = []
+    if args.tiers:
+        bench_cuda_tiers(extra, timer, shapes[:2], [1, 4, 8, 16, 32, 64, 128, 256, 512, 2048])
+    header.append(f"- total bench time {time.perf_counter() - t_start:.0f} s")
+    text = render(rows, header, copy_bw) + "\n".join(extra) + ("\n" if extra else "")
+    return _emit(text, args.out)
 
 
 if __name__ == "__main__":

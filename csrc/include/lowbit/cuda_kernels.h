@@ -59,16 +59,47 @@ cudaError_t quantize_4bit(FloatType t, const void* a, int64_t n, int64_t blocksi
 cudaError_t dequantize_4bit(const uint8_t* packed, const float* absmax, const Code16& code,
                             int64_t n, int64_t blocksize, FloatType t, void* out,
                             cudaStream_t stream);
-// out[m, j] = sum_k a[m, k] * W[j, k], a [M, K] and out [M, N] both of type t (contiguous), W
-// [N, K] 4-bit packed over its flattened index j*K + k with blocks of `blocksize` on that index.
-// code16: the 16-entry code in device memory. fp32 products and sums, rounded once to t.
-// scales: the per-block scales, all pointers in device memory: BlockAbsmax::plain(absmax) for an
-// fp32 absmax, or a double quantized one (code_index, nested_absmax, nested_code, nested_offset,
-// nested_log2), decoded inside the kernel once per block and per warp with blockscale.h's
-// expression, bit-identical to the CPU kernels' decode: no temporary, one launch.
-cudaError_t gemv_4bit(FloatType t, const void* a, int64_t M, int64_t K, const uint8_t* packed,
-                      const BlockAbsmax& scales, const float* code16, int64_t blocksize, void* out,
-                      int64_t N, cudaStream_t stream);
+// The weight of a product as T [n] for the dequantize + cuBLAS tier: the code in device memory
+// and the scales as gemm_4bit takes them (a nested absmax decoded per block in the kernel). packed
+// 8-byte and out 16-byte aligned (cudaErrorMisalignedAddress otherwise).
+cudaError_t dequantize_4bit_weight(const uint8_t* packed, const BlockAbsmax& scales,
+                                   const float* code16, int64_t n, int64_t blocksize, FloatType t,
+                                   void* out, cudaStream_t stream);
+
+// ---- 4-bit products: out[m, j] = sum_k a[m, k] * W[j, k] ----------------------------------------
+// a [M, K] and out [M, N] both of type t (contiguous), W [N, K] 4-bit packed over its flattened
+// index j*K + k with blocks of `blocksize` on that index. code16: the 16-entry code in device
+// memory. fp32 products and sums, rounded once to t. scales: the per-block scales, all pointers in
+// device memory: BlockAbsmax::plain(absmax) for an fp32 absmax, or a double quantized one,
+// decoded inside the kernels with blockscale.h's expression (no temporary).
+//
+// Four tiers, chosen by plan_gemm_4bit from ONE table (kGemm4Table in fourbit.cu):
+//   gemv:         SIMT, M <= gemv_max_m, warp per column(s), split-K inside the block
+//                 (fourbit_gemv.cu); fp16, bf16 and fp32;
+//   mma:          tensor cores (mma.sync m16n8k16), fp16/bf16 only, up to mma_max_m
+//                 (fourbit_mma.cu), split-K over blocks when the tiles do not fill the GPU;
+//   dequant_gemm: the caller dequantizes into a workspace (dequantize_4bit) and calls cuBLAS;
+//   generic:      any K and alignment (K % 32 != 0, misaligned pointers), any M.
+enum class Gemm4Tier : int { gemv = 0, mma = 1, dequant_gemm = 2, generic = 3 };
+struct Gemm4Plan {
+  Gemm4Tier tier = Gemm4Tier::generic;
+  int config = 0;                // gemv: warps per column group (split-K); mma: tile configuration
+  int split = 1;                 // mma: blocks along K (> 1 needs a workspace)
+  int64_t workspace_floats = 0;  // fp32 workspace gemm_4bit needs (mma split-K partials)
+};
+// a_aligned16 / packed_aligned16: the data pointers are 16-byte aligned. cc: the device's compute
+// capability as 10 * major + minor (the tensor cores need 80). sm_count: its multiprocessors.
+// force: "" (the table), or "gemv[:warps per column]", "mma[:config[:split]]", "dequant",
+// "generic" (tests and
+// benchmarks pin a tier; a tier that cannot run the shape falls back to the table's choice).
+Gemm4Plan plan_gemm_4bit(FloatType t, int64_t M, int64_t N, int64_t K, bool a_aligned16,
+                         bool packed_aligned16, int cc, int sm_count, const char* force);
+// Runs the gemv, mma or generic tier of `plan` (not dequant_gemm: the caller does that one).
+// workspace: plan.workspace_floats fp32 of device memory (null when 0).
+cudaError_t gemm_4bit(const Gemm4Plan& plan, FloatType t, const void* a, int64_t M, int64_t K,
+                      const uint8_t* packed, const BlockAbsmax& scales, const float* code16,
+                      int64_t blocksize, void* out, int64_t N, float* workspace,
+                      cudaStream_t stream);
 
 // ---- LLM.int8() (csrc/kernels/cuda/int8.cu) ---------------------------------------------------
 // mask[c] = 1 if any |a[r, c]| >= threshold over the rows of a [rows, K], else 0 (all K entries

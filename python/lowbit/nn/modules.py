@@ -52,8 +52,8 @@ class Linear4bit(nn.Linear):
     """QLoRA 4-bit linear layer (NF4 or FP4 blockwise codes, optional double quantization).
 
     compute_dtype: the dtype of the matmul (None: the input's dtype); the output has the input's
-    dtype. A single row (one token) runs the fused 4-bit GEMV; more rows dequantize the weight and
-    call F.linear.
+    dtype. On the CPU and CUDA every forward is one gemv_4bit call, which picks its kernel by
+    shape; other devices run the fused GEMV for one row and dequantize + F.linear otherwise.
     """
 
     def __init__(
@@ -172,10 +172,11 @@ class Linear4bit(nn.Linear):
         cdtype = self.compute_dtype or inp_dtype
         x = x.to(cdtype)
         bias = None if self.bias is None else self.bias.to(cdtype)
-        if x.device.type == "cpu" or x.numel() == x.shape[-1]:
-            # One token (or any batch on the CPU, where the op picks the int8-activation kernel,
-            # the fused fp32 one or BLAS on fp32 weight tiles by size): the weight is never
-            # materialised, and a double quantized absmax is decoded block by block in the kernel.
+        if x.device.type in ("cpu", "cuda") or x.numel() == x.shape[-1]:
+            # One op call at any batch size on the CPU and on CUDA, where the op picks the kernel
+            # by shape in C++ (CPU: the int8-activation kernel, the fused fp32 one or BLAS on fp32
+            # weight tiles; CUDA: the SIMT GEMV, the tensor-core kernel or dequantize + cuBLAS into
+            # a transient workspace). A double quantized absmax is decoded in the kernels.
             out = _ops.gemv_4bit(
                 x,
                 w.data,

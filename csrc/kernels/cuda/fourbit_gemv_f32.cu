@@ -1,0 +1,9 @@
+// The SIMT 4-bit GEMV (fourbit_gemv.cuh) for float activations.
+#include "fourbit_gemv.cuh"
+
+namespace lowbit::cuda {
+
+LOWBIT_GEMV_FAST(float, const float*)
+LOWBIT_GEMV_FAST(float, BlockAbsmax)
+
+}  // namespace lowbit::cuda

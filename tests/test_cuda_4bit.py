@@ -1,0 +1,308 @@
+"""The tiers of the CUDA 4-bit product (gemv_4bit) and Linear4bit's one-op forward on CUDA.
+
+gemv_4bit on CUDA picks one of four tiers in C++ (cuda::plan_gemm_4bit, the table kGemm4Table in
+csrc/kernels/cuda/fourbit.cu): the SIMT GEMV (M <= 8), the tensor-core kernel (fp16/bf16, up to
+mma_max_m rows, split-K over blocks when the tiles do not fill the GPU), dequantize + cuBLAS
+(larger M, and fp32 activations past the GEMV), and the generic kernel (K % 32 != 0 or misaligned
+data). LOWBIT_GEMM4_FORCE pins a tier, so every tier is tested on the same shapes; the default
+table is tested on both sides of each threshold.
+
+Reference: the weight decoded exactly (ops.dequantize_4bit to fp32 on the CPU) times A in float64.
+Tolerances, on the relative Frobenius error ||out - ref|| / ||ref|| (METHOD.md): fp32 activations
+1e-5 (fp32 sums in any order; cuBLAS fp32 with TF32 off, torch's default); fp16 2e-3 and bf16
+1.2e-2 (the output is rounded to the dtype, ~2^-11 / 2^-8 relative, and the tensor-core and cuBLAS
+tiers also round each decoded weight to the dtype, as dequantize_4bit(dtype) + matmul does). Each
+element must also lie within a loose bound of the reference (no single wrong element hides in the
+norm), and NaN never passes.
+"""
+
+import pytest
+import torch
+
+ops = torch.ops.lowbit
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device; runs on the lent GPU machine"
+)
+
+FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["f32", "f16", "bf16"]
+REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
+ELEM_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
+
+# The default table's thresholds (kGemm4Table in csrc/kernels/cuda/fourbit.cu): keep in step with
+# it, so that the threshold tests below sit on both sides of each boundary.
+GEMV_MAX_M = 8
+MMA_BM16_MAX_M = 16
+MMA_BM32_MAX_M = 48
+MMA_MAX_M = 512
+
+
+def code16(quant_type: str) -> torch.Tensor:
+    """The 16 code values by nibble (nibbles 0..15 in bytes 0x01, 0x23, ..., 0xEF, absmax 1)."""
+    nibbles = torch.tensor([[0x01], [0x23], [0x45], [0x67], [0x89], [0xAB], [0xCD], [0xEF]])
+    return ops.dequantize_4bit(
+        nibbles.to(torch.uint8), torch.ones(1), 32, quant_type, [16], torch.float32
+    )
+
+
+def weight(N, K, blocksize=64, quant_type="nf4", nested_blocksize=None):
+    """A random 4-bit weight on the CPU: (packed, absmax or codes, nested args, exact fp32 W)."""
+    packed, absmax = ops.quantize_4bit(torch.randn(N, K), blocksize, quant_type, torch.uint8)
+    nested = []
+    scales = absmax
+    if nested_blocksize is not None:
+        v = torch.linspace(-1, 1, 255, dtype=torch.float64)
+        code8 = torch.cat([(v.sign() * v.abs() ** 2.5).float(), torch.zeros(1)]).sort().values
+        offset = absmax.mean()
+        q, absmax2 = ops.quantize_blockwise(absmax - offset, code8, nested_blocksize)
+        nested = [absmax2, code8, float(offset), nested_blocksize]
+        scales = ops.dequantize_blockwise(q, absmax2, code8, nested_blocksize, torch.float32)
+        scales = scales + offset
+        absmax = q
+    W = ops.dequantize_4bit(packed, scales, blocksize, quant_type, [N, K], torch.float32)
+    return packed, absmax, nested, W
+
+
+def run(A, packed, absmax, nested, N, K, blocksize=64, quant_type="nf4"):
+    dev = A.device
+    args = [t.to(dev) if isinstance(t, torch.Tensor) else t for t in nested]
+    return ops.gemv_4bit(
+        A, packed.to(dev), [N, K], absmax.to(dev), code16(quant_type).to(dev), blocksize, *args
+    )
+
+
+def check(out, A, W):
+    ref = A.cpu().double() @ W.double().T
+    assert out.dtype == A.dtype and out.shape == ref.shape
+    got = out.cpu().double()
+    assert not got.isnan().any(), "NaN in the output"
+    if ref.numel() == 0:
+        return
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert rel < REL_TOL[A.dtype], f"relative error {rel:.3g} >= {REL_TOL[A.dtype]}"
+    bound = ELEM_TOL[A.dtype] * (ref.abs() + A.shape[-1] ** 0.5)
+    bad = (got - ref).abs() > bound
+    assert not bad.any(), f"{int(bad.sum())} elements off, first at {bad.nonzero()[:4].tolist()}"
+
+
+def force(monkeypatch, tier):
+    if tier is None:
+        monkeypatch.delenv("LOWBIT_GEMM4_FORCE", raising=False)
+    else:
+        monkeypatch.setenv("LOWBIT_GEMM4_FORCE", tier)
+
+
+# "gemv:W:C": W warps per column group (split-K inside the block), C columns per group (M = 1;
+# M > 1 always 2); "mma:C:S": tile configuration C,
+# S blocks along K (fp32 partials + an ordered reduction).
+TIERS = ["gemv", "gemv:1:1", "gemv:8:4", "gemv:2:2", "mma", "mma:0", "mma:1", "mma:2"]
+TIERS += ["mma:0:4", "mma:2:3"]
+TIERS += ["dequant", "generic"]
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(
+    "M,N,K,blocksize",
+    [
+        (1, 201, 512, 64),  # N not a multiple of any tile (8, 128) nor of the gemv's columns
+        (3, 130, 96, 64),  # K = 96: blocks of 64 straddle rows; one partial k-tile
+        (8, 64, 2048, 32),  # small N: the gemv splits K inside the block (8 warps per column)
+        (16, 257, 1024, 128),
+        (37, 136, 320, 256),  # M over 3 tiles of 16 / 2 of 32; K % 64 == 32 (tail chunk)
+        (2048, 72, 256, 64),  # M = 2048 (in every tier that takes it)
+    ],
+)
+def test_tier(monkeypatch, tier, dtype, M, N, K, blocksize):
+    """Every tier on shapes that hit its tails; a tier that cannot run a shape (gemv past M = 8,
+    the tensor cores on fp32) falls back to the table, which is checked the same way."""
+    force(monkeypatch, tier)
+    packed, absmax, nested, W = weight(N, K, blocksize)
+    A = torch.randn(M, K).to(dtype)
+    check(run(A.cuda(), packed, absmax, nested, N, K, blocksize), A, W)
+
+
+@pytest.mark.parametrize("tier", [None, "gemv", "mma", "mma:2:4", "dequant", "generic"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("M", [1, 5, 16, 100])
+def test_tier_nested(monkeypatch, tier, dtype, M):
+    """A double quantized absmax, decoded in each tier's kernel: the same output bits as the
+    product on the decoded fp32 absmax (same tier, same arithmetic), and right against the
+    reference."""
+    force(monkeypatch, tier)
+    N, K, bs = 150, 1024, 64
+    packed, q, nested, W = weight(N, K, bs, nested_blocksize=256)
+    A = torch.randn(M, K).to(dtype).cuda()
+    out = run(A, packed, q, nested, N, K, bs)
+    check(out, A, W)
+    scales = ops.dequantize_blockwise(q, nested[0], nested[1], nested[3], torch.float32) + nested[2]
+    plain = run(A, packed, scales, [], N, K, bs)
+    assert torch.equal(
+        out.view(torch.int16 if dtype != torch.float32 else torch.int32),
+        plain.view(torch.int16 if dtype != torch.float32 else torch.int32),
+    )
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(
+    "M",
+    sorted(
+        {
+            1,
+            GEMV_MAX_M,
+            GEMV_MAX_M + 1,
+            16,
+            MMA_BM16_MAX_M + 1,
+            MMA_BM32_MAX_M,
+            MMA_BM32_MAX_M + 1,
+            MMA_MAX_M,
+            MMA_MAX_M + 1,
+            2048,
+        }
+    ),
+)
+def test_table_thresholds(monkeypatch, quant_type, dtype, M):
+    """The default table on both sides of each of its M thresholds, NF4 and FP4."""
+    force(monkeypatch, None)
+    N, K = 264, 512
+    packed, absmax, nested, W = weight(N, K, 64, quant_type)
+    A = torch.randn(M, K).to(dtype)
+    check(run(A.cuda(), packed, absmax, nested, N, K, 64, quant_type), A, W)
+
+
+@pytest.mark.parametrize("N", [64, 1000, 8192])
+@pytest.mark.parametrize("K", [256, 4096])
+def test_gemv_split_k(monkeypatch, N, K):
+    """The table's split-K choices for the GEMV (8 warps per column at small N, none at large N)
+    and for the tensor cores (split over blocks at small N) give the right sums."""
+    force(monkeypatch, None)
+    packed, absmax, nested, W = weight(N, K)
+    for M in (1, 4, 16):
+        A = torch.randn(M, K).to(torch.bfloat16)
+        check(run(A.cuda(), packed, absmax, nested, N, K), A, W)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("M", [1, 16, 2048])
+def test_generic_k(dtype, M):
+    """K not a multiple of 32 (rows start mid-vector, or mid-byte for odd K): the generic kernel."""
+    for K in (100, 37):
+        N = 19
+        packed, absmax, nested, W = weight(N, K, 32)
+        A = torch.randn(M, K).to(dtype)
+        check(run(A.cuda(), packed, absmax, nested, N, K, 32), A, W)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("M", [1, 16, 2048])
+def test_non_contiguous_and_misaligned(dtype, M):
+    """A strided A (the op makes it contiguous), a 3-D A, and a misaligned packed weight (the fast
+    tiers need 16-byte aligned data: the generic kernel runs), all against the reference."""
+    N, K = 96, 256
+    packed, absmax, nested, W = weight(N, K)
+    A = torch.randn(M, K).to(dtype)
+    wide = torch.zeros(M, 2 * K, dtype=dtype, device="cuda")
+    wide[:, ::2] = A.cuda()
+    check(run(wide[:, ::2], packed, absmax, nested, N, K), A, W)
+    out3 = run(A.cuda().view(1, M, K), packed, absmax, nested, N, K)
+    assert out3.shape == (1, M, N)
+    check(out3[0], A, W)
+    flat = torch.empty(packed.numel() + 1, dtype=torch.uint8, device="cuda")
+    flat[1:] = packed.cuda().view(-1)
+    pm = flat[1:].view(packed.shape)
+    assert pm.data_ptr() % 16 != 0
+    check(run(A.cuda(), pm, absmax, nested, N, K), A, W)
+
+
+def test_special_blocks(monkeypatch):
+    """A weight block of zeros and a NaN block: zero rows give exact zeros, the NaN block's row
+    NaN, in every tier (as the CPU product does)."""
+    N, K = 16, 128
+    Wf = torch.randn(N, K)
+    Wf[3] = 0.0
+    Wf[5, 7] = float("nan")
+    packed, absmax = ops.quantize_4bit(Wf, 64, "nf4", torch.uint8)
+    for tier in ("gemv", "mma", "dequant", "generic"):
+        for M in (1, 16):
+            A = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
+            force(monkeypatch, tier)
+            out = run(A, packed, absmax, [], N, K).float().cpu()
+            assert (out[:, 3] == 0).all(), tier
+            assert out[:, 5].isnan().all(), tier
+            others = torch.cat([out[:, :5], out[:, 6:]], 1)
+            assert not others.isnan().any(), tier
+
+
+# ---- Linear4bit on CUDA -------------------------------------------------------------------------
+
+
+def linear4bit(K, N, quant_type="nf4"):
+    """A double quantized Linear4bit with a bias on CUDA, its exact fp32 weight and bias."""
+    from lowbit.nn import Linear4bit
+
+    lin = torch.nn.Linear(K, N)
+    m = Linear4bit.from_linear(lin, quant_type=quant_type, compress_statistics=True).to("cuda")
+    return m, m.dequantize(torch.float32).cpu(), lin.bias.detach().float()
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("M", [1, 9, 16, 2048])
+def test_linear4bit_one_op(quant_type, dtype, M):
+    """One lowbit op per forward at any M (the tier is picked in C++), right against the
+    reference with the bias."""
+    from torch.profiler import ProfilerActivity, profile
+
+    m, W, b = linear4bit(512, 264, quant_type)
+    x = torch.randn(M, 512).to(dtype)
+    ref = (x.double() @ W.double().T + b.double()).to(dtype)
+    xc = x.cuda()
+    m(xc)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        y = m(xc)
+    names = [e.name for e in prof.events() if e.name.startswith("lowbit::")]
+    assert names == ["lowbit::gemv_4bit"], names
+    assert y.dtype == dtype and y.shape == (M, 264)
+    got, exact = y.cpu().double(), x.double() @ W.double().T + b.double()
+    rel = ((got - exact).norm() / exact.norm()).item()
+    assert rel < REL_TOL[dtype], rel
+    torch.testing.assert_close(y.cpu().float(), ref.float(), rtol=2e-2, atol=0.1)
+
+
+@pytest.mark.parametrize("M", [1, 16, 2048])
+def test_linear4bit_cuda_graph(M):
+    """Linear4bit's forward records into a CUDA graph at every tier (no host sync; the workspaces
+    come from the caching allocator's graph pool) and each replay computes on the new input."""
+    m, W, b = linear4bit(256, 136)
+    x = torch.randn(M, 256, dtype=torch.bfloat16, device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        m(x)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = m(x)
+    for _ in range(2):
+        x.copy_(torch.randn(M, 256, dtype=torch.bfloat16, device="cuda"))
+        g.replay()
+        torch.cuda.synchronize()
+        # The same kernels on the same data (cuBLAS may pick another algorithm outside capture,
+        # hence not bit equality for the M = 2048 tier).
+        torch.testing.assert_close(y, m(x), rtol=1e-2, atol=1e-2)
+        exact = x.cpu().double() @ W.double().T + b.double()
+        rel = ((y.cpu().double() - exact).norm() / exact.norm()).item()
+        assert rel < REL_TOL[torch.bfloat16], rel
+
+
+def test_linear4bit_compile_fullgraph():
+    """torch.compile(fullgraph=True) of Linear4bit on CUDA at several M: no graph break, eager
+    results."""
+    pytest.importorskip("triton")
+    m, W, b = linear4bit(256, 136)
+    cm = torch.compile(m, fullgraph=True)
+    for M in (1, 16, 300):
+        x = torch.randn(M, 256, dtype=torch.bfloat16, device="cuda")
+        torch.testing.assert_close(cm(x), m(x), rtol=1e-2, atol=1e-2)
