@@ -181,14 +181,14 @@ if [ "${LOWBIT_GPU_BENCH:-1}" != 0 ]; then
     --out "$OUT/model_gpu.md" \
     >"$OUT/bench_model.log" 2>&1
   say "benchmarks/bench_model_gpu.py: rc $? (bench_model.log, model_gpu.md)"
-  # Any other benchmarks/*.py whose name mentions cuda/gpu (bench_gpu.py: the int8 part; the 4-bit
-  # part ran above).
+  # Any other benchmarks/*.py whose name mentions cuda/gpu (bench_gpu_int8.py: LLM.int8() and the
+  # int8 GEMM; the 4-bit and quantize part ran above).
   for b in benchmarks/*.py; do
     [[ "$b" == *gpu* || "$b" == *cuda* ]] || continue
     [ "$b" = benchmarks/bench_model_gpu.py ] && continue
     name=$(basename "$b" .py)
     extra=()
-    [ "$b" = benchmarks/bench_gpu.py ] && extra=(--quick --skip-4bit --out "$OUT/gpu_int8.md")
+    [ "$b" = benchmarks/bench_gpu_int8.py ] && extra=(--quick --out "$OUT/gpu_int8.md")
     timeout "${LOWBIT_GPU_OTHER_BENCH_TIMEOUT:-90}" "$PYTHON" "$b" "${extra[@]}" \
       >"$OUT/bench_$name.log" 2>&1
     say "benchmark $b: rc $? (bench_$name.log)"

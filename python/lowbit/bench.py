@@ -585,9 +585,11 @@ def bench_cuda_tiers(lines, timer, shapes, ms):
 
 
 def bench_cuda_quant(rows, timer, n):
-    """NF4 quantize / dequantize of n fp32 values against copy bandwidth."""
+    """NF4 and blockwise 8-bit quantize / dequantize of n fp32 values against copy bandwidth."""
     A = torch.randn(n, device="cuda")
     p4, am4 = ops.quantize_4bit(A, 64, "nf4", torch.uint8)
+    code8 = LF.create_dynamic_map().to("cuda")
+    q8, am8 = ops.quantize_blockwise(A, code8, 4096)
     out = torch.empty_like(A)
     Ab = A.bfloat16()
     outb = torch.empty_like(Ab)
@@ -604,6 +606,12 @@ def bench_cuda_quant(rows, timer, n):
             n * 2.5,
         ),
         ("NF4 quantize bf16", lambda: ops.quantize_4bit(Ab, 64, "nf4", torch.uint8), n * 2.5),
+        ("8-bit quantize fp32", lambda: ops.quantize_blockwise(A, code8, 4096), n * 5),
+        (
+            "8-bit dequantize fp32 (out=)",
+            lambda: ops.dequantize_blockwise.out(q8, am8, code8, 4096, torch.float32, out=out),
+            n * 5,
+        ),
     ]
     copy = timer(lambda: out.copy_(A))
     for name, fn, nbytes in cases:
