@@ -115,3 +115,84 @@ void cpu_gemm_4bit(const at::Tensor& a, const uint8_t* packed, const BlockAbsmax
 }
 
 }  // namespace lowbit::ops
+
+// ---- affine 4/8-bit weights (issue #13): the same three tiers as the codebook product above ----
+
+namespace lowbit::ops {
+
+namespace {
+
+bool q8_affine_product(const float* a, int64_t M, int64_t K, int64_t N, const cpu::AffineWeight& w,
+                       float* out) {
+  if (M > kQ8MaxRows || !cpu::gemv_int8_activations() ||
+      !cpu::gemm_affine_q8_supported(K, w.bits, w.group_size))
+    return false;
+  std::vector<int8_t> q(static_cast<size_t>(M * K));
+  std::vector<float> qs(static_cast<size_t>(M * (K / cpu::kQ8Chunk)));
+  std::vector<float> offsets(3 * qs.size());
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, M, 1, [&](int64_t r0, int64_t r1) {
+    if (!cpu::quantize_activations_q8(a, K, q.data(), qs.data(), offsets.data(), r0, r1))
+      ok = false;
+  });
+  if (!ok) return false;
+  at::parallel_for(0, N, grain_for(K * M, 1 << 18), [&](int64_t n0, int64_t n1) {
+    cpu::gemm_affine_q8(q.data(), qs.data(), offsets.data(), M, K, w, out, N, n0, n1);
+  });
+  // As for the codebook product: a NaN/Inf result goes to the exact kernels.
+  for (int64_t i = 0; i < M * N; ++i)
+    if (!std::isfinite(out[i])) return false;
+  return true;
+}
+
+// out [M, N] = a [M, K] @ W^T, W dequantized to fp32 a tile of whole rows (whole groups, since
+// group_size divides K) at a time and multiplied by torch's BLAS.
+void blas_affine_product(const at::Tensor& a, int64_t N, const cpu::AffineWeight& w,
+                         at::Tensor& out) {
+  const int64_t K = a.size(1);
+  const int64_t tile = std::max<int64_t>(1, kTileBytes / (4 * K));
+  at::Tensor outT = at::empty({N, a.size(0)}, a.options());
+  at::Tensor wt = at::empty({std::min(tile, N), K}, a.options());
+  const at::Tensor aT = a.t();
+  const int64_t groups_per_row = K / w.group_size;
+  for (int64_t n0 = 0; n0 < N; n0 += tile) {
+    const int64_t rows = std::min(tile, N - n0);
+    const int64_t g_first = n0 * groups_per_row, groups = rows * groups_per_row;
+    // The tile's view of the weight: groups renumbered from 0, codes from the tile's first row.
+    // (4-bit with K odd never gets here: a tile would start inside a byte.)
+    cpu::AffineWeight tw = w;
+    tw.packed = w.packed + (w.bits == 4 ? n0 * K / 2 : n0 * K);
+    tw.scales = w.scales + g_first;
+    tw.zeros = w.zeros + g_first;
+    float* wp = wt.data_ptr<float>();
+    at::parallel_for(0, groups, grain_for(w.group_size), [&](int64_t g0, int64_t g1) {
+      cpu::dequantize_affine(tw, FloatType::f32, wp, g0, g1);
+    });
+    at::Tensor dst = outT.narrow(0, n0, rows);
+    at::mm_out(dst, wt.narrow(0, 0, rows), aT);
+  }
+  out.copy_(outT.t());
+}
+
+}  // namespace
+
+void cpu_gemm_affine(const at::Tensor& a, const cpu::AffineWeight& w, at::Tensor& out) {
+  const int64_t M = a.size(0), K = a.size(1), N = out.size(1);
+  const float* ap = a.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  if (K == 0) {
+    out.zero_();
+    return;
+  }
+  if (q8_affine_product(ap, M, K, N, w, op)) return;
+  if (M >= kBlasMinRows && (w.bits == 8 || K % 2 == 0)) {
+    blas_affine_product(a, N, w, out);
+    return;
+  }
+  at::parallel_for(0, N, grain_for(K * M, 65536), [&](int64_t n0, int64_t n1) {
+    std::vector<float> scratch(static_cast<size_t>(K));
+    cpu::gemm_affine(ap, M, K, w, op, N, n0, n1, scratch.data());
+  });
+}
+
+}  // namespace lowbit::ops
