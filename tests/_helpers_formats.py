@@ -305,3 +305,28 @@ def write_hqq(model, path, nbits=4, group_size=32, axis=1, compute_dtype=torch.f
     qconfig["quant_method"] = "hqq"
     _write(model, Path(path), tensors, qconfig)
     return dense
+
+
+def load_and_check(path, dense: dict, model, rtol_logits: float = 3e-2):
+    """Load `path` with lowbit; every quantized layer is a LinearAffine whose dequantize() equals
+    the format's own dequantization bit for bit (fp32), and the logits match a float model holding
+    those dense weights within the CPU kernels' activation precision (int8 activations per
+    64-element chunk where the int8 path runs: ~1% relative). Returns the loaded model."""
+    import lowbit
+    from lowbit.nn import LinearAffine
+
+    loaded = lowbit.from_pretrained(path, torch_dtype=torch.float32, progress=False)
+    assert set(dense) == {n for n, m in loaded.named_modules() if isinstance(m, LinearAffine)}
+    for name, W in dense.items():
+        got = loaded.get_submodule(name).dequantize()
+        assert got.dtype == torch.float32 and got.shape == W.shape
+        assert torch.equal(got, W), f"{name}: max diff {(got - W).abs().max().item()}"
+    ref = dense_model(model, dense)
+    ids = torch.randint(
+        0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1)
+    )
+    with torch.no_grad():
+        a, b = loaded(ids).logits, ref(ids).logits
+    rel = ((a - b).norm() / b.norm()).item()
+    assert rel <= rtol_logits, f"logits relative error {rel:.3e} > {rtol_logits}"
+    return loaded
