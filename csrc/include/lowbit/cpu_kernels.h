@@ -158,9 +158,11 @@ void gemm_affine(const float* a, int64_t M, int64_t K, const AffineWeight& w, fl
 //     X_h = sum_k x_q[k]          (from quantize_activations_q8's offset sums: off_h / 64)
 // and adds  x_scale[c] * scale[g] * (I_h - zero[g] * X_h),  the zero term subtracted once per
 // output as  sum_h (scale[g] * zero[g]) * x_scale * X_h.  So the only error beyond fp32 rounding
-// of the scales and partial sums is the activations' int8 rounding (1/254 of each chunk's absmax),
-// typically ~0.4% relative rms of the product for Gaussian activations, smaller than int4's own
-// error by an order of magnitude. reference.gemm_affine_q8 is the pure-torch model.
+// of the scales and partial sums is the activations' int8 rounding (1/254 of each chunk's absmax):
+// measured 0.5-0.8% relative rms of the product for Gaussian, ReLU, SiLU and mean-shifted
+// activations (1.5% with 1% of the activation columns 20x larger), i.e. 5-10% of int4 g32/g128's
+// own rms error (15-20% with those outliers); the errors add in quadrature, so the total grows by
+// < 2%. LOWBIT_CPU_GEMV=fp32 turns it off; reference.gemm_affine_q8 is the pure-torch model.
 // Shapes: bits 4, K % 64 == 0, group_size % 32 == 0 (every half chunk inside one group).
 bool gemm_affine_q8_supported(int64_t K, int bits, int64_t group_size);
 void gemm_affine_q8(const int8_t* q, const float* q_scales, const float* offsets, int64_t M,
