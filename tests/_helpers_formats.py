@@ -21,6 +21,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 
+def has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
 def tiny_llama(seed: int = 0, hidden: int = 128, inter: int = 256):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -145,12 +151,16 @@ def gptq_dequant(q, scales, zeros, g_idx) -> torch.Tensor:
     return scales.float()[gi].t() * (q.float() - zeros.float()[gi].t())
 
 
-def write_gptq(model, path, bits=4, group_size=32, sym=False, act_order=False, v1=True):
+def write_gptq(
+    model, path, bits=4, group_size=32, sym=False, act_order=False, v1=True, zero_groups=True
+):
     names = linear_names(model)
     tensors, dense = _float_tensors(model, names), {}
     for i, name in enumerate(names):
         lin = model.get_submodule(name)
-        q, s, z, g_idx = gptq_quantize(lin.weight.detach(), bits, group_size, sym, act_order, i)
+        q, s, z, g_idx = gptq_quantize(
+            lin.weight.detach(), bits, group_size, sym, act_order, i, zero_groups
+        )
         for k, v in gptq_tensors(q, s, z, g_idx, bits, v1).items():
             tensors[f"{name}.{k}"] = v
         if lin.bias is not None:

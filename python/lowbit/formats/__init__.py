@@ -25,6 +25,15 @@ METHODS = {
     "hqq": "hqq",
 }
 
+# quant_method -> what lowbit reads of it (for `lowbit env`, errors and the README)
+SUPPORTED = {
+    "gptq": "checkpoint_format gptq (v1) or gptq_v2; bits 4, 8; any group size; desc_act (g_idx)",
+    "awq": "version gemm; 4-bit; zero_point=true; any group size",
+    "compressed-tensors": "pack-quantized int4/int8, int-/naive-quantized int8 (W8A8 weights); "
+    "group, channel, tensor, block strategies; symmetric or not",
+    "hqq": "Transformers' HQQ layout; nbits 1, 2, 3, 4, 5, 6, 8; axis=1; any group size",
+}
+
 
 class Reader:
     """Base of the per-format readers. Subclasses set `method`, `markers` (local keys of which one
@@ -47,6 +56,10 @@ class Reader:
         raise NotImplementedError
 
     def convert(self, prefix: str, stash, in_features: int, out_features: int) -> AffineWeight:
+        raise NotImplementedError
+
+    def infer_shape(self, stash) -> tuple[int, int]:
+        """(out_features, in_features) from a layer's tensors alone (for `lowbit inspect`)."""
         raise NotImplementedError
 
     def summary(self) -> str:

@@ -31,6 +31,7 @@ class AffineWeight:
     shape: tuple[int, int]  # (N, K)
     perm: torch.Tensor | None = None  # int64 [K]
     bias: torch.Tensor | None = None
+    source_bits: int | None = None  # bits of the codes as the source format counts them
 
 
 def storage_bits(bits: int) -> int:

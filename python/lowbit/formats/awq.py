@@ -81,7 +81,12 @@ class AWQReader(GPTQReader):
         check_finite_scales(name + "scales", scales)
         codes = unpack_awq(qweight, N).t()  # [N, K]
         zeros = unpack_awq(qzeros, N).t().float()  # [N, G]
-        return grouped_weight(name, stash, codes, scales.t(), zeros, torch.arange(K) // g, 4)
+        w = grouped_weight(name, stash, codes, scales.t(), zeros, torch.arange(K) // g, 4)
+        w.source_bits = 4
+        return w
+
+    def infer_shape(self, stash):
+        return stash["scales"].shape[-1], stash["qweight"].shape[0]
 
 
 READER = AWQReader

@@ -233,7 +233,15 @@ class CompressedTensorsReader(Reader):
             perm, col_group = perm_from_group_index(g_idx, G, name + "weight_g_idx")
             if perm is not None:
                 codes = codes.index_select(1, perm)
-        return grouped_weight(name, stash, codes, rows, zrows, col_group, sbits, perm)
+        out = grouped_weight(name, stash, codes, rows, zrows, col_group, sbits, perm)
+        out.source_bits = bits
+        return out
+
+    def infer_shape(self, stash):
+        if "weight_shape" in stash:
+            n, k = stash["weight_shape"].tolist()
+            return int(n), int(k)
+        return tuple(stash["weight"].shape)
 
 
 READER = CompressedTensorsReader

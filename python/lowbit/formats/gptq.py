@@ -110,7 +110,12 @@ class GPTQReader(Reader):
         perm, col_group = perm_from_group_index(g_idx, G, name + "g_idx")
         if perm is not None:
             codes = codes.index_select(1, perm)
-        return grouped_weight(name, stash, codes, scales.t(), zeros.t(), col_group, bits, perm)
+        w = grouped_weight(name, stash, codes, scales.t(), zeros.t(), col_group, bits, perm)
+        w.source_bits = bits
+        return w
+
+    def infer_shape(self, stash):
+        return stash["scales"].shape[-1], stash["qweight"].shape[0] * (32 // self.bits)
 
 
 READER = GPTQReader

@@ -212,7 +212,12 @@ class HQQReader(Reader):
             group_size=gg,
             shape=(N, K),
             bias=bias,
+            source_bits=nbits,
         )
+
+    def infer_shape(self, stash):
+        n, k = stash["shape"].tolist()
+        return int(n), int(k)
 
 
 READER = HQQReader
