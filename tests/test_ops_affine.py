@@ -156,6 +156,8 @@ def test_dequantize_empty():
         (24, 576, 96),  # group_size % 64 == 32, not a power of two
         (33, 512, 256),
         (17, 320, 320),  # per channel
+        (6, 192, 64),  # K % 128 == 64: a half block at the end of each row (AVX-512)
+        (9, 64, 32),  # one chunk per row
         (11, 100, 50),  # K not a multiple of 64: the exact kernels
         (5, 9, 3),  # odd K: rows start inside a byte
     ],
@@ -334,7 +336,8 @@ ISA_SCRIPT = textwrap.dedent(
     bad = []
     for bits in (4, 8):
         for (N, K, g) in [(64, 4096, 128), (40, 1024, 32), (24, 576, 96), (33, 512, 256),
-                          (17, 320, 320), (11, 100, 50), (5, 9, 3), (7, 130, 2)]:
+                          (17, 320, 320), (6, 192, 64), (9, 64, 32), (11, 100, 50), (5, 9, 3),
+                          (7, 130, 2)]:
             n = N * K
             codes = torch.randint(0, 2**bits, (n + n % 2,), dtype=torch.uint8)
             packed = ((codes[0::2] << 4) | codes[1::2]) if bits == 4 else codes[:n]

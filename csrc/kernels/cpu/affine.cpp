@@ -156,7 +156,10 @@ void gemm_affine_q8(const int8_t* q, const float* q_scales, const float* offsets
                     int64_t K, const AffineWeight& w, float* out, int64_t N, int64_t n_begin,
                     int64_t n_end) {
 #if defined(LOWBIT_CPU_X86) && defined(LOWBIT_AFFINE_AVX2)
-  avx2::gemm_affine_q8(q, q_scales, offsets, M, K, w, out, N, n_begin, n_end);
+  if (active_isa() == Isa::avx512)
+    avx512::gemm_affine_q8(q, q_scales, offsets, M, K, w, out, N, n_begin, n_end);
+  else
+    avx2::gemm_affine_q8(q, q_scales, offsets, M, K, w, out, N, n_begin, n_end);
 #else
   // Unreachable: gemm_affine_q8_supported is false, so no caller gets here.
   (void)q, (void)q_scales, (void)offsets, (void)M, (void)K, (void)w, (void)out, (void)N;

@@ -23,6 +23,13 @@ void gemm_affine_q8(const int8_t* q, const float* q_scales, const float* offsets
                     int64_t K, const AffineWeight& w, float* out, int64_t N, int64_t n_begin,
                     int64_t n_end);
 }  // namespace avx2
+
+namespace avx512 {
+// VNNI (vpdpbusd): a block of two chunks per 512-bit step.
+void gemm_affine_q8(const int8_t* q, const float* q_scales, const float* offsets, int64_t M,
+                    int64_t K, const AffineWeight& w, float* out, int64_t N, int64_t n_begin,
+                    int64_t n_end);
+}  // namespace avx512
 #endif
 
 }  // namespace lowbit::cpu

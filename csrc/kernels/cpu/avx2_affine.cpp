@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "affine_kernels.h"
+#include "affine_q8_prep.h"
 #include "avx2_util.h"
 #include "fourbit_avx2.h"
 #include "load_store.h"
@@ -202,25 +203,9 @@ void rows_tile(const Acts& x, const AffineWeight& w, const int64_t* rows, int64_
 template <bool kHalf>
 void q8_rows(const Acts& x, int64_t M, const AffineWeight& w, float* out, int64_t N,
              int64_t n_begin, int64_t n_end) {
-  if (M == 1) {
-    // 2 weight rows half the range apart: two independent DRAM streams per thread keep about
-    // twice the cache misses in flight of one (as the codebook GEMV, avx2_gemm4_q8.cpp).
-    const int64_t stride = (n_end - n_begin) / 2;
-    for (int64_t j = n_begin; j < n_begin + stride; ++j) {
-      const int64_t rows[2] = {j, j + stride};
-      rows_tile<2, 1, kHalf>(x, w, rows, 0, out, N);
-    }
-    for (int64_t j = n_begin + 2 * stride; j < n_end; ++j)
-      rows_tile<1, 1, kHalf>(x, w, &j, 0, out, N);
-    return;
-  }
-  // Several activation rows: each weight chunk is decoded once per group of up to 4.
-  for (int64_t j = n_begin; j < n_end; ++j) {
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) rows_tile<1, 4, kHalf>(x, w, &j, m, out, N);
-    for (; m + 2 <= M; m += 2) rows_tile<1, 2, kHalf>(x, w, &j, m, out, N);
-    for (; m < M; ++m) rows_tile<1, 1, kHalf>(x, w, &j, m, out, N);
-  }
+  schedule_q8_rows(M, n_begin, n_end, [&](auto rt, auto mt, const int64_t* rows, int64_t m0) {
+    rows_tile<decltype(rt)::value, decltype(mt)::value, kHalf>(x, w, rows, m0, out, N);
+  });
 }
 
 }  // namespace
@@ -250,21 +235,8 @@ void gemm_affine_q8(const int8_t* q, const float* q_scales, const float* offsets
                     int64_t n_end) {
   const int64_t chunks = K / kQ8Chunk, groups = K / w.group_size;
   const bool half = w.group_size % 64 != 0;
-  // The group (within a row) of each 32-element half chunk: group_size % 32 == 0, so a half chunk
-  // never straddles two groups.
-  std::vector<int32_t> half_group(static_cast<size_t>(2 * chunks));
-  for (int64_t h = 0; h < 2 * chunks; ++h) half_group[h] = int32_t(32 * h / w.group_size);
-  // xsum[m][g] = sum over group g's half chunks of x_scale * sum x_q, from the offset sums of
-  // quantize_activations_q8 (offsets[m][1 + half][c] = x_scale * 64 * sum over that half; the
-  // division by 64 is exact). Activation-only, so once per call.
-  std::vector<float> xsum(static_cast<size_t>(M * groups), 0.0f);
-  for (int64_t m = 0; m < M; ++m) {
-    const float* off = offsets + m * 3 * chunks;
-    float* xs = xsum.data() + m * groups;
-    for (int64_t h = 0; h < 2 * chunks; ++h)
-      xs[half_group[h]] += off[(1 + (h & 1)) * chunks + (h >> 1)] / 64.0f;
-  }
-  const Acts x{q, q_scales, xsum.data(), half_group.data(), K, chunks, groups};
+  const AffineQ8Prep prep(offsets, M, K, w.group_size);
+  const Acts x{q, q_scales, prep.xsum.data(), prep.half_group.data(), K, chunks, groups};
   if (half)
     q8_rows<true>(x, M, w, out, N, n_begin, n_end);
   else
