@@ -21,12 +21,6 @@ from safetensors.torch import save_file
 from torch import nn
 
 
-def has_module(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
-
-
 def tiny_llama(seed: int = 0, hidden: int = 128, inter: int = 256):
     from transformers import LlamaConfig, LlamaForCausalLM
 

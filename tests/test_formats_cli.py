@@ -100,21 +100,19 @@ def test_demo_formats_errors(capsys):
     assert rc == 2 and "--formats" in err and "hqq" in err
 
 
-@pytest.mark.skipif(
-    not H.has_module("compressed_tensors"), reason="compressed-tensors is not installed"
-)
-def test_minilm_int4_g128_by_compressed_tensors(capsys, minilm):
-    """The real all-MiniLM-L6-v2, int4 g128 by compressed-tensors' min/max quantizer, run by
-    lowbit: memory <= 0.3x bf16. The issue's cosine bar is 0.97; calibration-free int4 g128 on this
-    model reaches ~0.962 (the quantization itself: a float model with the same dense weights gives
-    the same), so this checks what lowbit adds: nothing beyond that error."""
+def test_minilm_int4_g128_compressed_tensors_gptq(capsys, minilm):
+    """The issue's bars on the real all-MiniLM-L6-v2: an int4 g128 compressed-tensors checkpoint
+    (GPTQ-calibrated on sentences disjoint from the evaluation ones, compressed by
+    compressed-tensors when installed) run by lowbit keeps the sentence embeddings at cosine >= 0.97
+    to fp32 (mean over the demo's sentences), with linear weights <= 0.3x their bf16 size.
+    (Calibration-free int4 g128 stays near 0.962 on this model: see README.)"""
     rc, out, _ = run_cli(
-        capsys, "demo", "--formats", "compressed-tensors", "--repeats", "1", "--json"
+        capsys, "demo", "--formats", "compressed-tensors-gptq", "--repeats", "1", "--json"
     )
     assert rc == 0
     r = json.loads(out)["results"][0]
     assert r["ratio_vs_bf16"] <= 0.3
-    assert r["cosine_mean"] > 0.955
+    assert r["cosine_mean"] >= 0.97
 
 
 def test_inspect_gptq_and_hqq(capsys, tmp_path):
@@ -165,3 +163,26 @@ def test_formats_are_known_to_the_parser():
         "hqq",
         "compressed-tensors",
     ]
+
+
+def test_gptq_codes_survive_the_compressed_tensors_writer(small_bert, tmp_path):
+    """compressed-tensors-gptq: the codes lowbit loads are exactly the GPTQ codes (the
+    compressor's own rounding of the dequantized weight lands on them)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    import lowbit
+    from lowbit.cli import _gptq
+
+    model = AutoModel.from_pretrained(small_bert, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(small_bert)
+    cal = tok(_gptq.CALIBRATION, padding=True, truncation=True, return_tensors="pt")
+    name = "encoder.layer.1.intermediate.dense"
+    H = _gptq.hessians(model, cal, [name])[name]
+    codes, s, z = _gptq.gptq(model.get_submodule(name).weight, H, 128)
+    W = model.get_submodule(name).weight.detach()
+    _formats_demo.write_compressed_tensors_gptq(model, tmp_path, small_bert)
+    loaded = lowbit.from_pretrained(tmp_path, progress=False)
+    got = loaded.get_submodule(name).dequantize()
+    want = (codes.float() - z.repeat_interleave(128, 1)) * s.repeat_interleave(128, 1)
+    assert torch.equal(got, want)
+    assert (got - W).abs().max() < 0.1

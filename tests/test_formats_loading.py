@@ -202,3 +202,9 @@ def test_loaded_model_flags_and_memory(gptq_dir):
         m.out_features * m.in_features * (0.5 + 8 / 32) + 8 * m.in_features for m in layers
     )
     assert bf16 == sum(2 * m.out_features * m.in_features for m in layers)
+
+
+def test_save_pretrained_refuses_affine_models(gptq_dir, tmp_path):
+    model = lowbit.from_pretrained(gptq_dir, progress=False)
+    with pytest.raises(ValueError, match="LinearAffine layers loaded from a gptq checkpoint"):
+        lowbit.save_pretrained(model, tmp_path / "out")

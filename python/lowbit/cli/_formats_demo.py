@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-FORMATS = ("hqq", "compressed-tensors")
+FORMATS = ("hqq", "compressed-tensors", "compressed-tensors-gptq")
 BITS, GROUP_SIZE = 4, 128
 
 
@@ -60,7 +60,7 @@ def _pack_int32(fields: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def write_hqq(model, out: Path) -> str:
+def write_hqq(model, out: Path, model_dir=None) -> str:
     names = _linears(model)
     tensors = _rest(model, names)
     try:
@@ -112,18 +112,20 @@ def write_hqq(model, out: Path) -> str:
     return f"hqq {getattr(hqq, '__version__', '')} HQQLinear (optimize=True)".replace("  ", " ")
 
 
-def write_compressed_tensors(model, out: Path) -> str:
+def write_compressed_tensors(model, out: Path, model_dir=None, quantized=None) -> str:
+    """pack-quantized int4 g128 asym. `quantized` ({layer: (codes, scales, zeros)}, e.g. from
+    GPTQ) fixes the codes; otherwise they come from the min/max quantizer."""
     names = _linears(model)
     try:
         import compressed_tensors  # noqa: F401
     except ImportError:
         compressed_tensors = None
     if compressed_tensors is not None:
-        return _ct_library(model, out, names)
+        return _ct_library(model, out, names, quantized)
     tensors = _rest(model, names)
     for name in names:
         lin = model.get_submodule(name)
-        codes, s, z = _lowbit_codes(lin.weight.detach())
+        codes, s, z = (quantized or {}).get(name) or _lowbit_codes(lin.weight.detach())
         # pack-quantized: stored value = signed q + 8 = lowbit's unsigned code; the zero point
         # (signed z = zero - 8) is stored + 8 as well, packed along the output dimension.
         tensors[f"{name}.weight_packed"] = _pack_int32(codes, 4)
@@ -143,10 +145,31 @@ def write_compressed_tensors(model, out: Path) -> str:
         "ignore": [],
     }
     _save_dir(model, out, tensors, qconfig)
-    return "lowbit quantize_affine (compressed-tensors not installed), pack-quantized layout"
+    how = "GPTQ codes" if quantized else "lowbit quantize_affine"
+    return f"{how} (compressed-tensors not installed), pack-quantized layout"
 
 
-def _ct_library(model, out: Path, names) -> str:
+def write_compressed_tensors_gptq(model, out: Path, model_dir=None) -> str:
+    """GPTQ-calibrated codes (lowbit.cli._gptq, 32 calibration sentences disjoint from the
+    evaluation ones) in a compressed-tensors pack-quantized checkpoint, as llm-compressor makes
+    them: compressed by compressed-tensors itself when installed."""
+    from transformers import AutoTokenizer
+
+    from lowbit.cli import _gptq
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    cal = tokenizer(_gptq.CALIBRATION, padding=True, truncation=True, return_tensors="pt")
+    names = _linears(model)
+    H = _gptq.hessians(model, cal, names)
+    quantized = {}
+    for name in names:
+        codes, s, z = _gptq.gptq(model.get_submodule(name).weight, H[name], GROUP_SIZE, BITS)
+        quantized[name] = (codes.to(torch.uint8), s, z)
+    how = write_compressed_tensors(model, out, model_dir, quantized)
+    return f"GPTQ ({len(_gptq.CALIBRATION)} calibration sentences) + {how}"
+
+
+def _ct_library(model, out: Path, names, quantized=None) -> str:
     import compressed_tensors
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
@@ -166,6 +189,16 @@ def _ct_library(model, out: Path, names) -> str:
     for name in names:  # the min/max observer's statistics, as llm-compressor's RTN would
         lin = model.get_submodule(name)
         W = lin.weight.detach()
+        if quantized is not None:
+            # GPTQ: the weight becomes its dequantized self, so the compressor's own rounding
+            # (W / scale + zero_point) lands exactly on the GPTQ codes, as in llm-compressor.
+            codes, s, z = quantized[name]
+            g = GROUP_SIZE
+            W = (codes.float() - z.repeat_interleave(g, 1)) * s.repeat_interleave(g, 1)
+            lin.weight.data.copy_(W)
+            lin.weight_scale.data.copy_(s)
+            lin.weight_zero_point.data.copy_((z - 2 ** (BITS - 1)).to(torch.int8))
+            continue
         grouped = W.reshape(W.shape[0], -1, GROUP_SIZE)
         s, z = calculate_qparams(grouped.amin(-1), grouped.amax(-1), args)
         lin.weight_scale.data.copy_(s)
@@ -180,10 +213,15 @@ def _ct_library(model, out: Path, names) -> str:
     cfg.pop("quantization_config", None)
     (out / "config.json").write_text(json.dumps(cfg))
     mc.update_config(str(out))
-    return f"compressed-tensors {compressed_tensors.__version__} (min/max, pack-quantized)"
+    how = "given codes" if quantized is not None else "min/max"
+    return f"compressed-tensors {compressed_tensors.__version__} ({how}, pack-quantized)"
 
 
-WRITERS = {"hqq": write_hqq, "compressed-tensors": write_compressed_tensors}
+WRITERS = {
+    "hqq": write_hqq,
+    "compressed-tensors": write_compressed_tensors,
+    "compressed-tensors-gptq": write_compressed_tensors_gptq,
+}
 
 
 def parse_formats(text: str) -> list[str]:
@@ -208,7 +246,7 @@ def measure(fmt: str, model_dir: Path, batch, embed, median_ms, repeats, referen
     float_model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
     with tempfile.TemporaryDirectory(prefix=f"lowbit-{fmt}-") as tmp:
         start = time.perf_counter()
-        how = WRITERS[fmt](float_model, Path(tmp))
+        how = WRITERS[fmt](float_model, Path(tmp), model_dir)
         write_s = time.perf_counter() - start
         del float_model
         start = time.perf_counter()

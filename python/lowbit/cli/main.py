@@ -38,8 +38,8 @@ def _add_demo(sub) -> None:
     p.add_argument(
         "--formats",
         metavar="LIST",
-        help="instead: quantize with other libraries' int4 g128 formats (comma-separated: hqq, "
-        "compressed-tensors), load their checkpoints with lowbit and compare to fp32",
+        help="instead: write int4 g128 checkpoints in other libraries' formats (comma-separated: "
+        "hqq, compressed-tensors, compressed-tensors-gptq), load their checkpoints with lowbit and compare to fp32",
     )
 
 

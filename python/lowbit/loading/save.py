@@ -79,6 +79,16 @@ def save_pretrained(model: nn.Module, path, max_shard_size="5GB") -> None:
     layout, and config.json carrying {"quant_method": "lowbit", ...} (no load_in_* keys)."""
     from safetensors.torch import save_file
 
+    from lowbit.nn.affine import LinearAffine
+
+    affine = [n for n, m in model.named_modules() if isinstance(m, LinearAffine)]
+    if affine:
+        raise ValueError(
+            f"save_pretrained writes lowbit/bitsandbytes layers only; {affine[0]} (and "
+            f"{len(affine) - 1} more) are LinearAffine layers loaded from a "
+            f"{getattr(model, 'quantization_method', 'GPTQ/AWQ/compressed-tensors/HQQ')} "
+            "checkpoint: keep that checkpoint as the saved form"
+        )
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tied = getattr(model, "_tied_weights_keys", None) or {}
