@@ -227,9 +227,6 @@ void decode_range16(const uint8_t* packed, const float* absmax, const float* cod
   }
 }
 
-// ---- product -----------------------------------------------------------------------------------
-
-
 }  // namespace
 
 void quantize_4bit(FloatType t, const void* a, int64_t n, int64_t blocksize, const Codebook16& cb,
