@@ -289,7 +289,9 @@ def ct_dequant(state, name, fmt, scheme) -> torch.Tensor:
 # ---- HQQ (the library itself, as Transformers' HQQ integration saves it) ----------------------
 
 
-def write_hqq(model, path, nbits=4, group_size=32, axis=1, compute_dtype=torch.float32):
+def write_hqq(
+    model, path, nbits=4, group_size=32, axis=1, compute_dtype=torch.float32, view_as_float=False
+):
     """HQQLinear per linear layer (hqq 0.2.8), its state_dict() under the layer's name: what
     Transformers' HQQ integration (integrations/hqq.py, quantizers/quantizer_hqq.py) saves, with
     its HqqConfig.to_dict() as quantization_config. Oracle: HQQLinear.dequantize()."""
@@ -298,14 +300,18 @@ def write_hqq(model, path, nbits=4, group_size=32, axis=1, compute_dtype=torch.f
 
     names = linear_names(model)
     tensors, dense = _float_tensors(model, names), {}
-    qc = BaseQuantizeConfig(nbits=nbits, group_size=group_size, axis=axis)
+    qc = BaseQuantizeConfig(
+        nbits=nbits, group_size=group_size, axis=axis, view_as_float=view_as_float
+    )
     for name in names:
         lin = model.get_submodule(name)
         h = HQQLinear(lin, qc, compute_dtype=compute_dtype, device="cpu", del_orig=False)
         for k, v in h.state_dict().items():
             tensors[f"{name}.{k}"] = v.detach().clone()
         dense[name] = h.dequantize().float()
-    qconfig = HqqConfig(nbits=nbits, group_size=group_size, axis=axis).to_dict()
+    qconfig = HqqConfig(
+        nbits=nbits, group_size=group_size, axis=axis, view_as_float=view_as_float
+    ).to_dict()
     qconfig["quant_method"] = "hqq"
     _write(model, Path(path), tensors, qconfig)
     return dense

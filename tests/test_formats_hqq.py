@@ -46,6 +46,16 @@ def test_bf16_compute_dtype(model, tmp_path):
     assert torch.equal(loaded.get_submodule(name).dequantize(), W)
 
 
+def test_view_as_float(model, tmp_path):
+    """view_as_float=True stores the packed bytes viewed as the compute dtype."""
+    dense = H.write_hqq(model, tmp_path, 4, 64, view_as_float=True)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.layers.0.mlp.up_proj.W_q").dtype == torch.float32
+    H.load_and_check(tmp_path, dense, model)
+
+
 def test_axis0_is_refused_not_requantized(model, tmp_path):
     H.write_hqq(model, tmp_path, 4, 32, axis=0)
     with pytest.raises(FormatError, match="axis=1"):

@@ -208,3 +208,23 @@ def test_save_pretrained_refuses_affine_models(gptq_dir, tmp_path):
     model = lowbit.from_pretrained(gptq_dir, progress=False)
     with pytest.raises(ValueError, match="LinearAffine layers loaded from a gptq checkpoint"):
         lowbit.save_pretrained(model, tmp_path / "out")
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "awq", "compressed-tensors", "hqq"])
+def test_odd_shapes(tmp_path, fmt):
+    """hidden 96 / intermediate 160: group size 64 leaves a partial last group (GPTQ/AWQ), so the
+    layer uses groups of gcd(64, K) = 32 holding the source scales; HQQ groups of 64 span rows."""
+    model = H.tiny_llama(hidden=96, inter=160)
+    if fmt == "gptq":
+        dense = H.write_gptq(model, tmp_path, 4, 64, False, True)
+    elif fmt == "awq":
+        dense = H.write_awq(model, tmp_path, 64)
+    elif fmt == "compressed-tensors":
+        pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed")
+        dense = H.write_compressed_tensors(model, tmp_path, 4, "group", 32, False)
+    else:
+        pytest.importorskip("hqq", reason="hqq is not installed")
+        dense = H.write_hqq(model, tmp_path, 4, 64)
+    loaded = H.load_and_check(tmp_path, dense, model)
+    if fmt in ("gptq", "awq"):
+        assert loaded.model.layers[0].self_attn.q_proj.group_size == 32

@@ -11,6 +11,7 @@ imported, and only safetensors files are read (no pickle).
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -84,7 +85,10 @@ def replace_with_affine(model: nn.Module, layers: dict[str, tuple]) -> None:
     for name in layers:
         old = model.get_submodule(name)
         in_f, out_f = linear_features(old)
-        new = LinearAffine(in_f, out_f, bias=old.bias is not None, device="meta")
+        # A placeholder group size (any divisor of K): the converted weight sets the real one.
+        new = LinearAffine(
+            in_f, out_f, bias=old.bias is not None, group_size=math.gcd(128, in_f), device="meta"
+        )
         new.requires_grad_(False)
         new.train(old.training)
         set_submodule(model, name, new)
