@@ -123,7 +123,9 @@ def from_pretrained(
 
     The model class comes from config.json's `architectures` (AutoModelForCausalLM for causal LMs,
     else AutoModel; `model_class` overrides). A checkpoint already quantized by lowbit or by
-    Transformers + bitsandbytes loads as saved. Only safetensors are read unless
+    Transformers + bitsandbytes loads as saved; a GPTQ, AWQ, compressed-tensors or HQQ checkpoint
+    (config.json's quantization_config.quant_method) loads into LinearAffine layers, converted
+    once (lowbit.formats; none of those libraries is imported). Only safetensors are read unless
     allow_pickle=True (then torch.load(weights_only=True)).
 
     device_map: None/"cpu", a device, "auto" (through accelerate), or a {module prefix: device}
