@@ -2,6 +2,7 @@
 compressor's own decompress() of the saved tensors must equal lowbit's dequantize() bit for bit."""
 
 import pytest
+import torch
 
 pytest.importorskip("transformers", reason="the checkpoints are Transformers models")
 pytest.importorskip("compressed_tensors", reason="compressed-tensors (the oracle) is not installed")
@@ -63,3 +64,33 @@ def _config(**weights):
 def test_unsupported_variants(qconfig, message):
     with pytest.raises(FormatError, match=message):
         reader_for(qconfig)
+
+
+def test_group_actorder_g_idx():
+    """Older llm-compressor "group" act-order checkpoints add weight_g_idx (column -> group, not
+    monotonic): the layer gathers its inputs in group order, exactly as GPTQ's g_idx."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    from lowbit.nn import LinearAffine
+
+    N, K, g = 16, 64, 32
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(-8, 8, (N, K), generator=gen, dtype=torch.int8)
+    zp = torch.randint(-8, 8, (N, K // g), generator=gen, dtype=torch.int8)
+    scale = torch.rand(N, K // g, generator=gen) + 0.1
+    g_idx = (torch.arange(K) // g)[torch.randperm(K, generator=gen)].to(torch.int32)
+    stash = {
+        "weight_packed": pack_to_int32(q, 4),
+        "weight_scale": scale,
+        "weight_zero_point": pack_to_int32(zp, 4, packed_dim=0),
+        "weight_shape": torch.tensor([N, K]),
+        "weight_g_idx": g_idx,
+    }
+    reader = reader_for(_config(symmetric=False, group_size=g))
+    w = reader.convert("layer", stash, K, N)
+    assert w.perm is not None and w.group_size == g
+    layer = LinearAffine(K, N, bias=False, group_size=g)
+    layer.set_weight(w.packed, w.scales, w.zeros, w.bits, w.group_size, w.perm)
+    gi = g_idx.long()
+    want = (q.float() - zp.float()[:, gi]) * scale[:, gi]
+    assert torch.equal(layer.dequantize(), want)
