@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lowbit.formats import Reader
-from lowbit.loading.files import SAFE_INDEX, SAFE_SINGLE, checkpoint_files
+from lowbit.loading.files import checkpoint_files
 from lowbit.nn.affine import LinearAffine
 from lowbit.nn.replace import is_conv1d, linear_features, set_submodule
 
@@ -95,8 +95,7 @@ def replace_with_affine(model: nn.Module, layers: dict[str, tuple]) -> None:
 
 
 def check_safetensors_only(path: Path, method: str) -> list[Path]:
-    if not ((path / SAFE_INDEX).is_file() or (path / SAFE_SINGLE).is_file()):
-        checkpoint_files(path, allow_pickle=False)  # raises the usual "only pickled weights"
+    """The safetensors files of the checkpoint (pickle-only directories raise, naming the file)."""
     files = checkpoint_files(path, allow_pickle=False)
     if any(f.suffix != ".safetensors" for f in files):
         raise ValueError(f"{method} checkpoints are read from safetensors files only")
