@@ -439,7 +439,9 @@ def gemm_affine_q8(A, packed, shapeB, scales, zeros, bits: int, group_size: int,
 
 def gemm_affine_expected(A, packed, shapeB, scales, zeros, bits, group_size, bias=None):
     """What lowbit's gemm_affine op computes on A's device: gemm_affine_q8 where the CPU takes the
-    int8-activation kernel, the exact product (gemm_affine) everywhere else."""
+    int8-activation kernel, the exact product (gemm_affine) everywhere else. Valid for inputs whose
+    fp32 products do not overflow (the kernel hands a NaN/Inf int8 result to the exact kernels;
+    this mirrors that through the exact result)."""
     K = shapeB[1]
     M = A.numel() // K if K else 0
     exact = gemm_affine(A, packed, shapeB, scales, zeros, bits, group_size, bias)
