@@ -45,6 +45,18 @@ TORCH_LIBRARY(lowbit, m) {
   m.def(
       "int8_linear(Tensor A, Tensor W, Tensor W_scale, Tensor? bias=None, float threshold=0.0) "
       "-> Tensor");
+  // Affine 4/8-bit weights (GPTQ / AWQ / HQQ / compressed-tensors, issue #13): unsigned codes q,
+  // fp32 scale and zero per group of group_size elements along K, w = (float(q) - zero) * scale.
+  // 4-bit codes are packed as NF4 (flat uint8 [(N*K+1)/2]), 8-bit ones one per byte.
+  m.def(
+      "quantize_affine(Tensor A, int bits, int group_size, bool symmetric) -> (Tensor, Tensor, "
+      "Tensor)");
+  m.def(
+      "dequantize_affine(Tensor packed, Tensor scales, Tensor zeros, int bits, int group_size, "
+      "SymInt[] shape, ScalarType dtype) -> Tensor");
+  m.def(
+      "gemm_affine(Tensor A, Tensor packed, SymInt[] shapeB, Tensor scales, Tensor zeros, int "
+      "bits, int group_size, Tensor? bias=None) -> Tensor");
 }
 
 namespace {
@@ -66,6 +78,9 @@ void impl_all_ops(torch::Library& m) {
   m.impl("int8_linear_matmul.out", &int8_linear_matmul_out);
   m.impl("int8_mm_dequant", &int8_mm_dequant);
   m.impl("int8_linear", &int8_linear);
+  m.impl("quantize_affine", &quantize_affine);
+  m.impl("dequantize_affine", &dequantize_affine);
+  m.impl("gemm_affine", &gemm_affine);
 }
 
 }  // namespace

@@ -268,7 +268,7 @@ if [ -n "$TORCH_INC" ] && [ -f "$TORCH_INC/c10/cuda/CUDAGuard.h" ]; then
   # A CPU wheel lacks the generated c10/cuda/impl/cuda_cmake_macros.h;
   # C10_CUDA_NO_CMAKE_CONFIGURE_FILE skips it (it only sets an export macro).
   for src in csrc/ops/cuda_backend.cpp csrc/ops/blockwise.cpp csrc/ops/fourbit.cpp \
-    csrc/ops/int8.cpp csrc/registration.cpp; do
+    csrc/ops/int8.cpp csrc/ops/affine.cpp csrc/registration.cpp; do
     "$CXX" -std=c++17 -fsyntax-only -Wall -Werror -DLOWBIT_WITH_CUDA -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE \
       -I"$ROOT/csrc/include" -I"$ROOT/csrc" -isystem "$TORCH_INC" \
       -isystem "$TORCH_INC/torch/csrc/api/include" "${CUDA_INC[@]}" -isystem "$PY_INC" \

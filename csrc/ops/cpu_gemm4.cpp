@@ -35,31 +35,47 @@ constexpr int64_t kBlasMinRows = 8;
 // between being written and being read by the GEMM.
 constexpr int64_t kTileBytes = int64_t(4) << 20;
 
+// The int8 activations of the small-M products (quantize_activations_q8's outputs), shared by
+// the codebook and the affine product.
+struct Q8Activations {
+  std::vector<int8_t> q;
+  std::vector<float> scales, offsets;
+  // False if some row cannot go on the int8 grid (NaN/Inf, tiny or huge chunks): exact kernels.
+  bool quantize(const float* a, int64_t M, int64_t K) {
+    q.resize(static_cast<size_t>(M * K));
+    scales.resize(static_cast<size_t>(M * (K / cpu::kQ8Chunk)));
+    offsets.resize(3 * scales.size());
+    std::atomic<bool> ok{true};
+    at::parallel_for(0, M, 1, [&](int64_t r0, int64_t r1) {
+      if (!cpu::quantize_activations_q8(a, K, q.data(), scales.data(), offsets.data(), r0, r1))
+        ok = false;
+    });
+    return ok;
+  }
+};
+
+// A NaN/Inf output of an int8-activation product (a NaN weight block, or scales so large that an
+// fp32 product overflowed) is recomputed by the fp32 kernels, which give NaN and Inf their exact
+// meaning: the int8 path never turns an overflow into a different answer. One pass over M * N.
+bool all_finite(const float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(out[i])) return false;
+  return true;
+}
+
 bool q8_product(const float* a, int64_t M, int64_t K, int64_t N, const uint8_t* packed,
                 const BlockAbsmax& scales, const float* code16, int64_t blocksize, float* out) {
   if (M > kQ8MaxRows || !cpu::gemv_int8_activations() || !cpu::gemm_4bit_q8_supported(K, blocksize))
     return false;
   const cpu::Q8Codebook cb = cpu::make_q8_codebook(code16);
   if (!cb.ok) return false;
-  std::vector<int8_t> q(static_cast<size_t>(M * K));
-  std::vector<float> qs(static_cast<size_t>(M * (K / cpu::kQ8Chunk)));
-  std::vector<float> offsets(3 * qs.size());
-  std::atomic<bool> ok{true};
-  at::parallel_for(0, M, 1, [&](int64_t r0, int64_t r1) {
-    if (!cpu::quantize_activations_q8(a, K, q.data(), qs.data(), offsets.data(), r0, r1))
-      ok = false;
-  });
-  if (!ok) return false;
+  Q8Activations x;
+  if (!x.quantize(a, M, K)) return false;
   at::parallel_for(0, N, grain_for(K * M, 1 << 18), [&](int64_t n0, int64_t n1) {
-    cpu::gemm_4bit_q8(q.data(), qs.data(), offsets.data(), M, K, packed, scales, cb, blocksize, out,
-                      N, n0, n1);
+    cpu::gemm_4bit_q8(x.q.data(), x.scales.data(), x.offsets.data(), M, K, packed, scales, cb,
+                      blocksize, out, N, n0, n1);
   });
-  // A NaN/Inf output (a NaN weight block, or scales so large that an fp32 product overflowed)
-  // is recomputed by the fp32 kernels, which give NaN and Inf their exact meaning: the int8 path
-  // never turns an overflow into a different answer. One pass over M * N floats.
-  for (int64_t i = 0; i < M * N; ++i)
-    if (!std::isfinite(out[i])) return false;
-  return true;
+  return all_finite(out, M * N);
 }
 
 // out [M, N] = a [M, K] @ W^T, W dequantized tile by tile. Needs K % blocksize == 0 so that a tile
@@ -111,6 +127,77 @@ void cpu_gemm_4bit(const at::Tensor& a, const uint8_t* packed, const BlockAbsmax
   at::parallel_for(0, N, grain_for(K * M, 65536), [&](int64_t n0, int64_t n1) {
     std::vector<float> scratch(static_cast<size_t>(K));
     cpu::gemm_4bit(ap, M, K, packed, scales, code16, blocksize, op, N, n0, n1, scratch.data());
+  });
+}
+
+}  // namespace lowbit::ops
+
+// ---- affine 4/8-bit weights (issue #13): the same three tiers as the codebook product above ----
+
+namespace lowbit::ops {
+
+namespace {
+
+bool q8_affine_product(const float* a, int64_t M, int64_t K, int64_t N, const cpu::AffineWeight& w,
+                       float* out) {
+  if (M > kQ8MaxRows || !cpu::gemv_int8_activations() ||
+      !cpu::gemm_affine_q8_supported(K, w.bits, w.group_size))
+    return false;
+  Q8Activations x;
+  if (!x.quantize(a, M, K)) return false;
+  at::parallel_for(0, N, grain_for(K * M, 1 << 18), [&](int64_t n0, int64_t n1) {
+    cpu::gemm_affine_q8(x.q.data(), x.scales.data(), x.offsets.data(), M, K, w, out, N, n0, n1);
+  });
+  return all_finite(out, M * N);
+}
+
+// out [M, N] = a [M, K] @ W^T, W dequantized to fp32 a tile of whole rows (whole groups, since
+// group_size divides K) at a time and multiplied by torch's BLAS.
+void blas_affine_product(const at::Tensor& a, int64_t N, const cpu::AffineWeight& w,
+                         at::Tensor& out) {
+  const int64_t K = a.size(1);
+  const int64_t tile = std::max<int64_t>(1, kTileBytes / (4 * K));
+  at::Tensor outT = at::empty({N, a.size(0)}, a.options());
+  at::Tensor wt = at::empty({std::min(tile, N), K}, a.options());
+  const at::Tensor aT = a.t();
+  const int64_t groups_per_row = K / w.group_size;
+  for (int64_t n0 = 0; n0 < N; n0 += tile) {
+    const int64_t rows = std::min(tile, N - n0);
+    const int64_t g_first = n0 * groups_per_row, groups = rows * groups_per_row;
+    // The tile's view of the weight: groups renumbered from 0, codes from the tile's first row.
+    // (4-bit with K odd never gets here: a tile would start inside a byte.)
+    cpu::AffineWeight tw = w;
+    tw.packed = w.packed + (w.bits == 4 ? n0 * K / 2 : n0 * K);
+    tw.scales = w.scales + g_first;
+    tw.zeros = w.zeros + g_first;
+    float* wp = wt.data_ptr<float>();
+    at::parallel_for(0, groups, grain_for(w.group_size), [&](int64_t g0, int64_t g1) {
+      cpu::dequantize_affine(tw, FloatType::f32, wp, g0, g1);
+    });
+    at::Tensor dst = outT.narrow(0, n0, rows);
+    at::mm_out(dst, wt.narrow(0, 0, rows), aT);
+  }
+  out.copy_(outT.t());
+}
+
+}  // namespace
+
+void cpu_gemm_affine(const at::Tensor& a, const cpu::AffineWeight& w, at::Tensor& out) {
+  const int64_t M = a.size(0), K = a.size(1), N = out.size(1);
+  const float* ap = a.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  if (K == 0) {
+    out.zero_();
+    return;
+  }
+  if (q8_affine_product(ap, M, K, N, w, op)) return;
+  if (M >= kBlasMinRows && (w.bits == 8 || K % 2 == 0)) {
+    blas_affine_product(a, N, w, out);
+    return;
+  }
+  at::parallel_for(0, N, grain_for(K * M, 65536), [&](int64_t n0, int64_t n1) {
+    std::vector<float> scratch(static_cast<size_t>(K));
+    cpu::gemm_affine(ap, M, K, w, op, N, n0, n1, scratch.data());
   });
 }
 

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "lowbit/blockscale.h"
+#include "lowbit/cpu_kernels.h"
 
 namespace lowbit::ops {
 
@@ -13,5 +14,9 @@ namespace lowbit::ops {
 // per-block scales `scales` (fp32 or double quantized) and the 16-entry code table code16.
 void cpu_gemm_4bit(const at::Tensor& a, const uint8_t* packed, const BlockAbsmax& scales,
                    const float* code16, int64_t blocksize, at::Tensor& out);
+
+// The same tiers for an affine 4/8-bit weight (w = (q - zero) * scale per group): out [M, N] fp32
+// = a [M, K] fp32 @ W^T.
+void cpu_gemm_affine(const at::Tensor& a, const cpu::AffineWeight& w, at::Tensor& out);
 
 }  // namespace lowbit::ops

@@ -46,4 +46,14 @@ at::Tensor int8_mm_dequant(const at::Tensor& A, const at::Tensor& row_stats,
 at::Tensor int8_linear(const at::Tensor& A, const at::Tensor& W, const at::Tensor& W_scale,
                        const std::optional<at::Tensor>& bias, double threshold);
 
+// Affine 4/8-bit weights (affine.cpp)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_affine(const at::Tensor& A, int64_t bits,
+                                                               int64_t group_size, bool symmetric);
+at::Tensor dequantize_affine(const at::Tensor& packed, const at::Tensor& scales,
+                             const at::Tensor& zeros, int64_t bits, int64_t group_size,
+                             at::IntArrayRef shape, at::ScalarType dtype);
+at::Tensor gemm_affine(const at::Tensor& A, const at::Tensor& packed, at::IntArrayRef shapeB,
+                       const at::Tensor& scales, const at::Tensor& zeros, int64_t bits,
+                       int64_t group_size, const std::optional<at::Tensor>& bias);
+
 }  // namespace lowbit::ops

@@ -204,3 +204,67 @@ def _int8_linear_backward(ctx, grad):
 torch.library.register_autograd(
     lib + "int8_linear", _int8_linear_backward, setup_context=_int8_linear_setup
 )
+
+
+# ---- affine 4/8-bit (GPTQ / AWQ / HQQ / compressed-tensors), issue #13 --------------------------
+
+
+def _affine_packed_len(n: int, bits: int) -> int:
+    return (n + 1) // 2 if bits == 4 else n
+
+
+@torch.library.register_fake(lib + "quantize_affine")
+def _(A, bits, group_size, symmetric):
+    torch._check(A.dim() == 2, lambda: "A must be 2-D [N, K]")
+    torch._check(bits in (4, 8), lambda: f"bits must be 4 or 8, got {bits}")
+    torch._check(group_size > 0, lambda: "group_size must be positive")
+    n = A.shape[0] * A.shape[1]
+    groups = n // group_size
+    packed = A.new_empty((_affine_packed_len(n, bits),), dtype=torch.uint8)
+    return (
+        packed,
+        A.new_empty((groups,), dtype=torch.float32),
+        A.new_empty((groups,), dtype=torch.float32),
+    )
+
+
+@torch.library.register_fake(lib + "dequantize_affine")
+def _(packed, scales, zeros, bits, group_size, shape, dtype):
+    _same_device("dequantize_affine", packed=packed, scales=scales, zeros=zeros)
+    return packed.new_empty(shape, dtype=dtype)
+
+
+@torch.library.register_fake(lib + "gemm_affine")
+def _(A, packed, shapeB, scales, zeros, bits, group_size, bias=None):
+    _same_device("gemm_affine", A=A, packed=packed, scales=scales, zeros=zeros, bias=bias)
+    torch._check(A.shape[-1] == shapeB[1], lambda: "A's last dimension must equal the weight's K")
+    return A.new_empty((*A.shape[:-1], shapeB[0]))
+
+
+def _gemm_affine_setup(ctx, inputs, output):
+    _, packed, shapeB, scales, zeros, bits, group_size, bias = inputs
+    ctx.save_for_backward(packed, scales, zeros)
+    ctx.shapeB = tuple(shapeB)
+    ctx.bits = bits
+    ctx.group_size = group_size
+    ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
+
+
+def _gemm_affine_backward(ctx, grad):
+    # d(A @ W^T + b)/dA = grad @ W (W frozen: integer codes); a bias gets grad summed over rows.
+    packed, scales, zeros = ctx.saved_tensors
+    grad_A = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        W = torch.ops.lowbit.dequantize_affine(
+            packed, scales, zeros, ctx.bits, ctx.group_size, list(ctx.shapeB), grad.dtype
+        )
+        grad_A = grad @ W
+    if ctx.bias_meta is not None and ctx.needs_input_grad[7]:
+        shape, dtype = ctx.bias_meta
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).reshape(shape).to(dtype)
+    return grad_A, None, None, None, None, None, None, grad_bias
+
+
+torch.library.register_autograd(
+    lib + "gemm_affine", _gemm_affine_backward, setup_context=_gemm_affine_setup
+)

@@ -322,6 +322,84 @@ def _ms(ms: float) -> str:
     return f"{ms:.2f}" if ms >= 1 else f"{ms:.4f}"  # GPU kernels take microseconds
 
 
+def _hqq_linear(w: torch.Tensor, group_size: int):
+    """HQQ's own CPU path for its format (hqq 0.2.x, pytorch backend: dequantize, then matmul), or
+    None when hqq does not import. Round-to-nearest (optimize=False) so that building it takes
+    seconds; the forward it times is the same."""
+    try:
+        from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+    except Exception:
+        return None
+    cfg = BaseQuantizeConfig(nbits=4, group_size=group_size, axis=1)
+    cfg["weight_quant_params"]["optimize"] = False
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=torch.bfloat16)
+    lin.weight.data.copy_(w)
+    return HQQLinear(lin, cfg, compute_dtype=torch.bfloat16, device="cpu", del_orig=True)
+
+
+def bench_affine(rows, ms, repeats):
+    """The affine 4/8-bit format of GPTQ / AWQ / HQQ / compressed-tensors checkpoints
+    (gemm_affine): int4 group size 128 asymmetric on 11008x4096 (bar at M = 1: 3x bf16 F.linear),
+    against fp32 F.linear too, int8 at M = 1, and HQQ's own CPU forward where hqq installs.
+    compressed-tensors has no CPU kernel: it decompresses its weights to dense bf16 once, so its
+    forward is the bf16 F.linear baseline. M <= 32 runs the int8-activation kernel (4-bit), larger
+    M BLAS on dequantized fp32 weight tiles, as for NF4."""
+    N, K, g = 11008, 4096, 128
+    w = torch.randn(N, K)
+    packed, scales, zeros = ops.quantize_affine(w, 4, g, False)
+    qbytes = packed.numel() + 8 * scales.numel()
+    qs = [(packed.clone(), scales.clone(), zeros.clone()) for _ in range(copies_for(qbytes))]
+    wb = w.to(torch.bfloat16)
+    wbs = [(wb.clone(),) for _ in range(copies_for(wb.numel() * 2))]
+    mode = "int8 activations" if cpu_gemv_mode() == "int8" else "fp32 activations"
+    for M in ms:
+        reps = repeats * 2 if M == 1 else repeats
+        xb = torch.randn(M, K, dtype=torch.bfloat16)
+        t = timeit(lambda p, s, z: ops.gemm_affine(xb, p, [N, K], s, z, 4, g), qs, reps)
+        t_base = timeit(lambda W: F.linear(xb, W), wbs, reps)
+        how = mode if M <= 32 else "BLAS on fp32 weight tiles"
+        bar = 3.0 if M == 1 else (0.8 if M >= 128 else None)
+        bw = qbytes / t if M == 1 else None
+        label = f"int4 g128 asym linear M={M} {N}x{K} (bf16 act)"
+        rows.append(Row(label, 1e3 * t, "bf16 F.linear", 1e3 * t_base, bar, how, bw))
+        if M == 1:
+            xf = xb.float()
+            t32 = timeit(lambda p, s, z: ops.gemm_affine(xf, p, [N, K], s, z, 4, g), qs, reps)
+            wf = [(W.float(),) for (W,) in wbs[:2]]
+            t_f = timeit(lambda W: F.linear(xf, W), wf, reps)
+            del wf
+            label = f"int4 g128 asym linear M=1 {N}x{K} (fp32 act)"
+            rows.append(Row(label, 1e3 * t32, "fp32 F.linear", 1e3 * t_f, None, how, qbytes / t32))
+            hqq = _hqq_linear(wb, g)
+            if hqq is not None:
+                import hqq as hqq_pkg
+
+                t_h = timeit(lambda: hqq(xb), [()], max(3, repeats // 3))
+                base = f"hqq {hqq_pkg.__version__} HQQLinear (CPU, pytorch backend)"
+                rows.append(Row(label.replace("fp32", "bf16"), 1e3 * t, base, 1e3 * t_h, 2.0))
+                del hqq
+    del qs
+    # int8 codes (GPTQ / compressed-tensors 8-bit): the exact fused kernel at M = 1.
+    p8, s8, z8 = ops.quantize_affine(w, 8, g, False)
+    q8bytes = p8.numel() + 8 * s8.numel()
+    q8s = [(p8.clone(), s8.clone(), z8.clone()) for _ in range(copies_for(q8bytes))]
+    xb = torch.randn(1, K, dtype=torch.bfloat16)
+    t = timeit(lambda p, s, z: ops.gemm_affine(xb, p, [N, K], s, z, 8, g), q8s, repeats * 2)
+    t_base = timeit(lambda W: F.linear(xb, W), wbs, repeats * 2)
+    rows.append(
+        Row(
+            f"int8 g128 asym linear M=1 {N}x{K} (bf16 act)",
+            1e3 * t,
+            "bf16 F.linear",
+            1e3 * t_base,
+            None,
+            "exact fp32 kernel",
+            q8bytes / t,
+        )
+    )
+    del q8s, wbs
+
+
 def render(rows, header: list[str], copy_bw: float) -> str:
     lines = header + [
         "",
@@ -396,6 +474,7 @@ def main(argv=None) -> int:
     )
     bench_int8(rows, [(4096, 4096)], [128] if quick else [128, 512, 2048], repeats, qdyn=True)
     bench_nf4_gemm(rows, [(4096, 4096)], [16, 128] if quick else [16, 128, 512, 2048], repeats)
+    bench_affine(rows, [1, 16, 128], repeats)
     copy_bws.append(_copy_bandwidth(repeats))
     bench_quant(rows, (4096, 4096) if quick else (8192, 4096), repeats)
     copy_bws.append(_copy_bandwidth(repeats))

@@ -46,6 +46,9 @@ __all__ = [
     "unpack_tensor_to_dict",
     "decode_absmax",
     "nested_absmax_args",
+    "quantize_affine",
+    "dequantize_affine",
+    "gemm_affine",
 ]
 
 _ops = torch.ops.lowbit
@@ -328,3 +331,42 @@ def int8_linear(A, W, W_scale, bias=None, threshold: float = 0.0) -> torch.Tenso
     """The whole LLM.int8() forward in one op: A [..., K] @ dequant(W [N, K])^T (+ bias), with
     activation columns holding |a| >= threshold computed in floating point."""
     return _ops.int8_linear(A, W, W_scale, bias, threshold)
+
+
+# ---- affine 4/8-bit (GPTQ / AWQ / HQQ / compressed-tensors weights) -------------------------------
+
+
+def quantize_affine(A: torch.Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = False):
+    """Round-to-nearest min/max quantization of a weight A [N, K] to `bits`-bit unsigned codes with
+    an fp32 scale and zero per group of `group_size` elements along K (group_size = K: per
+    channel). Returns (packed uint8, scales fp32 [N * K // group_size], zeros fp32 [same]); the
+    rule is spelled out in lowbit.reference.quantize_affine."""
+    return _ops.quantize_affine(A, bits, group_size, symmetric)
+
+
+def dequantize_affine(
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    group_size: int,
+    shape,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The dense weight [N, K]: (float(q) - zeros[g]) * scales[g] in fp32, rounded once to dtype."""
+    return _ops.dequantize_affine(packed, scales, zeros, bits, group_size, list(shape), dtype)
+
+
+def gemm_affine(
+    A: torch.Tensor,
+    packed: torch.Tensor,
+    shapeB,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A [..., K] @ dequant(W)^T (+ bias) for an affine weight W [N, K], fp32 accumulation, the
+    result in A's dtype. Differentiable in A and bias."""
+    return _ops.gemm_affine(A, packed, list(shapeB), scales, zeros, bits, group_size, bias)

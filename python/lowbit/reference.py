@@ -315,3 +315,138 @@ def int8_linear(A, W, W_scale, bias=None, threshold: float = 0.0) -> torch.Tenso
     if cols is not None and cols.numel():
         out = out + a[:, cols].float() @ int8_weight_dequant(W[:, cols], W_scale).t()
     return out.to(A.dtype).reshape(*A.shape[:-1], W.shape[0])
+
+
+# ---- affine 4/8-bit (GPTQ / AWQ / HQQ / compressed-tensors weights, issue #13) -----------------
+#
+# Weight W [N, K], unsigned codes q of `bits` (4 or 8) bits, groups of `group_size` elements along K
+# (group id of element (n, k) = (n * K + k) // group_size, group_size divides K), fp32 scale and
+# zero per group. Decode, in fp32 in this order: w = (float(q) - zero) * scale; one rounding to the
+# output dtype. 4-bit codes are packed as NF4 (element 2j in the high nibble of byte j, flat uint8
+# [(N * K + 1) // 2]); 8-bit codes are one per byte, flat uint8 [N * K].
+
+
+def _affine_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    if bits == 4:
+        return unpack_nibbles(packed, n)
+    return packed.reshape(-1)[:n].long()
+
+
+def decode_affine(packed, scales, zeros, bits: int, group_size: int, shape) -> torch.Tensor:
+    """fp32 [N, K] values of an affine weight: (float(q) - zero[g]) * scale[g]."""
+    n = math.prod(shape)
+    q = _affine_codes(packed, bits, n).float()
+    s = scales.float().reshape(-1).repeat_interleave(group_size)[:n]
+    z = zeros.float().reshape(-1).repeat_interleave(group_size)[:n]
+    return ((q - z) * s).reshape(tuple(shape))
+
+
+def dequantize_affine(packed, scales, zeros, bits: int, group_size: int, shape, dtype):
+    return decode_affine(packed, scales, zeros, bits, group_size, shape).to(dtype)
+
+
+def quantize_affine(A: torch.Tensor, bits: int, group_size: int, symmetric: bool):
+    """Round-to-nearest min/max quantizer (the GPTQ/RTN convention), per group of the flattened
+    [N, K] tensor, all in fp32 (csrc/kernels/cpu/affine.cpp does the same steps):
+      * asymmetric: lo = min(min x, 0), hi = max(max x, 0) (0 is always exactly representable);
+        symmetric: hi = max |x|, lo = -hi;
+      * scale = (hi - lo) / qmax with qmax = 2^bits - 1 (if hi - lo overflows: hi / qmax - lo / qmax);
+      * zero = clamp(rne(-lo / scale), 0, qmax) (asymmetric) or 2^(bits - 1) (symmetric), + 0.0 so
+        that a zero is never -0.0;
+      * q = clamp(rne(x / scale) + zero, 0, qmax), true fp32 division.
+    Special groups: a group holding NaN/Inf stores scale NaN (it decodes to NaN); a group whose
+    scale is 0 (all zeros, or a range that underflows) stores scale 0 (it decodes to zeros). Both
+    store the asymmetric zero 0 (symmetric: 2^(bits - 1)) and every code equal to that zero.
+    Returns (packed uint8 flat, scales fp32 [groups], zeros fp32 [groups])."""
+    N, K = A.shape
+    qmax = float(2**bits - 1)
+    n = N * K
+    x = A.reshape(-1).float().reshape(-1, group_size) if n else A.new_zeros((0, group_size)).float()
+    fin = torch.isfinite(x)
+    xz = torch.where(fin, x, torch.zeros_like(x))
+    if symmetric:
+        hi = xz.abs().amax(dim=1) if n else xz.new_zeros(0)
+        lo = -hi
+    else:
+        hi = xz.amax(dim=1).clamp(min=0.0) if n else xz.new_zeros(0)
+        lo = xz.amin(dim=1).clamp(max=0.0) if n else xz.new_zeros(0)
+    scale = (hi - lo) / qmax
+    scale = torch.where(torch.isinf(scale), hi / qmax - lo / qmax, scale)
+    if symmetric:
+        zero = torch.full_like(scale, float(2 ** (bits - 1)))
+    else:
+        zero = torch.round(-lo / scale).clamp(0.0, qmax) + 0.0
+    finite = fin.all(dim=1)
+    special = ~finite | ~(scale > 0)
+    base_zero = float(2 ** (bits - 1)) if symmetric else 0.0
+    zero = torch.where(special, torch.full_like(zero, base_zero), zero)
+    scale = torch.where(finite, scale, torch.full_like(scale, float("nan")))
+    scale = torch.where(finite & ~(scale > 0), torch.zeros_like(scale), scale)
+    safe = torch.where(special, torch.ones_like(scale), scale)
+    q = (torch.round(x / safe[:, None]) + zero[:, None]).clamp(0.0, qmax)
+    q = torch.where(special[:, None], zero[:, None].expand_as(q), q)
+    q = q.reshape(-1).to(torch.uint8)
+    if bits == 4:
+        if n % 2:
+            q = torch.cat([q, q.new_zeros(1)])
+        packed = pack_nibbles(q)
+    else:
+        packed = q
+    return packed, scale, zero
+
+
+def gemm_affine(A, packed, shapeB, scales, zeros, bits: int, group_size: int, bias=None):
+    """A [..., K] @ dequant(W)^T (+ bias), fp32 accumulation, one rounding to A's dtype."""
+    W = decode_affine(packed, scales, zeros, bits, group_size, tuple(shapeB))
+    out = A.float() @ W.t().to(A.device)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(A.dtype)
+
+
+def cpu_gemm_affine_takes_int8(M: int, K: int, bits: int, group_size: int, A=None) -> bool:
+    """Whether lowbit's CPU gemm_affine runs the int8-activation kernel (csrc/ops/cpu_gemm4.cpp,
+    cpu_gemm_affine): 4-bit codes, 1 <= M <= 32, K % 64 == 0, group_size % 32 == 0 (every half
+    chunk of 32 elements inside one group), LOWBIT_CPU_GEMV=int8 on a SIMD CPU, and (when A is
+    given) finite, moderate activations. A call whose int8 result holds NaN/Inf is recomputed
+    exactly; gemm_affine_expected mirrors that through the exact result."""
+    from lowbit._native import cpu_gemv_mode
+
+    if not (cpu_gemv_mode() == "int8" and bits == 4 and 1 <= M <= 32 and K > 0 and K % 64 == 0):
+        return False
+    if group_size % 32:
+        return False
+    return A is None or _q8_activations_ok(A.reshape(M, K))
+
+
+def gemm_affine_q8(A, packed, shapeB, scales, zeros, bits: int, group_size: int, bias=None):
+    """What gemm_affine computes on AVX2 CPUs where cpu_gemm_affine_takes_int8: the activations
+    quantized to int8 per 64-element chunk (quantize_activations_q8), the weight EXACT (its codes
+    are integers already: per 32-element half chunk h in group g the kernel forms the exact integer
+    sums I = sum x_q * q and X = sum x_q and adds scale[g] * x_scale * (I - zero[g] * X)), here in
+    fp64. The kernel differs from this by fp32 rounding of the per-half-chunk scales and partial
+    sums only."""
+    N, K = shapeB
+    A2 = A.reshape(-1, K).float().cpu()
+    W = decode_affine(packed.cpu(), scales.cpu(), zeros.cpu(), bits, group_size, (N, K)).double()
+    xq, xs = quantize_activations_q8(A2)
+    X = xq.double() * xs.double().repeat_interleave(64, dim=1)
+    out = X @ W.t()
+    if bias is not None:
+        out = out + bias.double().cpu()
+    return out.float().reshape(*A.shape[:-1], N).to(A.dtype).to(A.device)
+
+
+def gemm_affine_expected(A, packed, shapeB, scales, zeros, bits, group_size, bias=None):
+    """What lowbit's gemm_affine op computes on A's device: gemm_affine_q8 where the CPU takes the
+    int8-activation kernel, the exact product (gemm_affine) everywhere else. Valid for inputs whose
+    fp32 products do not overflow (the kernel hands a NaN/Inf int8 result to the exact kernels;
+    this mirrors that through the exact result)."""
+    K = shapeB[1]
+    M = A.numel() // K if K else 0
+    exact = gemm_affine(A, packed, shapeB, scales, zeros, bits, group_size, bias)
+    if A.device.type != "cpu" or not cpu_gemm_affine_takes_int8(M, K, bits, group_size, A):
+        return exact
+    if not bool(torch.isfinite(exact).all()):
+        return exact
+    return gemm_affine_q8(A, packed, shapeB, scales, zeros, bits, group_size, bias)

@@ -227,25 +227,6 @@ void decode_range16(const uint8_t* packed, const float* absmax, const float* cod
   }
 }
 
-// ---- product -----------------------------------------------------------------------------------
-
-// Dot product of two fp32 rows with four independent accumulators.
-inline float dot(const float* x, const float* w, int64_t K) {
-  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                   _mm256_setzero_ps()};
-  int64_t k = 0;
-  for (; k + 32 <= K; k += 32)
-    for (int u = 0; u < 4; ++u)
-      acc[u] =
-          _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8 * u), _mm256_loadu_ps(w + k + 8 * u), acc[u]);
-  for (; k + 8 <= K; k += 8)
-    acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(w + k), acc[0]);
-  float sum =
-      simd::hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
-  for (; k < K; ++k) sum += x[k] * w[k];
-  return sum;
-}
-
 }  // namespace
 
 void quantize_4bit(FloatType t, const void* a, int64_t n, int64_t blocksize, const Codebook16& cb,
@@ -284,7 +265,7 @@ void gemm_4bit(const float* a, int64_t M, int64_t K, const uint8_t* packed,
       decode_range(packed, scales, code16, blocksize, j * K, (j + 1) * K, row_scratch);
     else
       decode_range(packed, scales.absmax, code16, blocksize, j * K, (j + 1) * K, row_scratch);
-    for (int64_t m = 0; m < M; ++m) out[m * N + j] = dot(a + m * K, row_scratch, K);
+    for (int64_t m = 0; m < M; ++m) out[m * N + j] = simd::dot_f32(a + m * K, row_scratch, K);
   }
 }
 

@@ -211,3 +211,24 @@ inline void absmax_scan_bits(const float* a, int64_t n, float& m_out, bool& bad_
 }
 
 }  // namespace lowbit::cpu::simd
+
+namespace lowbit::cpu::simd {
+
+// Dot product of two fp32 rows with four independent accumulators.
+inline float dot_f32(const float* x, const float* w, int64_t K) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                   _mm256_setzero_ps()};
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32)
+    for (int u = 0; u < 4; ++u)
+      acc[u] =
+          _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8 * u), _mm256_loadu_ps(w + k + 8 * u), acc[u]);
+  for (; k + 8 <= K; k += 8)
+    acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(w + k), acc[0]);
+  float sum =
+      simd::hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+  for (; k < K; ++k) sum += x[k] * w[k];
+  return sum;
+}
+
+}  // namespace lowbit::cpu::simd

@@ -102,18 +102,7 @@ void gemm_4bit(const float* a, int64_t M, int64_t K, const uint8_t* packed,
       decode_range(packed, scales, code16, blocksize, j * K, (j + 1) * K, row_scratch);
     else
       decode_range(packed, scales.absmax, code16, blocksize, j * K, (j + 1) * K, row_scratch);
-    for (int64_t m = 0; m < M; ++m) {
-      const float* x = a + m * K;
-      // Eight partial sums: lets the compiler vectorise without reassociating a single sum.
-      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      int64_t k = 0;
-      for (; k + 8 <= K; k += 8)
-        for (int u = 0; u < 8; ++u) acc[u] += x[k + u] * row_scratch[k + u];
-      float tail = 0.0f;
-      for (; k < K; ++k) tail += x[k] * row_scratch[k];
-      out[m * N + j] =
-          ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
-    }
+    for (int64_t m = 0; m < M; ++m) out[m * N + j] = dot_f32(a + m * K, row_scratch, K);
   }
 }
 

@@ -135,6 +135,11 @@ def _table(results) -> str:
         )
         for r in results
     ]
+    return render_table(head, rows)
+
+
+def render_table(head, rows) -> str:
+    """Aligned text table: first column left-aligned, the others right-aligned."""
     widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
 
     def fmt(row):
@@ -156,6 +161,8 @@ def run(args) -> int:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     batch = tokenizer(sentences, padding=True, truncation=True, return_tensors="pt")
     one = tokenizer(sentences[:1], truncation=True, return_tensors="pt")
+    if getattr(args, "formats", None):
+        return _run_formats(args, model_dir, batch)
 
     results, reference = [], None
     for name in VARIANTS:
@@ -188,4 +195,52 @@ def run(args) -> int:
     print()
     verdict = "more" if nf4_beats_fp4 else "NOT more"
     print(f"NF4 is {verdict} accurate than FP4 on these sentences (mean cosine vs fp32).")
+    return 0
+
+
+def _run_formats(args, model_dir, batch) -> int:
+    """--formats: other libraries' int4 checkpoints of the model, loaded and run by lowbit."""
+    import torch
+    from transformers import AutoModel
+
+    from lowbit.cli import _formats_demo as fd
+
+    formats = fd.parse_formats(args.formats)
+    fp32 = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        reference = _embed(fp32, batch)
+        fp32_ms = _median_ms(lambda: _embed(fp32, batch), args.repeats)
+    rows = [
+        fd.measure(f, model_dir, batch, _embed, _median_ms, args.repeats, reference)
+        for f in formats
+    ]
+    tokens = int(batch["attention_mask"].sum())
+    if args.json:
+        out = {
+            "model": str(model_dir),
+            "sentences": int(batch["input_ids"].shape[0]),
+            "tokens": tokens,
+            "threads": torch.get_num_threads(),
+            "bits": fd.BITS,
+            "group_size": fd.GROUP_SIZE,
+            "fp32_latency_ms": fp32_ms,
+            "results": rows,
+        }
+        json.dump(out, sys.stdout, indent=2)
+        print()
+        return 0
+    print(
+        f"model: {model_dir}\n{batch['input_ids'].shape[0]} sentences, {tokens} tokens, "
+        f"{torch.get_num_threads()} threads; int{fd.BITS}, group size {fd.GROUP_SIZE}; each format's "
+        "checkpoint written as its library writes it, then loaded by lowbit.from_pretrained\n"
+        f"fp32 batch latency: {fp32_ms:.1f} ms (median of {args.repeats})\n"
+    )
+    print(fd.table(rows))
+    print()
+    for r in rows:
+        print(f"{r['format']}: quantized by {r['quantized_by']}")
+    print(
+        "weights MB / x bf16: the linear layers' codes + fp32 scales and zeros, against the same "
+        "weights in bf16; cos: embedding cosine similarity to fp32"
+    )
     return 0

@@ -58,6 +58,21 @@ def collect() -> dict:
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         if torch.cuda.is_available()
         else [],
+        "checkpoint_formats": _formats(),
+    }
+
+
+# Other libraries whose checkpoints lowbit reads: none is needed to load them; the versions say
+# which are present (compressed-tensors and hqq are the tests' oracles).
+FORMAT_PACKAGES = ("compressed-tensors", "hqq", "gptqmodel", "auto-gptq", "autoawq", "optimum")
+
+
+def _formats() -> dict:
+    from lowbit.formats import SUPPORTED
+
+    return {
+        "read": {"lowbit / bitsandbytes": "int8 (LLM.int8()), nf4, fp4, double quant", **SUPPORTED},
+        "libraries_present": {name: _version(name) for name in FORMAT_PACKAGES},
     }
 
 
@@ -87,4 +102,12 @@ def run(args) -> int:
     print(f"{'torch CUDA':<22}{info['torch_cuda_version'] or 'none'}")
     devices = ", ".join(info["cuda_devices"]) or "none"
     print(f"{'cuda available':<22}{'yes' if info['cuda_available'] else 'no'} ({devices})")
+    print("checkpoint formats lowbit reads (no other library needed to load them):")
+    for method, what in info["checkpoint_formats"]["read"].items():
+        print(f"  {method:<22}{what}")
+    present = info["checkpoint_formats"]["libraries_present"]
+    print(
+        f"{'format libraries':<22}"
+        + ", ".join(f"{k} {v or 'not installed'}" for k, v in present.items())
+    )
     return 0

@@ -143,11 +143,65 @@ def _compare(row: dict, ref: Checkpoint) -> None:
     row["sqnr_db"] = -20 * math.log10(row["rel_error"]) if row["rel_error"] > 0 else math.inf
 
 
+def _affine_rows(ckpt: Checkpoint, qconfig) -> tuple[list[dict], set[str]]:
+    """Rows for the layers of a GPTQ / AWQ / compressed-tensors / HQQ checkpoint, each converted
+    by lowbit's reader (as from_pretrained does) and decoded; and the prefixes they cover."""
+    import torch
+
+    from lowbit import functional as F
+    from lowbit.formats import FormatError, reader_for
+
+    try:
+        reader = reader_for(qconfig)
+    except FormatError as e:
+        raise CliError(str(e)) from None
+    by_prefix: dict[str, dict[str, str]] = {}
+    for key in ckpt.where:
+        prefix, _, local = key.rpartition(".")
+        by_prefix.setdefault(prefix, {})[local] = key
+    rows = []
+    for prefix, roles in sorted(by_prefix.items()):
+        if not reader.is_quantized(set(roles)):
+            continue
+        keys = {local: k for local, k in roles.items() if reader.accepts(local)}
+        stash = {local: ckpt.get(k) for local, k in keys.items()}
+        try:
+            N, K = reader.infer_shape(stash)
+            missing = reader.missing(prefix, stash)
+            if missing:
+                raise FormatError(f"{prefix}: missing " + ", ".join(missing))
+            w = reader.convert(prefix, stash, K, N)
+        except (FormatError, KeyError, ValueError) as e:
+            raise CliError(f"{prefix}: invalid {reader.method} layer: {e}") from None
+        decoded = F.dequantize_affine(
+            w.packed, w.scales, w.zeros, w.bits, w.group_size, [N, K], torch.float32
+        )
+        if w.perm is not None:
+            stored, decoded = decoded, torch.empty_like(decoded)
+            decoded[:, w.perm] = stored  # back to the original input order
+        stored_bytes = sum(ckpt.nbytes(k) for local, k in keys.items() if local != "bias")
+        label = f"{reader.method}-int{w.source_bits}" + ("+perm" if w.perm is not None else "")
+        rows.append(_row(prefix, label, [N, K], stored_bytes, decoded, w.scales, False))
+    return rows, {r["layer"] for r in rows}
+
+
 def inspect_checkpoint(path: Path, reference: Path | None = None) -> dict:
+    from lowbit.formats import is_affine_method
+
     ckpt = Checkpoint(path)
     ref = Checkpoint(reference) if reference is not None else None
-    rows = []
+    qconfig = _read_qconfig(path)
+    rows, covered = [], set()
+    if is_affine_method(qconfig):
+        rows, covered = _affine_rows(ckpt, qconfig)
+        if ref is not None:
+            for row in rows:
+                _compare(row, ref)
+        for row in rows:
+            del row["_decoded"]
     for module, roles in _layers(ckpt).items():
+        if module in covered:
+            continue
         row = _describe(ckpt, module, roles)
         if row is None:
             continue
@@ -171,13 +225,6 @@ def inspect_checkpoint(path: Path, reference: Path | None = None) -> dict:
             sum(r["rel_error"] * math.prod(r["shape"]) for r in quantized) / params
         )
         summary["max_rel_error"] = max(r["rel_error"] for r in quantized)
-    config_path = path / "config.json"
-    qconfig = None
-    if config_path.is_file():
-        try:
-            qconfig = json.loads(config_path.read_text()).get("quantization_config")
-        except (json.JSONDecodeError, AttributeError):
-            qconfig = None
     return {
         "dir": str(path),
         "reference": str(reference) if reference else None,
@@ -187,14 +234,33 @@ def inspect_checkpoint(path: Path, reference: Path | None = None) -> dict:
     }
 
 
+def _read_qconfig(path: Path):
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        return None
+    try:
+        return json.loads(config_path.read_text()).get("quantization_config")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+
+
 def _print(result: dict) -> None:
     with_ref = result["reference"] is not None
     print(f"checkpoint: {result['dir']}")
     if result["quantization_config"]:
         q = result["quantization_config"]
-        keys = ("quant_method", "bits") + (("bnb_4bit_quant_type",) if q.get("bits") == 4 else ())
-        brief = {k: q[k] for k in keys if k in q}
-        print(f"quantization_config: {json.dumps(brief)}")
+        from lowbit.formats import FormatError, is_affine_method, reader_for
+
+        if is_affine_method(q):
+            try:
+                print(f"quantization_config: {reader_for(q).summary()}")
+            except FormatError as e:
+                print(f"quantization_config: {q.get('quant_method')} (unsupported: {e})")
+        else:
+            keys = ("quant_method", "bits")
+            keys += ("bnb_4bit_quant_type",) if q.get("bits") == 4 else ()
+            brief = {k: q[k] for k in keys if k in q}
+            print(f"quantization_config: {json.dumps(brief)}")
     if with_ref:
         print(f"reference: {result['reference']}")
         head = ("layer", "format", "shape", "bytes", "bits/w", "rel err", "max abs err", "SQNR dB")
@@ -226,10 +292,11 @@ def _print(result: dict) -> None:
         )
     totals = result["totals"]
     print()
+    fw = max([6, *map(len, totals["formats"])])
     for fmt, t in sorted(totals["formats"].items()):
         mb = t["bytes"] / 2**20
-        print(f"{fmt:<6} {t['layers']:>4} layers  {t['params']:>12,} weights  {mb:10.2f} MB")
-    print(f"files  {totals['file_bytes'] / 2**20:.2f} MB on disk")
+        print(f"{fmt:<{fw}} {t['layers']:>4} layers  {t['params']:>12,} weights  {mb:10.2f} MB")
+    print(f"{'files':<{fw}} {totals['file_bytes'] / 2**20:.2f} MB on disk")
     if "weighted_rel_error" in totals:
         print(
             f"quantization error vs reference: {totals['weighted_rel_error']:.3e} relative "

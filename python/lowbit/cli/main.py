@@ -35,6 +35,12 @@ def _add_demo(sub) -> None:
     p.add_argument("--sentences", metavar="FILE", help="sentences to embed, one per line")
     p.add_argument("--repeats", type=int, default=5, help="timed forward passes (default 5)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument(
+        "--formats",
+        metavar="LIST",
+        help="instead: write int4 g128 checkpoints in other libraries' formats (comma-separated: "
+        "hqq, compressed-tensors, compressed-tensors-gptq), load their checkpoints with lowbit and compare to fp32",
+    )
 
 
 def _add_quantize(sub) -> None:

@@ -9,10 +9,14 @@ import torch
 from torch import nn
 
 from lowbit.config import LowbitConfig
+from lowbit.formats import METHODS as FORMAT_METHODS
+from lowbit.formats import is_affine_method, quant_method, reader_for
+from lowbit.loading import affine as affine_loading
 from lowbit.loading.device_map import device_lookup, is_accelerator, resolve_device_map
 from lowbit.loading.files import checkpoint_files, count_tensors, iter_tensors
 from lowbit.loading.model import as_config, progress_bar, replace_linear_layers, skip_list
 from lowbit.loading.tensors import TensorLoader
+from lowbit.nn.affine import LinearAffine
 from lowbit.nn.replace import (
     QUANTIZED_LINEAR_TYPES,
     embeddings_to_quantize,
@@ -96,7 +100,8 @@ def _saved_quant_config(hf_config) -> LowbitConfig | None:
         )
     if method not in ("lowbit", "bitsandbytes"):
         raise ValueError(
-            f"cannot load a checkpoint quantized with {method!r}; lowbit reads lowbit and bitsandbytes checkpoints"
+            f"cannot load a checkpoint quantized with {method!r}; lowbit reads lowbit and "
+            f"bitsandbytes checkpoints and the affine formats {sorted(FORMAT_METHODS)}"
         )
     return LowbitConfig.from_dict(qd)
 
@@ -122,7 +127,9 @@ def from_pretrained(
 
     The model class comes from config.json's `architectures` (AutoModelForCausalLM for causal LMs,
     else AutoModel; `model_class` overrides). A checkpoint already quantized by lowbit or by
-    Transformers + bitsandbytes loads as saved. Only safetensors are read unless
+    Transformers + bitsandbytes loads as saved; a GPTQ, AWQ, compressed-tensors or HQQ checkpoint
+    (config.json's quantization_config.quant_method) loads into LinearAffine layers, converted
+    once (lowbit.formats; none of those libraries is imported). Only safetensors are read unless
     allow_pickle=True (then torch.load(weights_only=True)).
 
     device_map: None/"cpu", a device, "auto" (through accelerate), or a {module prefix: device}
@@ -143,6 +150,24 @@ def from_pretrained(
             f"{path} has no config.json (expected a Transformers model directory)"
         )
     hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if is_affine_method(getattr(hf_config, "quantization_config", None)):
+        if load_in_8bit or load_in_4bit or quantization_config is not None:
+            method = quant_method(hf_config.quantization_config)
+            raise ValueError(
+                f"the checkpoint is already quantized ({method}); load it without "
+                "load_in_4bit/load_in_8bit/quantization_config"
+            )
+        return _from_pretrained_affine(
+            path,
+            hf_config,
+            device_map=device_map,
+            torch_dtype=torch_dtype,
+            max_memory=max_memory,
+            offload_folder=offload_folder,
+            model_class=model_class,
+            trust_remote_code=trust_remote_code,
+            progress=progress,
+        )
     saved = _saved_quant_config(hf_config)
     requested = _requested_config(load_in_8bit, load_in_4bit, quantization_config)
     config = _merge_saved(saved, requested) if saved is not None else requested
@@ -193,6 +218,16 @@ def from_pretrained(
 
     loader = TensorLoader(model, dtype=dtype, device_for=device_for)
     loader.fp32_modules = set(offloaded)
+    _stream(files, loader, progress)
+    _finalize(model, device_for)
+    if accel and (len(set(dmap.values())) > 1 or offloaded):
+        _dispatch(model, dmap, offload_folder)
+    model.eval()
+    return model
+
+
+def _stream(files, loader: TensorLoader, progress) -> None:
+    """Feed every tensor of the files to the loader, one at a time, then finish it."""
     bar = progress_bar(total=count_tensors(files), desc="Loading", enabled=progress)
     for file in files:
         for key, tensor in iter_tensors(file):
@@ -203,9 +238,54 @@ def from_pretrained(
     unexpected = loader.finish()
     if unexpected:
         logger.warning("checkpoint keys the model does not use: %s", unexpected[:20])
+
+
+def _from_pretrained_affine(
+    path,
+    hf_config,
+    *,
+    device_map,
+    torch_dtype,
+    max_memory,
+    offload_folder,
+    model_class,
+    trust_remote_code,
+    progress,
+):
+    """GPTQ / AWQ / compressed-tensors / HQQ checkpoints: scan the keys, swap exactly the layers
+    that hold quantized tensors for LinearAffine, stream and convert (lowbit.loading.affine)."""
+    reader = reader_for(hf_config.quantization_config)  # validates the config first
+    del hf_config.quantization_config  # keep Transformers' own quantizers out of from_config
+    dtype = _resolve_dtype(torch_dtype, hf_config)
+    files = affine_loading.check_safetensors_only(path, reader.method)
+    cls = model_class or _model_class(hf_config)
+    model = _build_empty(cls, hf_config, trust_remote_code)
+    layers = affine_loading.quantized_layers(model, affine_loading.checkpoint_keys(files), reader)
+    if not layers:
+        raise ValueError(
+            f"{path}: config.json says {reader.method}, but no tensor of the checkpoint is in "
+            f"that format (expected keys ending in {', '.join(reader.markers)})"
+        )
+    affine_loading.replace_with_affine(model, layers)
+    dmap = resolve_device_map(model, device_map, None, dtype, [], max_memory)
+    device_of = device_lookup(dmap)
+    for name, mod in model.named_modules():
+        if next(mod.parameters(recurse=False), None) is not None or isinstance(mod, LinearAffine):
+            device_of(name)
+    accel = any(is_accelerator(d) for d in dmap.values())
+
+    def device_for(name: str) -> str:
+        dev = device_of(name)
+        return "cpu" if dev == "disk" else dev
+
+    loader = TensorLoader(model, dtype=dtype, device_for=device_for)
+    loader.reader = reader
+    loader.affine = layers
+    _stream(files, loader, progress)
     _finalize(model, device_for)
-    if accel and (len(set(dmap.values())) > 1 or offloaded):
+    if accel and len(set(dmap.values())) > 1:
         _dispatch(model, dmap, offload_folder)
+    affine_loading.mark_affine(model, reader)
     model.eval()
     return model
 
@@ -235,7 +315,7 @@ def _finalize(model: nn.Module, device_for) -> None:
     for name in missing:
         mod_name = name.rpartition(".")[0]
         module = model.get_submodule(mod_name)
-        if isinstance(module, QUANTIZED_LINEAR_TYPES):
+        if isinstance(module, (*QUANTIZED_LINEAR_TYPES, LinearAffine)):
             raise ValueError(
                 f"{name}: missing from the checkpoint (a quantized layer needs its weight)"
             )

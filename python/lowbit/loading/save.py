@@ -91,6 +91,16 @@ def save_pretrained(model: nn.Module, path, max_shard_size="5GB", format: str = 
     """
     from safetensors.torch import save_file
 
+    from lowbit.nn.affine import LinearAffine
+
+    affine = [n for n, m in model.named_modules() if isinstance(m, LinearAffine)]
+    if affine:
+        raise ValueError(
+            f"save_pretrained writes lowbit/bitsandbytes layers only; {affine[0]} (and "
+            f"{len(affine) - 1} more) are LinearAffine layers loaded from a "
+            f"{getattr(model, 'quantization_method', 'GPTQ/AWQ/compressed-tensors/HQQ')} "
+            "checkpoint: keep that checkpoint as the saved form"
+        )
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     bnb_config = _bnb_quant_config(model) if format == "bitsandbytes" else None

@@ -8,6 +8,7 @@ import logging
 import torch
 from torch import nn
 
+from lowbit.nn.affine import LinearAffine
 from lowbit.nn.embedding import Embedding4bit, Embedding8bit
 from lowbit.nn.modules import Linear4bit, Linear8bitLt
 from lowbit.nn.parameters import Int8Params, Params4bit
@@ -57,6 +58,10 @@ class TensorLoader:
         self.stash: dict[str, dict[str, torch.Tensor]] = {}
         self.unexpected: list[str] = []
         self.fp32_modules: set[str] = set()  # kept in float32 (fp32 CPU offload)
+        # Other libraries' checkpoints (lowbit.formats): the reader, and per LinearAffine module
+        # (checkpoint key prefix, the local keys the checkpoint holds for it), from a key scan.
+        self.reader = None
+        self.affine: dict[str, tuple[str, set[str]]] = {}
 
     # key -> (module name, local key)
     def _resolve(self, key: str) -> tuple[str, str] | None:
@@ -75,8 +80,9 @@ class TensorLoader:
                     break
         return None
 
-    @staticmethod
-    def _accepts(module: nn.Module, local: str) -> bool:
+    def _accepts(self, module: nn.Module, local: str) -> bool:
+        if isinstance(module, LinearAffine):
+            return self.reader is not None and self.reader.accepts(local)
         if isinstance(module, QUANTIZED_TYPES):
             return local in ("weight", "bias", "SCB", "weight_format") or local.startswith(
                 "weight."
@@ -99,7 +105,9 @@ class TensorLoader:
         module = self.modules[mod_name]
         device = torch.device(self.device_for(mod_name))
         full = f"{mod_name}.{local}" if mod_name else local
-        if isinstance(module, QUANTIZED_TYPES):
+        if isinstance(module, LinearAffine):
+            self._add_affine(mod_name, module, local, tensor, device)
+        elif isinstance(module, QUANTIZED_TYPES):
             self._add_quantized(mod_name, module, local, tensor, device, full)
         else:
             self._set_plain(module, local, tensor, device, mod_name, full)
@@ -183,10 +191,37 @@ class TensorLoader:
         if errors:
             raise ValueError("; ".join(errors))
 
+    def _add_affine(self, mod_name, module, local, t, device):
+        # Gather every key the checkpoint holds for the layer (known from the key scan), then
+        # convert them at once: optional keys (g_idx, bias, zero points) may come last.
+        stash = self.stash.setdefault(mod_name, {})
+        stash[local] = t.to(device=device, copy=True)
+        prefix, expected = self.affine[mod_name]
+        if expected <= set(stash):
+            self._flush_affine(mod_name, module)
+
+    def _flush_affine(self, mod_name, module) -> None:
+        stash = self.stash.pop(mod_name)
+        prefix, _ = self.affine[mod_name]
+        missing = self.reader.missing(prefix, stash)
+        if missing:
+            raise ValueError(
+                f"{prefix}: incomplete {self.reader.method} weight, missing "
+                + ", ".join(f"{prefix}.{k}" for k in missing)
+            )
+        w = self.reader.convert(prefix, stash, module.in_features, module.out_features)
+        module.set_weight(w.packed, w.scales, w.zeros, w.bits, w.group_size, w.perm)
+        if w.bias is not None:
+            dtype = self._float_dtype(mod_name, w.bias)
+            module.bias = nn.Parameter(w.bias.to(dtype=dtype, copy=True), requires_grad=False)
+
     def finish(self) -> list[str]:
         """Load (and so validate) every incomplete layer; returns the unexpected keys."""
         for mod_name in list(self.stash):
             module = self.modules[mod_name]
+            if isinstance(module, LinearAffine):
+                self._flush_affine(mod_name, module)
+                continue
             need = (
                 {"weight", "SCB"}
                 if isinstance(module, _EIGHT_BIT)

@@ -1,5 +1,6 @@
 """Quantized layers with bitsandbytes.nn's names, arguments and state-dict keys."""
 
+from lowbit.nn.affine import LinearAffine
 from lowbit.nn.embedding import (
     Embedding,
     Embedding4bit,
@@ -20,6 +21,7 @@ __all__ = [
     "Int8Params",
     "Linear4bit",
     "Linear8bitLt",
+    "LinearAffine",
     "LinearFP4",
     "LinearNF4",
     "Params4bit",
