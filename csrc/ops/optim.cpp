@@ -137,6 +137,26 @@ bool cpu_all_finite(const at::Tensor& g) {
   return ok.load();
 }
 
+// The CPU loop over the parameters of one call: skip those whose gradient holds NaN/Inf (applied
+// = false), give each its stochastic-rounding seed, and run update(i, scalars, contiguous g).
+template <typename Update>
+void cpu_for_each_param(const OptimScalars& base, int64_t sr_seed, at::TensorList g,
+                        at::Tensor& applied, Update update) {
+  bool* ap = applied.data_ptr<bool>();
+  for (size_t i = 0; i < g.size(); ++i) {
+    const at::Tensor gi = g[i].contiguous();
+    if (!cpu_all_finite(gi)) {
+      ap[i] = false;
+      continue;
+    }
+    OptimScalars s = base;
+    const int64_t seed = seed_for(sr_seed, i);
+    s.stochastic = seed >= 0;
+    s.seed = uint32_t(seed);
+    update(i, s, gi);
+  }
+}
+
 }  // namespace
 
 #ifdef LOWBIT_WITH_CUDA
@@ -270,31 +290,23 @@ at::Tensor optimizer_update_8bit_blockwise(
     q2 = qmap2->contiguous();
     h2 = host_code(op, "qmap2", q2);
   }
-  bool* ap = applied.data_ptr<bool>();
-  for (size_t i = 0; i < np; ++i) {
-    const at::Tensor gi = g[i].contiguous();
-    if (!cpu_all_finite(gi)) {
-      ap[i] = false;
-      continue;
-    }
-    OptimScalars s = base;
-    const int64_t seed = seed_for(sr_seed, i);
-    s.stochastic = seed >= 0;
-    s.seed = uint32_t(seed);
-    const int64_t n = p[i].numel(), blocks = ceil_div(n, kBlock);
-    const cpu::OptimState8 st1{state1[i].data_ptr<uint8_t>(), absmax1[i].data_ptr<float>(),
-                               q1.data_ptr<float>(), h1.bound, h1.zero_code};
-    cpu::OptimState8 st2{};
-    if (two)
-      st2 = cpu::OptimState8{state2[i].data_ptr<uint8_t>(), absmax2[i].data_ptr<float>(),
-                             q2.data_ptr<float>(), h2.bound, h2.zero_code};
-    const FloatType gt = float_type(gi.scalar_type()), pt = float_type(p[i].scalar_type());
-    const void* gp = gi.data_ptr();
-    void* pp = p[i].data_ptr();
-    at::parallel_for(0, blocks, grain_for(kBlock * 4), [&](int64_t b0, int64_t b1) {
-      cpu::optimizer_update_8bit_blockwise(s, gt, gp, pt, pp, n, st1, two ? &st2 : nullptr, b0, b1);
-    });
-  }
+  cpu_for_each_param(
+      base, sr_seed, g, applied, [&](size_t i, const OptimScalars& s, const at::Tensor& gi) {
+        const int64_t n = p[i].numel(), blocks = ceil_div(n, kBlock);
+        const cpu::OptimState8 st1{state1[i].data_ptr<uint8_t>(), absmax1[i].data_ptr<float>(),
+                                   q1.data_ptr<float>(), h1.bound, h1.zero_code};
+        cpu::OptimState8 st2{};
+        if (two)
+          st2 = cpu::OptimState8{state2[i].data_ptr<uint8_t>(), absmax2[i].data_ptr<float>(),
+                                 q2.data_ptr<float>(), h2.bound, h2.zero_code};
+        const FloatType gt = float_type(gi.scalar_type()), pt = float_type(p[i].scalar_type());
+        const void* gp = gi.data_ptr();
+        void* pp = p[i].data_ptr();
+        at::parallel_for(0, blocks, grain_for(kBlock * 4), [&](int64_t b0, int64_t b1) {
+          cpu::optimizer_update_8bit_blockwise(s, gt, gp, pt, pp, n, st1, two ? &st2 : nullptr, b0,
+                                               b1);
+        });
+      });
   return applied;
 }
 
@@ -329,26 +341,17 @@ at::Tensor optimizer_update_32bit(c10::string_view optimizer_name, at::TensorLis
   }
 #endif
   TORCH_CHECK(p[0].is_cpu(), "lowbit.", op, ": no kernels for device ", p[0].device());
-  bool* ap = applied.data_ptr<bool>();
-  for (size_t i = 0; i < np; ++i) {
-    const at::Tensor gi = g[i].contiguous();
-    if (!cpu_all_finite(gi)) {
-      ap[i] = false;
-      continue;
-    }
-    OptimScalars s = base;
-    const int64_t seed = seed_for(sr_seed, i);
-    s.stochastic = seed >= 0;
-    s.seed = uint32_t(seed);
-    const FloatType gt = float_type(gi.scalar_type()), pt = float_type(p[i].scalar_type());
-    const void* gp = gi.data_ptr();
-    void* pp = p[i].data_ptr();
-    float* s1 = state1[i].data_ptr<float>();
-    float* s2 = two ? state2[i].data_ptr<float>() : nullptr;
-    at::parallel_for(0, p[i].numel(), 16384, [&](int64_t b, int64_t e) {
-      cpu::optimizer_update_32bit(s, gt, gp, pt, pp, s1, s2, b, e);
-    });
-  }
+  cpu_for_each_param(
+      base, sr_seed, g, applied, [&](size_t i, const OptimScalars& s, const at::Tensor& gi) {
+        const FloatType gt = float_type(gi.scalar_type()), pt = float_type(p[i].scalar_type());
+        const void* gp = gi.data_ptr();
+        void* pp = p[i].data_ptr();
+        float* s1 = state1[i].data_ptr<float>();
+        float* s2 = two ? state2[i].data_ptr<float>() : nullptr;
+        at::parallel_for(0, p[i].numel(), 16384, [&](int64_t b, int64_t e) {
+          cpu::optimizer_update_32bit(s, gt, gp, pt, pp, s1, s2, b, e);
+        });
+      });
   return applied;
 }
 

@@ -16,22 +16,6 @@ from __future__ import annotations
 from lowbit.optim.optimizer import Optimizer8bit
 
 
-def _common(kw):
-    return {
-        k: kw[k]
-        for k in (
-            "optim_bits",
-            "args",
-            "min_8bit_size",
-            "percentile_clipping",
-            "block_wise",
-            "is_paged",
-            "stochastic_rounding",
-        )
-        if k in kw
-    }
-
-
 class _Adam(Optimizer8bit):
     _kind = "adam"
     _two_states = True
