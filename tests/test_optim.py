@@ -610,3 +610,45 @@ def test_opcheck():
             1e-3,
         )
         torch.library.opcheck(ops.optimizer_update_32bit.default, args32)
+
+
+# ---- Transformers' Trainer ------------------------------------------------------------------------
+
+
+def test_transformers_trainer(tmp_path):
+    """optimizers=(lowbit.optim.AdamW8bit(...), None): Trainer builds its scheduler around it, steps
+    it, and saves and reloads its state dict with a checkpoint."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=128,
+        num_labels=2,
+    )
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(cfg)
+    ids = torch.randint(0, 100, (32, 12))
+    labels = (ids[:, 0] > 50).long()
+    ds = [
+        {
+            "input_ids": ids[i],
+            "attention_mask": torch.ones(12, dtype=torch.long),
+            "labels": labels[i],
+        }
+        for i in range(32)
+    ]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=6, save_steps=3, report_to=[],
+        use_cpu=True, logging_steps=100, disable_tqdm=True,
+    )  # fmt: skip
+    opt = O.AdamW8bit(model.parameters(), lr=1e-3, min_8bit_size=1024)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=ds, optimizers=(opt, None))
+    trainer.train()
+    w = model.bert.encoder.layer[0].attention.self.query.weight
+    assert opt.state[w]["state1"].dtype == torch.uint8 and opt.state[w]["step"] == 6
+    saved = torch.load(tmp_path / "checkpoint-6" / "optimizer.pt", weights_only=False)
+    opt2 = O.AdamW8bit(model.parameters(), lr=1e-3, min_8bit_size=1024)
+    opt2.load_state_dict(saved)
+    assert torch.equal(opt2.state[w]["state1"], opt.state[w]["state1"])
