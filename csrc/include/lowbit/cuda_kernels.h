@@ -108,14 +108,14 @@ cudaError_t int8_mm_dequant(const int32_t* C, const float* row_stats, const floa
 namespace lowbit::cuda {
 
 struct OptimTensor {
-  const void* g;    // gradient, n elements of the call's gradient type
-  void* p;          // parameter, n elements of the call's parameter type, updated in place
-  void* state1;     // uint8 codes (8-bit call) or fp32 values (32-bit call), n elements
-  void* state2;     // the same for two-state optimizers, else null
-  float* absmax1;   // 8-bit: fp32 [ceil(n / 256)]
-  float* absmax2;   // 8-bit, two-state optimizers
+  const void* g;   // gradient, n elements of the call's gradient type
+  void* p;         // parameter, n elements of the call's parameter type, updated in place
+  void* state1;    // uint8 codes (8-bit call) or fp32 values (32-bit call), n elements
+  void* state2;    // the same for two-state optimizers, else null
+  float* absmax1;  // 8-bit: fp32 [ceil(n / 256)]
+  float* absmax2;  // 8-bit, two-state optimizers
   int64_t n;
-  uint32_t seed;    // stochastic rounding seed of this tensor (used when s.stochastic)
+  uint32_t seed;  // stochastic rounding seed of this tensor (used when s.stochastic)
 };
 constexpr int kOptimMaxTensors = 32;
 
