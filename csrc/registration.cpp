@@ -57,6 +57,20 @@ TORCH_LIBRARY(lowbit, m) {
   m.def(
       "gemm_affine(Tensor A, Tensor packed, SymInt[] shapeB, Tensor scales, Tensor zeros, int "
       "bits, int group_size, Tensor? bias=None) -> Tensor");
+  // Optimizers (lowbit.optim): one call updates a list of parameters in place, with their
+  // blockwise 8-bit states (blocksize 256; state2/absmax2 empty for one-state optimizers) or fp32
+  // states. Returns a bool per parameter: false where the gradient held NaN/Inf (nothing updated).
+  m.def(
+      "optimizer_update_8bit_blockwise(str optimizer_name, Tensor[] g, Tensor(a!)[] p, "
+      "Tensor(b!)[] state1, Tensor(c!)[] state2, Tensor(d!)[] absmax1, Tensor(e!)[] absmax2, "
+      "Tensor qmap1, Tensor? qmap2, float beta1, float beta2, float eps, int step, float lr, "
+      "float weight_decay=0.0, float gnorm_scale=1.0, bool skip_zeros=False, int sr_seed=-1) -> "
+      "Tensor");
+  m.def(
+      "optimizer_update_32bit(str optimizer_name, Tensor[] g, Tensor(a!)[] p, Tensor(b!)[] "
+      "state1, Tensor(c!)[] state2, float beta1, float beta2, float eps, int step, float lr, "
+      "float weight_decay=0.0, float gnorm_scale=1.0, bool skip_zeros=False, int sr_seed=-1) -> "
+      "Tensor");
 }
 
 namespace {
@@ -81,6 +95,8 @@ void impl_all_ops(torch::Library& m) {
   m.impl("quantize_affine", &quantize_affine);
   m.impl("dequantize_affine", &dequantize_affine);
   m.impl("gemm_affine", &gemm_affine);
+  m.impl("optimizer_update_8bit_blockwise", &optimizer_update_8bit_blockwise);
+  m.impl("optimizer_update_32bit", &optimizer_update_32bit);
 }
 
 }  // namespace

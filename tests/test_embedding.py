@@ -313,3 +313,28 @@ def test_quantized_embeddings_through_save_and_from_pretrained(name, tmp_path):
         assert torch.equal(fresh(ids).logits, expected)
     with pytest.raises(TypeError, match="quantize_embeddings must be a bool"):
         lowbit.from_pretrained(tmp_path / "float", load_in_4bit=True, quantize_embeddings=1)
+
+
+def test_float_embeddings_keep_32bit_optimizer_states():
+    # As bitsandbytes: lowbit.nn.Embedding / StableEmbedding register a 32-bit override with the
+    # optimizer manager, so an 8-bit optimizer keeps their states in fp32 and others in uint8.
+    import gc
+    import weakref
+
+    import lowbit.optim
+
+    for cls in (lowbit.nn.Embedding, lowbit.nn.StableEmbedding):
+        emb = cls(300, 64)
+        plain = torch.nn.Embedding(300, 64)
+        opt = lowbit.optim.Adam8bit(
+            list(emb.parameters()) + list(plain.parameters()), min_8bit_size=1
+        )
+        (emb(torch.tensor([1, 2])).sum() + plain(torch.tensor([1, 2])).sum()).backward()
+        opt.step()
+        assert opt.state[emb.weight]["state1"].dtype == torch.float32
+        assert opt.state[plain.weight]["state1"].dtype == torch.uint8
+        # The manager holds the module weakly: a deleted embedding is freed.
+        ref = weakref.ref(emb)
+        del emb, opt
+        gc.collect()
+        assert ref() is None

@@ -172,6 +172,14 @@ int main() {
                               nullptr, s),
       cuda::int8_linear_epilogue(nullptr, nullptr, nullptr, FloatType::f32, nullptr,
                                  FloatType::f16, nullptr, 0, 8, nullptr, nullptr, 64, nullptr, s),
+      cuda::optim_nonfinite_flags(FloatType::f32, nullptr, 0, nullptr, s),
+      cuda::optimizer_update_8bit_blockwise(
+          make_optim_scalars(OptimKind::adam, 0.9, 0.999, 1e-8, 1, 1e-3, 0.0, 1.0, false, -1),
+          FloatType::bf16, FloatType::bf16, nullptr, 0, nullptr, nullptr, nullptr, nullptr,
+          nullptr, nullptr, nullptr, s),
+      cuda::optimizer_update_32bit(
+          make_optim_scalars(OptimKind::lion, 0.9, 0.99, 0.0, 1, 1e-4, 0.0, 1.0, false, -1),
+          FloatType::f16, FloatType::f32, nullptr, 0, nullptr, s),
   };
   // Not supported (K % 4 != 0): returns before touching the handle, enqueues nothing.
   if (cuda::int8_gemm_lt(nullptr, nullptr, 0, nullptr, nullptr, nullptr, 1, 4, 3, s) !=
@@ -268,7 +276,7 @@ if [ -n "$TORCH_INC" ] && [ -f "$TORCH_INC/c10/cuda/CUDAGuard.h" ]; then
   # A CPU wheel lacks the generated c10/cuda/impl/cuda_cmake_macros.h;
   # C10_CUDA_NO_CMAKE_CONFIGURE_FILE skips it (it only sets an export macro).
   for src in csrc/ops/cuda_backend.cpp csrc/ops/blockwise.cpp csrc/ops/fourbit.cpp \
-    csrc/ops/int8.cpp csrc/ops/affine.cpp csrc/registration.cpp; do
+    csrc/ops/int8.cpp csrc/ops/affine.cpp csrc/ops/optim.cpp csrc/registration.cpp; do
     "$CXX" -std=c++17 -fsyntax-only -Wall -Werror -DLOWBIT_WITH_CUDA -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE \
       -I"$ROOT/csrc/include" -I"$ROOT/csrc" -isystem "$TORCH_INC" \
       -isystem "$TORCH_INC/torch/csrc/api/include" "${CUDA_INC[@]}" -isystem "$PY_INC" \

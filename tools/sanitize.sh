@@ -19,6 +19,7 @@ py="$venv/bin/python"
 asan_rt="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libstdc++.so)"
 # The op tests; extra arguments are passed on to pytest (e.g. -x, -k int8).
 tests=(tests/test_ops_blockwise.py tests/test_ops_4bit.py tests/test_ops_int8.py
+       tests/test_ops_affine.py tests/test_optim.py
        tests/test_bad_input.py tests/test_edge_values.py tests/test_properties.py)
 # -s: a sanitizer report must reach the terminal before the abort (pytest's capture loses it).
 # detect_leaks=0: CPython and torch keep allocations alive until exit by design.

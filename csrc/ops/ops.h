@@ -56,4 +56,17 @@ at::Tensor gemm_affine(const at::Tensor& A, const at::Tensor& packed, at::IntArr
                        const at::Tensor& scales, const at::Tensor& zeros, int64_t bits,
                        int64_t group_size, const std::optional<at::Tensor>& bias);
 
+// Optimizers (optim.cpp): fused in-place updates of lists of parameters and their states; each
+// returns a bool per parameter, false where the gradient held NaN/Inf and nothing was updated.
+at::Tensor optimizer_update_8bit_blockwise(
+    c10::string_view optimizer_name, at::TensorList g, at::TensorList p, at::TensorList state1,
+    at::TensorList state2, at::TensorList absmax1, at::TensorList absmax2, const at::Tensor& qmap1,
+    const std::optional<at::Tensor>& qmap2, double beta1, double beta2, double eps, int64_t step,
+    double lr, double weight_decay, double gnorm_scale, bool skip_zeros, int64_t sr_seed);
+at::Tensor optimizer_update_32bit(c10::string_view optimizer_name, at::TensorList g,
+                                  at::TensorList p, at::TensorList state1, at::TensorList state2,
+                                  double beta1, double beta2, double eps, int64_t step, double lr,
+                                  double weight_decay, double gnorm_scale, bool skip_zeros,
+                                  int64_t sr_seed);
+
 }  // namespace lowbit::ops

@@ -13,7 +13,7 @@ from lowbit.integrations import _register_if_available  # noqa: E402  (Transform
 
 _register_if_available()
 
-from lowbit import nn  # noqa: E402, F401
+from lowbit import nn, optim  # noqa: E402, F401
 from lowbit.config import LowbitConfig  # noqa: E402, F401
 from lowbit.loading import from_pretrained, quantize_model, save_pretrained  # noqa: E402, F401
 from lowbit.matmul import MatmulLtState, matmul, matmul_4bit  # noqa: E402, F401

@@ -268,3 +268,63 @@ def _gemm_affine_backward(ctx, grad):
 torch.library.register_autograd(
     lib + "gemm_affine", _gemm_affine_backward, setup_context=_gemm_affine_setup
 )
+
+
+# ---- optimizers (lowbit.optim) ----------------------------------------------------------------
+# In-place updates of lists of parameters and states; the output is one bool per parameter (false
+# where the gradient held NaN/Inf and nothing was updated).
+
+
+@torch.library.register_fake(lib + "optimizer_update_8bit_blockwise")
+def _(
+    optimizer_name,
+    g,
+    p,
+    state1,
+    state2,
+    absmax1,
+    absmax2,
+    qmap1,
+    qmap2,
+    beta1,
+    beta2,
+    eps,
+    step,
+    lr,
+    weight_decay=0.0,
+    gnorm_scale=1.0,
+    skip_zeros=False,
+    sr_seed=-1,
+):
+    torch._check(len(g) == len(p), lambda: "g and p must hold one tensor per parameter")
+    torch._check(len(state1) == len(p), lambda: "state1 must hold one tensor per parameter")
+    for i, (gi, pi) in enumerate(zip(g, p)):
+        _same_device(
+            "optimizer_update_8bit_blockwise", **{"p[0]": p[0], f"g[{i}]": gi, f"p[{i}]": pi}
+        )
+    return qmap1.new_empty((len(p),), dtype=torch.bool)
+
+
+@torch.library.register_fake(lib + "optimizer_update_32bit")
+def _(
+    optimizer_name,
+    g,
+    p,
+    state1,
+    state2,
+    beta1,
+    beta2,
+    eps,
+    step,
+    lr,
+    weight_decay=0.0,
+    gnorm_scale=1.0,
+    skip_zeros=False,
+    sr_seed=-1,
+):
+    torch._check(len(g) == len(p), lambda: "g and p must hold one tensor per parameter")
+    torch._check(len(state1) == len(p), lambda: "state1 must hold one tensor per parameter")
+    for i, (gi, pi) in enumerate(zip(g, p)):
+        _same_device("optimizer_update_32bit", **{"p[0]": p[0], f"g[{i}]": gi, f"p[{i}]": pi})
+    device = p[0].device if len(p) else torch.device("cpu")
+    return torch.empty((len(p),), dtype=torch.bool, device=device)

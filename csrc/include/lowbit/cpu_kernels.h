@@ -170,3 +170,36 @@ void gemm_affine_q8(const int8_t* q, const float* q_scales, const float* offsets
                     int64_t n_end);
 
 }  // namespace lowbit::cpu
+
+// ---- 8-bit and 32-bit optimizers (csrc/kernels/cpu/optim.cpp, optim_avx2.cpp) ----------------
+// The per-element update is lowbit/optim.h's; these run it over a parameter of n elements.
+#include "lowbit/optim.h"
+
+namespace lowbit::cpu {
+
+// One blockwise 8-bit optimizer state: q (uint8 [n]) indexes code256, scaled per block of
+// kOptimBlock elements by absmax (fp32 [ceil(n / kOptimBlock)]). bound255 / zero_code: the
+// quantization rule of the code (codebook.h), prepared by the caller.
+constexpr int64_t kOptimBlock = 256;
+struct OptimState8 {
+  uint8_t* q;
+  float* absmax;
+  const float* code256;
+  const float* bound255;
+  uint8_t zero_code;
+};
+
+// Blocks [block_begin, block_end) of kOptimBlock elements: decode both states of the blocks into
+// fp32 scratch on the stack (at most 16 blocks at a time, never the whole state), update them and
+// the parameter with optim_update_element, then quantize the states again with each block's new
+// absmax (exactly quantize_blockwise). s2 is null for one-state optimizers.
+void optimizer_update_8bit_blockwise(const OptimScalars& s, FloatType gt, const void* g,
+                                     FloatType pt, void* p, int64_t n, const OptimState8& s1,
+                                     const OptimState8* s2, int64_t block_begin, int64_t block_end);
+// Elements [begin, end) with fp32 states s1 [n] and s2 [n] (s2 null for one-state optimizers).
+void optimizer_update_32bit(const OptimScalars& s, FloatType gt, const void* g, FloatType pt,
+                            void* p, float* s1, float* s2, int64_t begin, int64_t end);
+// True if a[begin, end) holds no NaN or +-Inf.
+bool all_finite(FloatType t, const void* a, int64_t begin, int64_t end);
+
+}  // namespace lowbit::cpu

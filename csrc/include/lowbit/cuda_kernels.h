@@ -172,3 +172,45 @@ cudaError_t int8_linear_epilogue(const int32_t* C, const float* row_stats, const
                                  const Int8Outliers* ob, cudaStream_t stream);
 
 }  // namespace lowbit::cuda
+
+// ---- optimizers (csrc/kernels/cuda/optim.cu) --------------------------------------------------
+// The update of lowbit/optim.h (optim_update_element, bit-identical to the CPU kernels) over many
+// parameters at once: each call takes an array of parameters that share the gradient and
+// parameter types and the scalars, and launches one kernel per kOptimMaxTensors of them (the
+// descriptors travel as a kernel argument), so a model of many small tensors costs a few launches
+// per step, not one per tensor.
+#include "lowbit/optim.h"
+
+namespace lowbit::cuda {
+
+struct OptimTensor {
+  const void* g;   // gradient, n elements of the call's gradient type
+  void* p;         // parameter, n elements of the call's parameter type, updated in place
+  void* state1;    // uint8 codes (8-bit call) or fp32 values (32-bit call), n elements
+  void* state2;    // the same for two-state optimizers, else null
+  float* absmax1;  // 8-bit: fp32 [ceil(n / 256)]
+  float* absmax2;  // 8-bit, two-state optimizers
+  int64_t n;
+  uint32_t seed;  // stochastic rounding seed of this tensor (used when s.stochastic)
+};
+constexpr int kOptimMaxTensors = 32;
+
+// flags[t] (int32, zeroed by the caller) becomes 1 when tensors[t].g holds NaN or +-Inf.
+cudaError_t optim_nonfinite_flags(FloatType gt, const OptimTensor* tensors, int count, int* flags,
+                                  cudaStream_t stream);
+// 8-bit blockwise states, blocks of 256: tensors whose flag is set are left untouched. code1/2:
+// the 256-entry maps, bound1/2 their 255 fp32 midpoints ((c[i] + c[i+1]) / 2), zero1/2 the index
+// of the entry nearest 0 (int64 [1]), all in device memory (computed on the device by the caller:
+// no host synchronisation per step). code2/bound2/zero2 are null for one-state optimizers.
+cudaError_t optimizer_update_8bit_blockwise(const OptimScalars& s, FloatType gt, FloatType pt,
+                                            const OptimTensor* tensors, int count,
+                                            const float* code1, const float* bound1,
+                                            const int64_t* zero1, const float* code2,
+                                            const float* bound2, const int64_t* zero2,
+                                            const int* flags, cudaStream_t stream);
+// fp32 states.
+cudaError_t optimizer_update_32bit(const OptimScalars& s, FloatType gt, FloatType pt,
+                                   const OptimTensor* tensors, int count, const int* flags,
+                                   cudaStream_t stream);
+
+}  // namespace lowbit::cuda

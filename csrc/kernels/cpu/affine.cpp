@@ -125,7 +125,7 @@ void quantize_affine(FloatType t, const void* a, int64_t group_size, int bits, b
                            g_end);
 }
 
-#if defined(LOWBIT_CPU_X86) && defined(LOWBIT_AFFINE_AVX2)
+#if defined(LOWBIT_CPU_X86)
 #define LOWBIT_AFFINE_DISPATCH(NAME, ...)                           \
   if (active_isa() != Isa::generic) return avx2::NAME(__VA_ARGS__); \
   return generic::NAME(__VA_ARGS__);
@@ -144,7 +144,7 @@ void gemm_affine(const float* a, int64_t M, int64_t K, const AffineWeight& w, fl
 }
 
 bool gemm_affine_q8_supported(int64_t K, int bits, int64_t group_size) {
-#if defined(LOWBIT_CPU_X86) && defined(LOWBIT_AFFINE_AVX2)
+#if defined(LOWBIT_CPU_X86)
   return bits == 4 && K > 0 && K % kQ8Chunk == 0 && group_size % 32 == 0;
 #else
   (void)K, (void)bits, (void)group_size;
@@ -155,7 +155,7 @@ bool gemm_affine_q8_supported(int64_t K, int bits, int64_t group_size) {
 void gemm_affine_q8(const int8_t* q, const float* q_scales, const float* offsets, int64_t M,
                     int64_t K, const AffineWeight& w, float* out, int64_t N, int64_t n_begin,
                     int64_t n_end) {
-#if defined(LOWBIT_CPU_X86) && defined(LOWBIT_AFFINE_AVX2)
+#if defined(LOWBIT_CPU_X86)
   if (active_isa() == Isa::avx512)
     avx512::gemm_affine_q8(q, q_scales, offsets, M, K, w, out, N, n_begin, n_end);
   else

@@ -78,34 +78,49 @@ struct Cell16Table {
 };
 
 // Built once per code and shared by all threads (256 KiB; the cells that normalised values reach,
-// |x| <= 1, are a few KiB of it). The last table is kept; a different code rebuilds it (~1 ms).
+// |x| <= 1, are a few KiB of it). The last kKeepTables codes' tables are kept, per thread and
+// shared, so that callers alternating between codes (the 8-bit optimizers quantize their two
+// states with two maps, on every thread) never rebuild one (~1 ms each); a new code replaces the
+// oldest.
+constexpr int kKeepTables = 4;
 std::shared_ptr<const Cell16Table> cell16_table(const float* bound255) {
-  static thread_local std::shared_ptr<const Cell16Table> mine;
-  if (mine && std::memcmp(mine->bound, bound255, sizeof(mine->bound)) == 0) return mine;
+  static thread_local std::shared_ptr<const Cell16Table> mine[kKeepTables];
+  static thread_local int mine_next = 0;
+  for (const auto& t : mine)
+    if (t && std::memcmp(t->bound, bound255, sizeof(t->bound)) == 0) return t;
   static std::mutex mu;
-  static std::shared_ptr<const Cell16Table> shared;
-  std::lock_guard<std::mutex> lock(mu);
-  if (!shared || std::memcmp(shared->bound, bound255, sizeof(shared->bound)) != 0) {
-    auto t = std::make_shared<Cell16Table>();
-    std::memcpy(t->bound, bound255, sizeof(t->bound));
-    t->usable = true;
-    for (uint32_t c = 0; c < 65536; ++c) {
-      const uint32_t first = c << 16, last = first | 0xffffu;
-      const bool neg = c & 0x8000u;  // for negative floats a larger pattern is a smaller value
-      const float vmin = bits_float(neg ? last : first), vmax = bits_float(neg ? first : last);
-      // NaN cells (never looked up: such blocks are special) compare false: lo = hi = 0.
-      const int lo = bucket256(bound255, vmin);
-      int hi = lo;
-      while (hi < 255 && bound255[hi] <= vmax) ++hi;
-      if (hi - lo > 1) t->usable = false;
-      const uint32_t key =
-          hi > lo ? (float_bits(bound255[lo]) ^ (neg ? 0xffffu : 0u)) & 0xffffu : 0xffffu;
-      t->entry[c] = uint32_t(lo) << 16 | key;
+  static std::shared_ptr<const Cell16Table> shared[kKeepTables];
+  static int shared_next = 0;
+  std::shared_ptr<const Cell16Table> found;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    for (const auto& t : shared)
+      if (t && std::memcmp(t->bound, bound255, sizeof(t->bound)) == 0) found = t;
+    if (!found) {
+      auto t = std::make_shared<Cell16Table>();
+      std::memcpy(t->bound, bound255, sizeof(t->bound));
+      t->usable = true;
+      for (uint32_t c = 0; c < 65536; ++c) {
+        const uint32_t first = c << 16, last = first | 0xffffu;
+        const bool neg = c & 0x8000u;  // for negative floats a larger pattern is a smaller value
+        const float vmin = bits_float(neg ? last : first), vmax = bits_float(neg ? first : last);
+        // NaN cells (never looked up: such blocks are special) compare false: lo = hi = 0.
+        const int lo = bucket256(bound255, vmin);
+        int hi = lo;
+        while (hi < 255 && bound255[hi] <= vmax) ++hi;
+        if (hi - lo > 1) t->usable = false;
+        const uint32_t key =
+            hi > lo ? (float_bits(bound255[lo]) ^ (neg ? 0xffffu : 0u)) & 0xffffu : 0xffffu;
+        t->entry[c] = uint32_t(lo) << 16 | key;
+      }
+      found = std::move(t);
+      shared[shared_next] = found;
+      shared_next = (shared_next + 1) % kKeepTables;
     }
-    shared = std::move(t);
   }
-  mine = shared;
-  return mine;
+  mine[mine_next] = found;
+  mine_next = (mine_next + 1) % kKeepTables;
+  return found;
 }
 
 // Codes of 8 normalised values (finite) with the fast table: one gather.

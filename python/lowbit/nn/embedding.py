@@ -85,6 +85,13 @@ class Embedding(nn.Embedding):
             device=device,
             dtype=dtype,
         )
+        # As bitsandbytes: an 8-bit optimizer keeps this table's states in 32 bits (rare rows get
+        # rare, large updates that 8-bit states round badly). The manager holds the module weakly.
+        from lowbit.optim import GlobalOptimManager
+
+        GlobalOptimManager.get_instance().register_module_override(
+            self, "weight", {"optim_bits": 32}
+        )
 
     def reset_parameters(self) -> None:
         _xavier_reset(self)
