@@ -20,6 +20,17 @@ namespace {
 
 constexpr int64_t kMC = 64;
 
+// The sum of the 16 int32 lanes modulo 2^32, with vector adds (which wrap by definition); GCC's
+// _mm512_reduce_add_epi32 adds in C ints, whose overflow is undefined behaviour, and the biased
+// sums of int8_gemm below can leave the int32 range on the way to an exact result.
+inline uint32_t reduce_add_wrap(__m512i v) {
+  const __m256i s8 = _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));  // lanes + lanes two apart
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));  // + the neighbour lane
+  return uint32_t(_mm_cvtsi128_si32(s4));
+}
+
 inline __mmask64 tail_mask(int64_t left) {
   return left >= 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1;
 }
@@ -29,7 +40,7 @@ int32_t row_sum(const int8_t* a, int64_t K) {
   __m512i acc = _mm512_setzero_si512();
   for (int64_t k = 0; k < K; k += 64)
     acc = _mm512_dpbusd_epi32(acc, ones, _mm512_maskz_loadu_epi8(tail_mask(K - k), a + k));
-  return _mm512_reduce_add_epi32(acc);
+  return int32_t(reduce_add_wrap(acc));  // |sum| <= 128 * K: no wrap
 }
 
 template <int MR, int NR>
@@ -50,7 +61,8 @@ void tile(const int8_t* a, const int8_t* b, int32_t* c, int64_t K, int64_t ldc,
   }
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j)
-      c[i * ldc + j] = _mm512_reduce_add_epi32(acc[i][j]) - 128 * a_sums[i];
+      // Modulo 2^32 in unsigned arithmetic; the true C fits in int32, so the cast is exact.
+      c[i * ldc + j] = int32_t(reduce_add_wrap(acc[i][j]) - 128u * uint32_t(a_sums[i]));
 }
 
 template <int MR>
