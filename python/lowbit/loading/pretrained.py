@@ -151,11 +151,12 @@ def from_pretrained(
         )
     hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if is_affine_method(getattr(hf_config, "quantization_config", None)):
-        if load_in_8bit or load_in_4bit or quantization_config is not None:
+        if load_in_8bit or load_in_4bit or quantization_config is not None or quantize_embeddings:
             method = quant_method(hf_config.quantization_config)
             raise ValueError(
                 f"the checkpoint is already quantized ({method}); load it without "
-                "load_in_4bit/load_in_8bit/quantization_config"
+                "load_in_4bit/load_in_8bit/quantization_config/quantize_embeddings (its "
+                "embeddings load as it stores them)"
             )
         return _from_pretrained_affine(
             path,
