@@ -12,7 +12,6 @@ are frozen integer tensors and gradients flow to the inputs through the ops' aut
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as torch_F
 from torch import nn
 
 from lowbit import functional as F
@@ -172,27 +171,7 @@ class Linear4bit(nn.Linear):
         cdtype = self.compute_dtype or inp_dtype
         x = x.to(cdtype)
         bias = None if self.bias is None else self.bias.to(cdtype)
-        if x.device.type in ("cpu", "cuda") or x.numel() == x.shape[-1]:
-            # One op call at any batch size on the CPU and on CUDA, where the op picks the kernel
-            # by shape in C++ (CPU: the int8-activation kernel, the fused fp32 one or BLAS on fp32
-            # weight tiles; CUDA: the SIMT GEMV, the tensor-core kernel or dequantize + cuBLAS into
-            # a transient workspace). A double quantized absmax is decoded in the kernels.
-            out = _ops.gemv_4bit(
-                x,
-                w.data,
-                list(qs.shape),
-                qs.absmax,
-                qs.code,
-                qs.blocksize,
-                *F.nested_absmax_args(qs),
-            )
-            if bias is not None:
-                out = out + bias
-        else:
-            W = _ops.dequantize_4bit(
-                w.data, F.decode_absmax(qs), qs.blocksize, qs.quant_type, list(qs.shape), cdtype
-            )
-            out = torch_F.linear(x, W, bias)
+        out = F._linear_4bit(x, w.data, qs, bias)
         return out.to(inp_dtype)
 
     def extra_repr(self) -> str:
