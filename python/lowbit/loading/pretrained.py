@@ -207,7 +207,7 @@ def from_pretrained(
         replace_linear_layers(model, config, skip)
         stored = _stored_quantized_embeddings(model, files) if saved is not None else {}
         wanted = []
-        if quantize_embeddings and saved is None:
+        if quantize_embeddings:
             wanted = embeddings_to_quantize(model, config.skip_modules + list(skip_modules or []))
         for name in dict.fromkeys([*stored, *wanted]):
             _swap_in_empty_embedding(model, name, config, stored.get(name), dtype)
