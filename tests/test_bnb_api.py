@@ -130,7 +130,7 @@ def test_matmul_4bit_out_and_layouts(device):
 
 @pytest.mark.parametrize("rows", [1, 5, 40, 300])
 def test_matmul_4bit_is_linear4bit_forward(device, rows):
-    """matmul_4bit and Linear4bit run one forward (F._linear_4bit), bit for bit, at every batch
+    """matmul_4bit and Linear4bit run one forward (nn.modules._linear_4bit), bit for bit, at every batch
     size: matmul_4bit used to keep its own copy of the dispatch, which on CUDA still dequantized
     and called F.linear for many rows after Linear4bit moved to the tiered gemv_4bit op."""
     torch.manual_seed(0)

@@ -333,34 +333,6 @@ def int8_linear(A, W, W_scale, bias=None, threshold: float = 0.0) -> torch.Tenso
     return _ops.int8_linear(A, W, W_scale, bias, threshold)
 
 
-def _linear_4bit(x: torch.Tensor, packed: torch.Tensor, qs: QuantState, bias=None) -> torch.Tensor:
-    """x [..., K] @ W^T (+ bias) for the 4-bit weight W [N, K] (`packed` bytes, `qs`), in x's
-    dtype: the forward of Linear4bit and of matmul_4bit (bias already in x's dtype).
-
-    On the CPU and CUDA one gemv_4bit call at any batch size: the op picks the kernel by shape in
-    C++ (CPU: the int8-activation kernel, the fused fp32 one or BLAS on fp32 weight tiles; CUDA:
-    the SIMT GEMV, the tensor-core kernel or dequantize + cuBLAS into a transient workspace), and
-    decodes a double quantized absmax in the kernels. Other devices run the fused GEMV for one row
-    and dequantize + F.linear otherwise."""
-    import torch.nn.functional as torch_F
-
-    if x.device.type in ("cpu", "cuda") or x.numel() == x.shape[-1]:
-        out = _ops.gemv_4bit(
-            x,
-            packed,
-            list(qs.shape),
-            qs.absmax,
-            qs.code.to(x.device),
-            qs.blocksize,
-            *nested_absmax_args(qs),
-        )
-        return out if bias is None else out + bias
-    W = _ops.dequantize_4bit(
-        packed, decode_absmax(qs), qs.blocksize, qs.quant_type, list(qs.shape), x.dtype
-    )
-    return torch_F.linear(x, W, bias)
-
-
 # ---- affine 4/8-bit (GPTQ / AWQ / HQQ / compressed-tensors weights) -------------------------------
 
 

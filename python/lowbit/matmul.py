@@ -25,6 +25,7 @@ import torch.nn.functional as torch_F
 
 from lowbit import functional as F
 from lowbit._codes import QUANT_TYPES_4BIT
+from lowbit.nn.modules import _linear_4bit
 from lowbit.quant_state import QuantState
 
 __all__ = ["MatmulLtState", "matmul", "matmul_4bit"]
@@ -163,7 +164,7 @@ def matmul_4bit(
         return _finish(torch_F.linear(A, W.t(), bias), out)
 
     # The same forward as Linear4bit (one gemv_4bit call on the CPU and CUDA at any batch size).
-    result = F._linear_4bit(A, B, quant_state, None if bias is None else bias.to(A.dtype))
+    result = _linear_4bit(A, B, quant_state, None if bias is None else bias.to(A.dtype))
     return _finish(result, out)
 
 
