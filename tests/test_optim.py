@@ -686,3 +686,6 @@ def test_optimizer_settings_checked_where_given():
     assert id(w[0]) not in mng.pid2config
     # bitsandbytes' string form of betas still parses
     assert O.Adam8bit(w, betas="(0.8, 0.9)").param_groups[0]["betas"] == (0.8, 0.9)
+    # numpy scalars (from configs) are numbers too
+    np = pytest.importorskip("numpy")
+    O.AdamW8bit(w, lr=np.float32(1e-3), eps=np.float64(1e-8), min_8bit_size=np.int64(64))

@@ -23,6 +23,7 @@ step count unchanged) and a RuntimeWarning names it. Other parameters are update
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 import weakref
 from collections import defaultdict
@@ -144,7 +145,11 @@ def _check_override_keys(config: dict) -> None:
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)  # numpy scalars too
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def _check_setting(where: str, key: str, value) -> None:
@@ -169,12 +174,12 @@ def _check_setting(where: str, key: str, value) -> None:
         if value not in (8, 32) or isinstance(value, bool):
             raise ValueError(f"{where}: optim_bits must be 8 or 32, got {value!r}")
     elif key == "min_8bit_size":
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not _is_int(value):
             raise TypeError(f"{where}: min_8bit_size must be an int, got {value!r}")
         if value < 0:
             raise ValueError(f"{where}: min_8bit_size must be >= 0, got {value!r}")
     elif key == "percentile_clipping":
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not _is_int(value):
             raise TypeError(f"{where}: percentile_clipping must be an int, got {value!r}")
         if not 1 <= value <= 100:
             raise ValueError(f"{where}: percentile_clipping must be in [1, 100], got {value!r}")
