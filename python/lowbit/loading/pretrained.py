@@ -137,8 +137,9 @@ def from_pretrained(
     llm_int8_enable_fp32_cpu_offload=True and then stay unquantized in float32.
 
     quantize_embeddings=True quantizes the nn.Embedding tables too, as
-    lowbit.quantize_model(..., quantize_embeddings=True) does. Embeddings a checkpoint stores
-    quantized load quantized whatever this says.
+    lowbit.quantize_model(..., quantize_embeddings=True) does, also for a float table of a lowbit
+    or bitsandbytes checkpoint. Embeddings a checkpoint stores quantized load quantized whatever
+    this says. GPTQ/AWQ/compressed-tensors/HQQ checkpoints refuse it (ValueError).
     """
     if not isinstance(quantize_embeddings, bool):
         raise TypeError(f"quantize_embeddings must be a bool, got {quantize_embeddings!r}")
