@@ -128,6 +128,20 @@ def test_matmul_4bit_out_and_layouts(device):
     assert empty.shape == (0, 32)
 
 
+@pytest.mark.parametrize("rows", [1, 5, 40, 300])
+def test_matmul_4bit_is_linear4bit_forward(device, rows):
+    """matmul_4bit and Linear4bit run one forward (nn.modules._linear_4bit), bit for bit, at every batch
+    size: matmul_4bit used to keep its own copy of the dispatch, which on CUDA still dequantized
+    and called F.linear for many rows after Linear4bit moved to the tiered gemv_4bit op."""
+    torch.manual_seed(0)
+    layer = lowbit.nn.Linear4bit(128, 48, quant_type="nf4", compress_statistics=True)
+    layer = layer.to(device)
+    A = torch.randn(rows, 128, device=device)
+    w = layer.weight
+    got = lowbit.matmul_4bit(A, w.t(), w.quant_state, bias=layer.bias)
+    assert torch.equal(got, layer(A))
+
+
 def test_matmul_4bit_weight_quantized_transposed_warns_like_bitsandbytes():
     W = torch.randn(64, 48)  # a [K, N] weight: bitsandbytes deprecates, still computes A @ W
     packed, qs = F.quantize_4bit(W, quant_type="nf4")

@@ -311,6 +311,15 @@ def test_quantized_embeddings_through_save_and_from_pretrained(name, tmp_path):
     with torch.no_grad():
         assert torch.equal(back(ids).logits, expected)
         assert torch.equal(fresh(ids).logits, expected)
+    # a quantized checkpoint with float embeddings quantizes them on load when asked (the flag
+    # used to be ignored there: the tables stayed float)
+    linear_only = lowbit.quantize_model(_helpers_nn.tiny_llama(tie=False, vocab_size=256), config)
+    assert type(linear_only.model.embed_tokens) is nn.Embedding
+    lowbit.save_pretrained(linear_only, tmp_path / "linear_only")
+    later = lowbit.from_pretrained(tmp_path / "linear_only", quantize_embeddings=True)
+    assert isinstance(later.model.embed_tokens, kinds) and later.model.embed_tokens.is_quantized
+    with torch.no_grad():
+        assert torch.equal(later(ids).logits, expected)
     with pytest.raises(TypeError, match="quantize_embeddings must be a bool"):
         lowbit.from_pretrained(tmp_path / "float", load_in_4bit=True, quantize_embeddings=1)
 

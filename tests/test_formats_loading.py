@@ -179,6 +179,9 @@ def test_config_without_quantized_tensors(gptq_dir, tmp_path):
 def test_already_quantized_cannot_be_requantized(gptq_dir):
     with pytest.raises(ValueError, match=r"already quantized \(gptq\)"):
         lowbit.from_pretrained(gptq_dir, load_in_4bit=True, progress=False)
+    # quantize_embeddings used to be ignored silently here (the embeddings stayed float)
+    with pytest.raises(ValueError, match=r"already quantized \(gptq\).*quantize_embeddings"):
+        lowbit.from_pretrained(gptq_dir, quantize_embeddings=True, progress=False)
 
 
 def test_unknown_method_names_the_supported_ones(gptq_dir, tmp_path):
@@ -208,6 +211,11 @@ def test_save_pretrained_refuses_affine_models(gptq_dir, tmp_path):
     model = lowbit.from_pretrained(gptq_dir, progress=False)
     with pytest.raises(ValueError, match="LinearAffine layers loaded from a gptq checkpoint"):
         lowbit.save_pretrained(model, tmp_path / "out")
+    # Transformers' own save_pretrained wrote packed/scales/zeros under a config without
+    # quantization_config: a directory that reloaded as a float model with random linear weights.
+    with pytest.raises(ValueError, match="LinearAffine layers loaded from a gptq checkpoint"):
+        model.save_pretrained(tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
 
 
 @pytest.mark.parametrize("fmt", ["gptq", "awq", "compressed-tensors", "hqq"])

@@ -652,3 +652,40 @@ def test_transformers_trainer(tmp_path):
     opt2 = O.AdamW8bit(model.parameters(), lr=1e-3, min_8bit_size=1024)
     opt2.load_state_dict(saved)
     assert torch.equal(opt2.state[w]["state1"], opt.state[w]["state1"])
+
+
+def test_optimizer_settings_checked_where_given():
+    """Settings a kernel would read wrongly are refused up front, naming the argument: a betas of
+    one value used to run Adam/Lion with beta2 = 0 silently; a fractional percentile_clipping
+    failed only at a later step; an 'alpha' override (AdEMAMix) was accepted and ignored."""
+    w = [torch.nn.Parameter(torch.randn(10))]
+    for cls in (O.Adam8bit, O.AdamW, O.Lion8bit):
+        with pytest.raises(ValueError, match="betas must be two numbers"):
+            cls(w, betas=(0.9,))
+        with pytest.raises(ValueError, match="betas must be two numbers"):
+            cls(w, betas=(0.9, 0.99, 0.5))
+    with pytest.raises(TypeError, match="eps must be a number"):
+        O.AdamW8bit(w, eps="1e-8")
+    with pytest.raises(TypeError, match="weight_decay must be a number"):
+        O.AdamW8bit(w, weight_decay="0.1")
+    with pytest.raises(TypeError, match="percentile_clipping must be an int"):
+        O.AdamW8bit(w, percentile_clipping=95.5)
+    with pytest.raises(TypeError, match="min_8bit_size must be an int"):
+        O.AdamW8bit(w, min_8bit_size="4096")
+    with pytest.raises(ValueError, match="always keeps 32-bit"):
+        O.Lion32bit(w, optim_bits=8)
+    with pytest.raises(ValueError, match="always keeps 8-bit"):
+        O.SGD8bit(w, lr=0.1, momentum=0.9, optim_bits=8)
+    mng = O.GlobalOptimManager.get_instance()
+    with pytest.raises(ValueError, match="betas must be two numbers"):
+        mng.override_config(w[0], "betas", (0.9,))
+    with pytest.raises(ValueError, match="lr must be a finite number"):
+        mng.override_config(w[0], "lr", -1.0)
+    with pytest.raises(ValueError, match="unknown optimizer setting"):
+        mng.override_config(w[0], "alpha", 0.5)
+    assert id(w[0]) not in mng.pid2config
+    # bitsandbytes' string form of betas still parses
+    assert O.Adam8bit(w, betas="(0.8, 0.9)").param_groups[0]["betas"] == (0.8, 0.9)
+    # numpy scalars (from configs) are numbers too
+    np = pytest.importorskip("numpy")
+    O.AdamW8bit(w, lr=np.float32(1e-3), eps=np.float64(1e-8), min_8bit_size=np.int64(64))

@@ -1,8 +1,8 @@
 """bitsandbytes' top-level products: matmul_4bit, matmul (LLM.int8()) and MatmulLtState.
 
 Same arguments, output shapes and dtypes as `bitsandbytes.matmul_4bit` / `bitsandbytes.matmul`,
-built on lowbit's ops: the 4-bit product is `torch.ops.lowbit.gemv_4bit` (or dequantize_4bit +
-F.linear for many rows on a GPU, as Linear4bit does), the int8 product is the fused
+built on lowbit's ops: the 4-bit product is Linear4bit's forward (`torch.ops.lowbit.gemv_4bit`,
+which picks its kernel by shape on the CPU and CUDA), the int8 product is the fused
 `torch.ops.lowbit.int8_linear`. Gradients reach A and bias through those ops' autograd formulas;
 a float B that requires grad (has_fp16_weights=True) gets one too.
 
@@ -25,6 +25,7 @@ import torch.nn.functional as torch_F
 
 from lowbit import functional as F
 from lowbit._codes import QUANT_TYPES_4BIT
+from lowbit.nn.modules import _linear_4bit
 from lowbit.quant_state import QuantState
 
 __all__ = ["MatmulLtState", "matmul", "matmul_4bit"]
@@ -162,30 +163,8 @@ def matmul_4bit(
         W = F.dequantize_4bit(B, quant_state).to(A.dtype)
         return _finish(torch_F.linear(A, W.t(), bias), out)
 
-    if A.device.type == "cpu" or A.numel() == K:
-        # The fused op: one token on any device, every batch size on the CPU (where the op picks
-        # its kernel by size); a double quantized absmax is decoded inside the kernel.
-        result = _ops.gemv_4bit(
-            A,
-            B,
-            [N, K],
-            quant_state.absmax,
-            quant_state.code.to(A.device),
-            quant_state.blocksize,
-            *F.nested_absmax_args(quant_state),
-        )
-        if bias is not None:
-            result = result + bias.to(result.dtype)
-    else:
-        W = _ops.dequantize_4bit(
-            B,
-            F.decode_absmax(quant_state),
-            quant_state.blocksize,
-            quant_state.quant_type,
-            [N, K],
-            A.dtype,
-        )
-        result = torch_F.linear(A, W, None if bias is None else bias.to(A.dtype))
+    # The same forward as Linear4bit (one gemv_4bit call on the CPU and CUDA at any batch size).
+    result = _linear_4bit(A, B, quant_state, None if bias is None else bias.to(A.dtype))
     return _finish(result, out)
 
 

@@ -109,6 +109,9 @@ def mark_affine(model: nn.Module, reader: Reader) -> None:
     bits = {m.bits for m in model.modules() if isinstance(m, LinearAffine)}
     model.is_loaded_in_4bit = bits == {4}
     model.is_loaded_in_8bit = bits == {8}
+    from lowbit.loading.model import attach_save_pretrained
+
+    attach_save_pretrained(model)  # model.save_pretrained refuses (see save.refuse_affine)
 
 
 def affine_weight_bytes(model: nn.Module) -> tuple[int, int]:

@@ -96,12 +96,15 @@ def _save_pretrained_with_format(original):
 
     @functools.wraps(original)
     def save_pretrained(self, save_directory, *args, format: str | None = None, **kwargs):
-        from lowbit.loading.save import FORMATS
+        from lowbit.loading.save import FORMATS, refuse_affine
         from lowbit.loading.save import save_pretrained as lowbit_save
 
         if format is not None and format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
         if format != "bitsandbytes":
+            # Transformers would write a LinearAffine model's packed/scales/zeros under a config
+            # without quantization_config: a checkpoint that reloads with random linear weights.
+            refuse_affine(self)
             return original(self, save_directory, *args, **kwargs)
         unknown = sorted(set(kwargs) - {"max_shard_size", "safe_serialization"})
         if args or unknown or kwargs.get("safe_serialization", True) is not True:

@@ -137,8 +137,9 @@ def from_pretrained(
     llm_int8_enable_fp32_cpu_offload=True and then stay unquantized in float32.
 
     quantize_embeddings=True quantizes the nn.Embedding tables too, as
-    lowbit.quantize_model(..., quantize_embeddings=True) does. Embeddings a checkpoint stores
-    quantized load quantized whatever this says.
+    lowbit.quantize_model(..., quantize_embeddings=True) does, also for a float table of a lowbit
+    or bitsandbytes checkpoint. Embeddings a checkpoint stores quantized load quantized whatever
+    this says. GPTQ/AWQ/compressed-tensors/HQQ checkpoints refuse it (ValueError).
     """
     if not isinstance(quantize_embeddings, bool):
         raise TypeError(f"quantize_embeddings must be a bool, got {quantize_embeddings!r}")
@@ -151,11 +152,12 @@ def from_pretrained(
         )
     hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if is_affine_method(getattr(hf_config, "quantization_config", None)):
-        if load_in_8bit or load_in_4bit or quantization_config is not None:
+        if load_in_8bit or load_in_4bit or quantization_config is not None or quantize_embeddings:
             method = quant_method(hf_config.quantization_config)
             raise ValueError(
                 f"the checkpoint is already quantized ({method}); load it without "
-                "load_in_4bit/load_in_8bit/quantization_config"
+                "load_in_4bit/load_in_8bit/quantization_config/quantize_embeddings (its "
+                "embeddings load as it stores them)"
             )
         return _from_pretrained_affine(
             path,
@@ -206,7 +208,7 @@ def from_pretrained(
         replace_linear_layers(model, config, skip)
         stored = _stored_quantized_embeddings(model, files) if saved is not None else {}
         wanted = []
-        if quantize_embeddings and saved is None:
+        if quantize_embeddings:
             wanted = embeddings_to_quantize(model, config.skip_modules + list(skip_modules or []))
         for name in dict.fromkeys([*stored, *wanted]):
             _swap_in_empty_embedding(model, name, config, stored.get(name), dtype)

@@ -91,16 +91,7 @@ def save_pretrained(model: nn.Module, path, max_shard_size="5GB", format: str = 
     """
     from safetensors.torch import save_file
 
-    from lowbit.nn.affine import LinearAffine
-
-    affine = [n for n, m in model.named_modules() if isinstance(m, LinearAffine)]
-    if affine:
-        raise ValueError(
-            f"save_pretrained writes lowbit/bitsandbytes layers only; {affine[0]} (and "
-            f"{len(affine) - 1} more) are LinearAffine layers loaded from a "
-            f"{getattr(model, 'quantization_method', 'GPTQ/AWQ/compressed-tensors/HQQ')} "
-            "checkpoint: keep that checkpoint as the saved form"
-        )
+    refuse_affine(model)
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     bnb_config = _bnb_quant_config(model) if format == "bitsandbytes" else None
@@ -136,6 +127,22 @@ def save_pretrained(model: nn.Module, path, max_shard_size="5GB", format: str = 
         index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
         (path / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     _write_config(model, path, bnb_config)
+
+
+def refuse_affine(model: nn.Module) -> None:
+    """ValueError when the model holds LinearAffine layers (loaded from a GPTQ, AWQ,
+    compressed-tensors or HQQ checkpoint): neither lowbit's format nor Transformers' own
+    save_pretrained writes them in a form any loader reads back."""
+    from lowbit.nn.affine import LinearAffine
+
+    affine = [n for n, m in model.named_modules() if isinstance(m, LinearAffine)]
+    if affine:
+        raise ValueError(
+            f"save_pretrained writes lowbit/bitsandbytes layers only; {affine[0]} (and "
+            f"{len(affine) - 1} more) are LinearAffine layers loaded from a "
+            f"{getattr(model, 'quantization_method', 'GPTQ/AWQ/compressed-tensors/HQQ')} "
+            "checkpoint: keep that checkpoint as the saved form"
+        )
 
 
 def _write_config(model, path: Path, quant_config: dict | None = None) -> None:

@@ -48,6 +48,34 @@ def _run_pre_hooks(module, state_dict, prefix, local_metadata, strict, missing, 
         hook(state_dict, prefix, local_metadata, strict, missing, unexpected, errs)
 
 
+def _linear_4bit(
+    x: torch.Tensor, packed: torch.Tensor, qs: F.QuantState, bias=None
+) -> torch.Tensor:
+    """x [..., K] @ W^T (+ bias) for the 4-bit weight W [N, K] (`packed` bytes, `qs`), in x's
+    dtype: the forward of Linear4bit and of matmul_4bit (bias already in x's dtype).
+
+    On the CPU and CUDA one gemv_4bit call at any batch size: the op picks the kernel by shape in
+    C++ (CPU: the int8-activation kernel, the fused fp32 one or BLAS on fp32 weight tiles; CUDA:
+    the SIMT GEMV, the tensor-core kernel or dequantize + cuBLAS into a transient workspace), and
+    decodes a double quantized absmax in the kernels. Other devices run the fused GEMV for one row
+    and dequantize + F.linear otherwise."""
+    if x.device.type in ("cpu", "cuda") or x.numel() == x.shape[-1]:
+        out = _ops.gemv_4bit(
+            x,
+            packed,
+            list(qs.shape),
+            qs.absmax,
+            qs.code.to(x.device),
+            qs.blocksize,
+            *F.nested_absmax_args(qs),
+        )
+        return out if bias is None else out + bias
+    W = _ops.dequantize_4bit(
+        packed, F.decode_absmax(qs), qs.blocksize, qs.quant_type, list(qs.shape), x.dtype
+    )
+    return torch_F.linear(x, W, bias)
+
+
 class Linear4bit(nn.Linear):
     """QLoRA 4-bit linear layer (NF4 or FP4 blockwise codes, optional double quantization).
 
@@ -172,27 +200,7 @@ class Linear4bit(nn.Linear):
         cdtype = self.compute_dtype or inp_dtype
         x = x.to(cdtype)
         bias = None if self.bias is None else self.bias.to(cdtype)
-        if x.device.type in ("cpu", "cuda") or x.numel() == x.shape[-1]:
-            # One op call at any batch size on the CPU and on CUDA, where the op picks the kernel
-            # by shape in C++ (CPU: the int8-activation kernel, the fused fp32 one or BLAS on fp32
-            # weight tiles; CUDA: the SIMT GEMV, the tensor-core kernel or dequantize + cuBLAS into
-            # a transient workspace). A double quantized absmax is decoded in the kernels.
-            out = _ops.gemv_4bit(
-                x,
-                w.data,
-                list(qs.shape),
-                qs.absmax,
-                qs.code,
-                qs.blocksize,
-                *F.nested_absmax_args(qs),
-            )
-            if bias is not None:
-                out = out + bias
-        else:
-            W = _ops.dequantize_4bit(
-                w.data, F.decode_absmax(qs), qs.blocksize, qs.quant_type, list(qs.shape), cdtype
-            )
-            out = torch_F.linear(x, W, bias)
+        out = _linear_4bit(x, w.data, qs, bias)
         return out.to(inp_dtype)
 
     def extra_repr(self) -> str:

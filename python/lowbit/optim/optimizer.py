@@ -23,6 +23,7 @@ step count unchanged) and a RuntimeWarning names it. Other parameters are update
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 import weakref
 from collections import defaultdict
@@ -130,7 +131,6 @@ _OVERRIDABLE = {
     "min_8bit_size",
     "percentile_clipping",
     "skip_zeros",
-    "alpha",
 }
 
 
@@ -140,8 +140,49 @@ def _check_override_keys(config: dict) -> None:
         raise ValueError(
             f"unknown optimizer setting(s) {sorted(unknown)}; overridable: {sorted(_OVERRIDABLE)}"
         )
-    if "optim_bits" in config and config["optim_bits"] not in (8, 32):
-        raise ValueError(f"optim_bits must be 8 or 32, got {config['optim_bits']!r}")
+    for key, value in config.items():
+        _check_setting("GlobalOptimManager", key, value)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)  # numpy scalars too
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _check_setting(where: str, key: str, value) -> None:
+    """TypeError / ValueError naming `key` when `value` is not a valid setting (constructor
+    arguments and manager overrides alike: an override is applied without further checks)."""
+    if key in ("lr", "eps", "weight_decay"):
+        if not _is_number(value):
+            raise TypeError(f"{where}: {key} must be a number, got {value!r}")
+        if not (math.isfinite(value) and value >= 0.0):
+            raise ValueError(f"{where}: {key} must be a finite number >= 0, got {value!r}")
+    elif key == "betas":
+        # Every kernel reads two: (beta1, beta2) for Adam and Lion, (momentum, 0) for SGD and
+        # (alpha, 0) for RMSprop. A shorter tuple must not run with beta2 silently 0.
+        if not isinstance(value, (tuple, list)) or len(value) != 2:
+            raise ValueError(f"{where}: betas must be two numbers (beta1, beta2), got {value!r}")
+        for i, b in enumerate(value):
+            if not _is_number(b):
+                raise TypeError(f"{where}: betas[{i}] must be a number, got {b!r}")
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"{where}: betas[{i}] must be in [0, 1), got {b!r}")
+    elif key == "optim_bits":
+        if value not in (8, 32) or isinstance(value, bool):
+            raise ValueError(f"{where}: optim_bits must be 8 or 32, got {value!r}")
+    elif key == "min_8bit_size":
+        if not _is_int(value):
+            raise TypeError(f"{where}: min_8bit_size must be an int, got {value!r}")
+        if value < 0:
+            raise ValueError(f"{where}: min_8bit_size must be >= 0, got {value!r}")
+    elif key == "percentile_clipping":
+        if not _is_int(value):
+            raise TypeError(f"{where}: percentile_clipping must be an int, got {value!r}")
+        if not 1 <= value <= 100:
+            raise ValueError(f"{where}: percentile_clipping must be in [1, 100], got {value!r}")
 
 
 class _Args:
@@ -163,6 +204,7 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     _kind = "adam"
     _two_states = True
+    _bits = None  # None: optim_bits decides; 8 or 32: fixed by the class (X8bit, X32bit)
 
     def __init__(
         self,
@@ -179,20 +221,13 @@ class Optimizer8bit(torch.optim.Optimizer):
         stochastic_rounding: bool = False,
     ):
         name = type(self).__name__
-        lr, eps, wd = defaults["lr"], defaults["eps"], defaults["weight_decay"]
-        if not (isinstance(lr, (int, float)) and 0.0 <= lr):
-            raise ValueError(f"{name}: lr must be a number >= 0, got {lr!r}")
-        if not 0.0 <= eps:
-            raise ValueError(f"{name}: eps must be >= 0, got {eps!r}")
-        if not 0.0 <= wd:
-            raise ValueError(f"{name}: weight_decay must be >= 0, got {wd!r}")
+        for key in ("lr", "eps", "weight_decay"):
+            _check_setting(name, key, defaults[key])
         betas = defaults["betas"]
         if isinstance(betas, str):  # bitsandbytes accepts '(0.9, 0.999)' from command lines
             betas = tuple(float(b) for b in betas.strip("() ").split(","))
             defaults["betas"] = betas
-        for i, b in enumerate(betas):
-            if not 0.0 <= b < 1.0:
-                raise ValueError(f"{name}: betas[{i}] must be in [0, 1), got {b!r}")
+        _check_setting(name, "betas", betas)
         if not block_wise:
             raise ValueError(
                 f"{name}: block_wise=False is not supported; lowbit keeps 8-bit states blockwise "
@@ -223,12 +258,8 @@ class Optimizer8bit(torch.optim.Optimizer):
         ):
             if not hasattr(args, key):
                 setattr(args, key, default)
-        if args.optim_bits not in (8, 32):
-            raise ValueError(f"{name}: optim_bits must be 8 or 32, got {args.optim_bits!r}")
-        if not 1 <= args.percentile_clipping <= 100:
-            raise ValueError(
-                f"{name}: percentile_clipping must be in [1, 100], got {args.percentile_clipping!r}"
-            )
+        for key in ("optim_bits", "min_8bit_size", "percentile_clipping"):
+            _check_setting(name, key, getattr(args, key))
         self.args = args
         self.stochastic_rounding = bool(stochastic_rounding)
         self.mng = GlobalOptimManager.get_instance()
@@ -240,6 +271,17 @@ class Optimizer8bit(torch.optim.Optimizer):
         self._sr_calls = 0
 
     # ---- configuration -------------------------------------------------------------------------
+
+    def _fixed_bits(self, optim_bits):
+        if self._bits is None:
+            return optim_bits
+        if optim_bits != 32:
+            # bitsandbytes' X8bit/X32bit take optim_bits only for signature compatibility.
+            raise ValueError(
+                f"{type(self).__name__} always keeps {self._bits}-bit states; leave optim_bits at its "
+                f"default (32), got {optim_bits!r}"
+            )
+        return self._bits
 
     def check_overrides(self):
         self._module_overrides = {}
@@ -349,7 +391,8 @@ class Optimizer8bit(torch.optim.Optimizer):
                 state = self.state[p]
                 if len(state) == 0:
                     self.init_state(group, p, gi, pi)
-                _check_state_tensors(type(self).__name__, self._two_states, state, p, (gi, pi))
+                # States come from init_state or load_state_dict (which checks them); the op
+                # checks them again in C++, so no per-parameter Python check here.
                 config = self.get_config(gi, pi, group)
                 state["step"] += 1
                 step = state["step"]

@@ -63,19 +63,6 @@ class _Adam(Optimizer8bit):
             stochastic_rounding=stochastic_rounding,
         )
 
-    _bits = None  # None: optim_bits decides; 8 or 32: fixed by the class
-
-    def _fixed_bits(self, optim_bits):
-        if self._bits is None:
-            return optim_bits
-        if optim_bits != 32:
-            # bitsandbytes' X8bit/X32bit take optim_bits only for signature compatibility.
-            raise ValueError(
-                f"{type(self).__name__} always keeps {self._bits}-bit states; leave optim_bits at its "
-                f"default (32), got {optim_bits!r}"
-            )
-        return self._bits
-
 
 class Adam(_Adam):
     """Adam (bitsandbytes.optim.Adam): 32-bit states, or 8-bit with optim_bits=8."""
@@ -114,7 +101,6 @@ class AdamW32bit(AdamW):
 class _Lion(Optimizer8bit):
     _kind = "lion"
     _two_states = False
-    _bits = None
 
     def __init__(
         self,
@@ -130,7 +116,7 @@ class _Lion(Optimizer8bit):
         is_paged=False,
         stochastic_rounding=False,
     ):
-        bits = optim_bits if self._bits is None else self._bits
+        bits = self._fixed_bits(optim_bits)
         super().__init__(
             params,
             dict(lr=lr, betas=betas, eps=0.0, weight_decay=weight_decay),
@@ -163,7 +149,6 @@ class Lion32bit(_Lion):
 class _SGD(Optimizer8bit):
     _kind = "momentum"
     _two_states = False
-    _bits = None
 
     def __init__(
         self,
@@ -191,7 +176,7 @@ class _SGD(Optimizer8bit):
             )
         if nesterov:
             raise ValueError(f"{name} does not support nesterov=True")
-        bits = optim_bits if self._bits is None else self._bits
+        bits = self._fixed_bits(optim_bits)
         super().__init__(
             params,
             dict(lr=lr, betas=(momentum, dampening), eps=0.0, weight_decay=weight_decay),
@@ -223,7 +208,6 @@ class SGD32bit(_SGD):
 class _RMSprop(Optimizer8bit):
     _kind = "rmsprop"
     _two_states = False
-    _bits = None
 
     def __init__(
         self,
@@ -250,7 +234,7 @@ class _RMSprop(Optimizer8bit):
             raise ValueError(
                 f"{name} does not support momentum (bitsandbytes ignores it), got {momentum}"
             )
-        bits = optim_bits if self._bits is None else self._bits
+        bits = self._fixed_bits(optim_bits)
         super().__init__(
             params,
             dict(lr=lr, betas=(alpha, momentum), eps=eps, weight_decay=weight_decay),
