@@ -296,6 +296,11 @@ def test_empty():
     packed, scales, zeros = cuda(*weight(8, 64, 4, 32))
     out = ops.gemm_affine(torch.empty(0, 64, device="cuda"), packed, [8, 64], scales, zeros, 4, 32)
     assert out.shape == (0, 8) and out.is_cuda
+    # K = 0: every output is the bias (an empty sum), in every tier's fallback
+    p0, s0, z0 = (t.cuda() for t in R.quantize_affine(torch.empty(8, 0), 4, 32, False))
+    bias = torch.randn(8, device="cuda")
+    out = ops.gemm_affine(torch.empty(3, 0, device="cuda"), p0, [8, 0], s0, z0, 4, 32, bias)
+    assert torch.equal(out, bias.expand(3, 8))
 
 
 def test_matches_cpu_op():
