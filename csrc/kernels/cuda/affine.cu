@@ -138,33 +138,83 @@ __device__ __forceinline__ float sub_cpu(float a, float b) {
 }
 
 // ---- dequantize ---------------------------------------------------------------------------------
-// Thread per kAffDequantPer consecutive elements (grid stride): one 64-bit division for the first
-// element's group, then the group advances when an element crosses its end (a `while`: groups may
-// be shorter than the run). Any alignment, bits, group size. out may be any float type; each value
-// is (float(q) - z) * s with two explicit roundings, then one rounding to T (numeric.h, the CPU's
-// conversion); a NaN scale (a non-finite group) gives the CPU's NaN bits (sub_cpu / mul_cpu).
+// Thread per run of kAffDequantPer = 8 consecutive elements (grid stride): one 64-bit division for
+// the first element's group, then the group advances when an element crosses its end (a `while`:
+// groups may be shorter than the run). Each value is (float(q) - z) * s with two explicit
+// roundings, then one rounding to T (numeric.h, the CPU's conversion); a NaN scale (a non-finite
+// group) gives the CPU's NaN bits (sub_cpu / mul_cpu). kVec (packed 8-byte and out 16-byte
+// aligned): a full run loads its codes at once (bits 4: one 32-bit word = bytes e0/2 .. e0/2 + 3,
+// byte b at bits [8b, 8b + 8) holding element 2b in its high nibble and 2b + 1 in its low one; bits
+// 8: one 64-bit word, byte i = element i) and stores its 8 values as 16-byte vectors; otherwise
+// (and for the run holding the tail) element by element, any alignment.
 template <typename T>
+__device__ __forceinline__ void store8(T* p, const float* v) {
+  if constexpr (std::is_same_v<T, float>) {
+    float4* o = reinterpret_cast<float4*>(p);
+    o[0] = make_float4(v[0], v[1], v[2], v[3]);
+    o[1] = make_float4(v[4], v[5], v[6], v[7]);
+  } else {
+    uint32_t w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)  // element 2i in the low half of word i (little endian)
+      w[i] = uint32_t(from_float<T>(v[2 * i]).bits) |
+             (uint32_t(from_float<T>(v[2 * i + 1]).bits) << 16);
+    *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+  }
+}
+
+template <typename T, bool kVec>
 __global__ void __launch_bounds__(kAffThreads)
     dequantize_affine_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ scales,
                              const float* __restrict__ zeros, int bits, int64_t gs, int64_t n,
                              T* __restrict__ out) {
+  static_assert(kAffDequantPer == 8, "the vector path loads and stores runs of 8 elements");
   const int64_t runs = (n + kAffDequantPer - 1) / kAffDequantPer;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < runs; r += stride) {
     const int64_t e0 = r * kAffDequantPer;
+    const bool vec = kVec && e0 + kAffDequantPer <= n;
+    uint32_t code[kAffDequantPer];
+    if (vec && bits == 4) {
+      const uint32_t w = __ldg(reinterpret_cast<const uint32_t*>(packed + (e0 >> 1)));
+#pragma unroll
+      for (int b = 0; b < 4; ++b) {
+        code[2 * b] = (w >> (8 * b + 4)) & 0xFu;
+        code[2 * b + 1] = (w >> (8 * b)) & 0xFu;
+      }
+    } else if (vec) {
+      const uint2 w = __ldg(reinterpret_cast<const uint2*>(packed + e0));
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        code[i] = (w.x >> (8 * i)) & 0xFFu;
+        code[4 + i] = (w.y >> (8 * i)) & 0xFFu;
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < kAffDequantPer; ++i)
+        code[i] = e0 + i < n ? uint32_t(affine_code(packed, bits, e0 + i)) : 0u;
+    }
     int64_t g = e0 / gs;
     int64_t g_end = (g + 1) * gs;
     float s = scales[g], z = zeros[g];
+    float v[kAffDequantPer];
 #pragma unroll
     for (int i = 0; i < kAffDequantPer; ++i) {
       const int64_t e = e0 + i;
-      if (e >= n) break;
+      v[i] = 0.0f;
+      if (e >= n) continue;
       if (e >= g_end) {
         while (e >= g_end) ++g, g_end += gs;
         s = scales[g], z = zeros[g];
       }
-      const float q = float(affine_code(packed, bits, e));
-      store_f(out, e, mul_cpu(sub_cpu(q, z), s));
+      v[i] = mul_cpu(sub_cpu(float(code[i]), z), s);
+    }
+    if (vec) {
+      store8(out + e0, v);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kAffDequantPer; ++i)
+        if (e0 + i < n) store_f(out, e0 + i, v[i]);
     }
   }
 }
@@ -208,10 +258,16 @@ cudaError_t dequantize_affine(const uint8_t* packed, const float* scales, const 
   if (n <= 0) return cudaSuccess;
   if (group_size <= 0 || (bits != 4 && bits != 8)) return cudaErrorInvalidValue;
   const unsigned grid = grid_for(div_up(n, kAffDequantPer), kAffThreads, int64_t(1) << 16);
+  const bool vec =
+      reinterpret_cast<uintptr_t>(packed) % 8 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
   dispatch_float(t, [&](auto tag) {
     using T = decltype(tag);
-    dequantize_affine_kernel<T><<<grid, kAffThreads, 0, stream>>>(
-        packed, scales, zeros, bits, group_size, n, static_cast<T*>(out));
+    if (vec)
+      dequantize_affine_kernel<T, true><<<grid, kAffThreads, 0, stream>>>(
+          packed, scales, zeros, bits, group_size, n, static_cast<T*>(out));
+    else
+      dequantize_affine_kernel<T, false><<<grid, kAffThreads, 0, stream>>>(
+          packed, scales, zeros, bits, group_size, n, static_cast<T*>(out));
   });
   return cudaGetLastError();
 }
