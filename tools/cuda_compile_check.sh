@@ -292,7 +292,8 @@ int main() {
     std::printf("link_check: %d dispatch expectation(s) failed\n", bad);
     return 1;
   }
-  std::printf("link_check: 4-bit dispatch table OK (%zu cases)\n", sizeof(cases) / sizeof(cases[0]));
+  std::printf("link_check: 4-bit dispatch table OK (%zu cases, %zu affine)\n",
+              sizeof(cases) / sizeof(cases[0]), sizeof(acases) / sizeof(acases[0]));
   return 0;
 }
 EOF
