@@ -397,11 +397,18 @@ def test_dispatch_rule_documented():
 @pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device; runs on the lent GPU machine"
 )
-def test_cuda_says_no_kernel_yet():
-    """Until the CUDA backend has affine kernels, a CUDA call fails clearly (not a crash, not a
-    silent CPU fallback). Replace with the CPU-vs-CUDA comparisons when the kernels land."""
-    packed, scales, zeros = _weight(8, 64, 4, 32, device="cuda")
-    with pytest.raises(RuntimeError, match="no CUDA kernel yet for the affine format"):
-        ops.gemm_affine(torch.randn(2, 64, device="cuda"), packed, [8, 64], scales, zeros, 4, 32)
-    with pytest.raises(RuntimeError, match="no CUDA kernel yet for the affine format"):
-        ops.dequantize_affine(packed, scales, zeros, 4, 32, [8, 64], torch.float16)
+def test_cuda_matches_cpu():
+    """The CUDA kernels (tests/test_cuda_affine.py tests every tier) agree with the CPU ops:
+    dequantize bit for bit, the product within the CPU's own bound of the exact reference."""
+    packed, scales, zeros = _weight(8, 64, 4, 32)
+    A = torch.randn(2, 64)
+    y = ops.gemm_affine(A.cuda(), packed.cuda(), [8, 64], scales.cuda(), zeros.cuda(), 4, 32)
+    assert y.is_cuda
+    exact = R.gemm_affine(A, packed, [8, 64], scales, zeros, 4, 32)  # CUDA takes no int8 path
+    W = R.decode_affine(packed, scales, zeros, 4, 32, (8, 64))
+    assert bool(((y.cpu() - exact).abs() <= _bound(A, W, exact, torch.float32)).all())
+    W = ops.dequantize_affine(packed, scales, zeros, 4, 32, [8, 64], torch.float16)
+    Wc = ops.dequantize_affine(
+        packed.cuda(), scales.cuda(), zeros.cuda(), 4, 32, [8, 64], torch.float16
+    )
+    assert torch.equal(Wc.cpu().view(torch.int16), W.view(torch.int16))

@@ -161,6 +161,13 @@ int main() {
       cuda::gemm_4bit(cuda::plan_gemm_4bit(FloatType::f16, 0, 0, 0, true, true, 90, 132, ""),
                       FloatType::f16, nullptr, 0, 0, nullptr, BlockAbsmax::plain(nullptr), nullptr,
                       64, nullptr, 0, nullptr, s),
+      cuda::quantize_affine(FloatType::bf16, nullptr, 0, 32, 4, false, nullptr, nullptr, nullptr,
+                            s),
+      cuda::dequantize_affine(nullptr, nullptr, nullptr, 8, 128, 0, FloatType::f16, nullptr, s),
+      cuda::gemm_affine(cuda::plan_gemm_affine(FloatType::bf16, 0, 0, 0, 4, 128, true, true, 90,
+                                               132, ""),
+                        FloatType::bf16, nullptr, 0, 0, nullptr, nullptr, nullptr, 128, nullptr,
+                        nullptr, 0, nullptr, s),
       cuda::int8_outlier_columns(FloatType::f32, nullptr, 0, 0, 6.0f, nullptr, s),
       cuda::int8_vectorwise_quant(FloatType::f32, nullptr, 0, 0, 6.0f, nullptr, nullptr, nullptr,
                                   s),
@@ -247,11 +254,46 @@ int main() {
   if (cuda::plan_gemm_4bit(FloatType::bf16, 1, 4096, 4096, true, true, 90, 132, "gemv:8:4")
           .config != (8 | 4 << 4))
     ++bad;
+  // The affine product: the 4-bit table for 4-bit codes in groups of a multiple of 32, dequantize
+  // + cuBLAS for 8-bit codes, other group sizes and wherever the 4-bit table says "generic".
+  struct AffCase {
+    FloatType t;
+    int64_t M, N, K;
+    int bits;
+    int64_t gs;
+    const char* force;
+    Gemm4Tier want;
+  };
+  const AffCase acases[] = {
+      {FloatType::bf16, 1, 4096, 4096, 4, 128, "", Gemm4Tier::gemv},
+      {FloatType::f32, 8, 11008, 4096, 4, 32, "", Gemm4Tier::gemv},
+      {FloatType::f16, 16, 4096, 11008, 4, 11008, "", Gemm4Tier::mma},
+      {FloatType::bf16, 64, 4096, 4032, 4, 96, "", Gemm4Tier::mma},
+      {FloatType::bf16, 4096, 4096, 4096, 4, 128, "", Gemm4Tier::dequant_gemm},
+      {FloatType::bf16, 1, 4096, 4096, 8, 128, "", Gemm4Tier::dequant_gemm},
+      {FloatType::bf16, 1, 4096, 4096, 4, 16, "", Gemm4Tier::dequant_gemm},
+      {FloatType::bf16, 1, 64, 100, 4, 100, "", Gemm4Tier::dequant_gemm},
+      {FloatType::bf16, 4, 4096, 4096, 4, 128, "generic", Gemm4Tier::dequant_gemm},
+      {FloatType::bf16, 4, 4096, 4096, 4, 128, "mma", Gemm4Tier::mma},
+      {FloatType::bf16, 64, 4096, 4096, 4, 128, "dequant", Gemm4Tier::dequant_gemm},
+  };
+  for (const AffCase& c : acases) {
+    const cuda::Gemm4Plan p =
+        cuda::plan_gemm_affine(c.t, c.M, c.N, c.K, c.bits, c.gs, true, true, 90, 132, c.force);
+    if (p.tier != c.want) {
+      std::printf("plan_gemm_affine(M=%lld, N=%lld, K=%lld, bits %d, group %lld, force '%s'): "
+                  "tier %d, expected %d\n",
+                  (long long)c.M, (long long)c.N, (long long)c.K, c.bits, (long long)c.gs, c.force,
+                  int(p.tier), int(c.want));
+      ++bad;
+    }
+  }
   if (bad) {
     std::printf("link_check: %d dispatch expectation(s) failed\n", bad);
     return 1;
   }
-  std::printf("link_check: 4-bit dispatch table OK (%zu cases)\n", sizeof(cases) / sizeof(cases[0]));
+  std::printf("link_check: 4-bit dispatch table OK (%zu cases, %zu affine)\n",
+              sizeof(cases) / sizeof(cases[0]), sizeof(acases) / sizeof(acases[0]));
   return 0;
 }
 EOF

@@ -76,6 +76,20 @@ void check_sorted256(const char* op, const at::Tensor& c) {
   }
 }
 
+// The current device's multiprocessors and compute capability (10 * major + minor), for the
+// product's tier table: from the runtime's cache, no device round trip.
+struct DeviceFacts {
+  int sms = 0, cc = 0;
+};
+DeviceFacts device_facts() {
+  const int dev = c10::cuda::current_device();
+  int sms = 0, major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+  return {sms, 10 * major + minor};
+}
+
 class CudaBackend final : public Backend {
  public:
   void quantize_blockwise(const char* op, const at::Tensor& a, const at::Tensor& code,
@@ -128,14 +142,9 @@ class CudaBackend final : public Backend {
     const FloatType ft = float_type(a2.scalar_type());
     const bool a16 = reinterpret_cast<uintptr_t>(a2.data_ptr()) % 16 == 0;
     const bool p16 = reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 == 0;
-    // Device facts from the runtime's cache (no device round trip).
-    const int dev = c10::cuda::current_device();
-    int sms = 0, major = 0, minor = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
-    const cuda::Gemm4Plan plan = cuda::plan_gemm_4bit(ft, M, N, K, a16, p16, 10 * major + minor,
-                                                      sms, std::getenv("LOWBIT_GEMM4_FORCE"));
+    const DeviceFacts d = device_facts();
+    const cuda::Gemm4Plan plan =
+        cuda::plan_gemm_4bit(ft, M, N, K, a16, p16, d.cc, d.sms, std::getenv("LOWBIT_GEMM4_FORCE"));
     const auto* pk = static_cast<const uint8_t*>(packed.data_ptr());
     if (plan.tier == cuda::Gemm4Tier::dequant_gemm) {
       // Large M: the product is compute-bound, so dequantize W once into a workspace of A's dtype
@@ -259,6 +268,68 @@ class CudaBackend final : public Backend {
         bias.defined() ? float_type(bias.scalar_type()) : FloatType::f32,
         bias.defined() ? bias.data_ptr() : nullptr, c2.size(0), c2.size(1),
         float_type(out.scalar_type()), out.data_ptr(), current_stream()));
+  }
+
+  // ---- affine 4/8-bit (issue #13) ----
+  void quantize_affine(const at::Tensor& a, int64_t bits, int64_t group_size, bool symmetric,
+                       at::Tensor& packed, at::Tensor& scales, at::Tensor& zeros) const override {
+    C10_CUDA_CHECK(cuda::quantize_affine(float_type(a.scalar_type()), a.data_ptr(), a.numel(),
+                                         group_size, int(bits), symmetric,
+                                         packed.data_ptr<uint8_t>(), scales.data_ptr<float>(),
+                                         zeros.data_ptr<float>(), current_stream()));
+  }
+
+  void dequantize_affine(const at::Tensor& packed, const at::Tensor& scales,
+                         const at::Tensor& zeros, int64_t bits, int64_t group_size,
+                         at::Tensor& out) const override {
+    C10_CUDA_CHECK(cuda::dequantize_affine(
+        packed.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<float>(), int(bits),
+        group_size, out.numel(), float_type(out.scalar_type()), out.data_ptr(), current_stream()));
+  }
+
+  // The tiers of gemv_4bit (cuda::plan_gemm_affine reuses plan_gemm_4bit's table and
+  // LOWBIT_GEMM4_FORCE) for 4-bit codes in groups of a multiple of 32; dequantize + cuBLAS for the
+  // rest (8-bit codes, other group sizes) and at large M. The bias is added to the fp32 sums before
+  // the one rounding to A's dtype, as on the CPU: inside the kernels (gemv, mma), and in the
+  // dequantize tier through an fp32 cuBLAS output (mm with out_dtype fp32) or addmm (fp32 A).
+  // No host synchronisation; the allocations are the caching allocator's (stream-ordered).
+  void gemm_affine(const at::Tensor& a2, const at::Tensor& packed, const at::Tensor& scales,
+                   const at::Tensor& zeros, int64_t bits, int64_t group_size,
+                   const at::Tensor& bias, at::Tensor& out) const override {
+    const int64_t M = a2.size(0), K = a2.size(1), N = out.size(1);
+    if (M <= 0 || N <= 0) return;
+    const FloatType ft = float_type(a2.scalar_type());
+    const at::Tensor b32 = bias.defined() ? bias.to(at::kFloat).contiguous() : at::Tensor();
+    const bool a16 = reinterpret_cast<uintptr_t>(a2.data_ptr()) % 16 == 0;
+    const bool p16 = reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 == 0;
+    const DeviceFacts d = device_facts();
+    const cuda::Gemm4Plan plan =
+        cuda::plan_gemm_affine(ft, M, N, K, int(bits), group_size, a16, p16, d.cc, d.sms,
+                               std::getenv("LOWBIT_GEMM4_FORCE"));
+    if (plan.tier == cuda::Gemm4Tier::dequant_gemm) {
+      at::Tensor w = K > 0 ? at::empty({N, K}, a2.options()) : at::zeros({N, K}, a2.options());
+      if (K > 0)
+        C10_CUDA_CHECK(cuda::dequantize_affine(packed.data_ptr<uint8_t>(), scales.data_ptr<float>(),
+                                               zeros.data_ptr<float>(), int(bits), group_size,
+                                               N * K, ft, w.data_ptr(), current_stream()));
+      if (!b32.defined()) {
+        at::mm_out(out, a2, w.t());
+      } else if (a2.scalar_type() == at::kFloat) {
+        at::addmm_out(out, b32.unsqueeze(0).expand({M, N}), a2, w.t());
+      } else {
+        at::Tensor acc = at::mm(a2, w.t(), at::kFloat);  // fp32 sums, no rounding to A's dtype
+        acc.add_(b32);
+        out.copy_(acc);
+      }
+      return;
+    }
+    at::Tensor ws;
+    if (plan.workspace_floats > 0)
+      ws = at::empty({plan.workspace_floats}, a2.options().dtype(at::kFloat));
+    C10_CUDA_CHECK(cuda::gemm_affine(
+        plan, ft, a2.data_ptr(), M, K, packed.data_ptr<uint8_t>(), scales.data_ptr<float>(),
+        zeros.data_ptr<float>(), group_size, b32.defined() ? b32.data_ptr<float>() : nullptr,
+        out.data_ptr(), N, ws.defined() ? ws.data_ptr<float>() : nullptr, current_stream()));
   }
 };
 

@@ -213,4 +213,36 @@ cudaError_t optimizer_update_32bit(const OptimScalars& s, FloatType gt, FloatTyp
                                    const OptimTensor* tensors, int count, const int* flags,
                                    cudaStream_t stream);
 
+// ---- affine 4/8-bit (csrc/kernels/cuda/affine.cu), issue #13 -----------------------------------
+// W [N, K] of unsigned codes q (bits 4: packed two per byte over the flat index, element 2j in the
+// HIGH nibble of byte j, uint8 [(n + 1) / 2]; bits 8: uint8 [n]), fp32 scales and zeros per group
+// of group_size consecutive flat elements (group_size divides K): w = (float(q) - zero) * scale,
+// fp32, each operation rounded (no FMA), then one rounding to the output type. Bit for bit the
+// CPU kernels' and lowbit.reference's results.
+//
+// The min/max round-to-nearest quantizer of reference.quantize_affine over a [n] (n % group_size
+// == 0): scales/zeros [n / group_size], every byte of packed written (an odd n pads with 0).
+cudaError_t quantize_affine(FloatType t, const void* a, int64_t n, int64_t group_size, int bits,
+                            bool symmetric, uint8_t* packed, float* scales, float* zeros,
+                            cudaStream_t stream);
+// out [n] of type t; any alignment and group size (the dequantize + cuBLAS tier of the product
+// uses it too, into a workspace of the activation dtype).
+cudaError_t dequantize_affine(const uint8_t* packed, const float* scales, const float* zeros,
+                              int bits, int64_t group_size, int64_t n, FloatType t, void* out,
+                              cudaStream_t stream);
+// The product's tier: plan_gemm_4bit's choice (the same table, thresholds and LOWBIT_GEMM4_FORCE
+// spellings) for 4-bit codes with group_size % 32 == 0 (so K % 32 == 0) and N * K / 32 < 2^32;
+// dequant_gemm for everything else (8-bit codes, other group sizes) and wherever the 4-bit table
+// says "generic" (the affine format has no generic kernel: its dequantize takes any shape).
+Gemm4Plan plan_gemm_affine(FloatType t, int64_t M, int64_t N, int64_t K, int bits,
+                           int64_t group_size, bool a_aligned16, bool packed_aligned16, int cc,
+                           int sm_count, const char* force);
+// Runs the gemv or mma tier of `plan` for 4-bit codes (dequant_gemm is the caller's:
+// dequantize_affine + cuBLAS): out [M, N] (type t) = a [M, K] @ W^T + bias, fp32 sums, bias (fp32
+// [N] in device memory, or null) added in fp32, one rounding to t. workspace: as gemm_4bit.
+cudaError_t gemm_affine(const Gemm4Plan& plan, FloatType t, const void* a, int64_t M, int64_t K,
+                        const uint8_t* packed, const float* scales, const float* zeros,
+                        int64_t group_size, const float* bias, void* out, int64_t N,
+                        float* workspace, cudaStream_t stream);
+
 }  // namespace lowbit::cuda

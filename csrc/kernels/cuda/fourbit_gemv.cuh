@@ -166,7 +166,7 @@ __global__ void __launch_bounds__(kWarps * 32)
       for (int c = 0; c < COLS; ++c)
 #pragma unroll
         for (int m = 0; m < MT; ++m)
-          if (m < mr && j0 + c < N) store_f(out, m * N + j0 + c, acc[c][m]);
+          if (m < mr && j0 + c < N) store_f(out, m * N + j0 + c, epilogue(pol, j0 + c, acc[c][m]));
     }
   } else {
     if (lane == 0) {
@@ -186,7 +186,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
       for (int w = 0; w < KSPLIT; ++w) sum += red[g * KSPLIT + w][i];
       const int64_t j = (int64_t(blockIdx.x) * kGroups + g) * COLS + c;
-      if (m < mr && j < N) store_f(out, m * N + j, sum);
+      if (m < mr && j < N) store_f(out, m * N + j, epilogue(pol, j, sum));
     }
   }
 }
@@ -242,5 +242,10 @@ cudaError_t launch_gemv_fast(const T* a, int64_t M, int64_t K, const uint8_t* pa
   template cudaError_t launch_gemv_fast<T, CodeTablePolicy<S>>(                                \
       const T*, int64_t, int64_t, const uint8_t*, const CodeTablePolicy<S>&, T*, int64_t, int, \
       cudaStream_t);
+
+#define LOWBIT_GEMV_FAST_AFFINE(T)                                                                \
+  template cudaError_t launch_gemv_fast<T, AffinePolicy>(const T*, int64_t, int64_t,              \
+                                                         const uint8_t*, const AffinePolicy&, T*, \
+                                                         int64_t, int, cudaStream_t);
 
 }  // namespace lowbit::cuda

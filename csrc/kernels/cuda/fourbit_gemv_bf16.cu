@@ -5,5 +5,6 @@ namespace lowbit::cuda {
 
 LOWBIT_GEMV_FAST(bfloat16_t, const float*)
 LOWBIT_GEMV_FAST(bfloat16_t, BlockAbsmax)
+LOWBIT_GEMV_FAST_AFFINE(bfloat16_t)
 
 }  // namespace lowbit::cuda

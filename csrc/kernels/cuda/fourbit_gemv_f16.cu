@@ -5,5 +5,6 @@ namespace lowbit::cuda {
 
 LOWBIT_GEMV_FAST(half_t, const float*)
 LOWBIT_GEMV_FAST(half_t, BlockAbsmax)
+LOWBIT_GEMV_FAST_AFFINE(half_t)
 
 }  // namespace lowbit::cuda

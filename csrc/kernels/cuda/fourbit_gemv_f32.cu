@@ -5,5 +5,6 @@ namespace lowbit::cuda {
 
 LOWBIT_GEMV_FAST(float, const float*)
 LOWBIT_GEMV_FAST(float, BlockAbsmax)
+LOWBIT_GEMV_FAST_AFFINE(float)
 
 }  // namespace lowbit::cuda

@@ -240,19 +240,22 @@ __global__ void __launch_bounds__(kMmaThreads)
           if (ws != nullptr)
             ws[int64_t(blockIdx.z) * M * N + m * N + n] = acc[i][j][r];
           else
-            store_f(out, m * N + n, acc[i][j][r]);
+            store_f(out, m * N + n, epilogue(pol, n, acc[i][j][r]));
         }
       }
 }
 
-// out[i] = sum over z of ws[z][i] in z order, rounded once to T.
+// out[i] = sum over z of ws[z][i] in z order (+ bias[i % cols] when the policy has a bias: the
+// affine format's fp32 bias), rounded once to T.
 template <typename T>
 __global__ void __launch_bounds__(256)
-    splitk_reduce_kernel(const float* __restrict__ ws, int split, int64_t n, T* __restrict__ out) {
+    splitk_reduce_kernel(const float* __restrict__ ws, int split, int64_t n, T* __restrict__ out,
+                         const float* __restrict__ bias, int64_t cols) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     float s = ws[i];
     for (int z = 1; z < split; ++z) s += ws[int64_t(z) * n + i];
+    if (bias != nullptr) s = __fadd_rn(s, bias[i % cols]);
     store_f(out, i, s);
   }
 }
@@ -288,8 +291,8 @@ cudaError_t launch_cfg(const T* a, int64_t M, int64_t K, const uint8_t* packed, 
                                               int(tps));
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess || !partial) return e;
-  splitk_reduce_kernel<T>
-      <<<grid_for(M * N, 256 * 4, 4096), 256, 0, stream>>>(ws, int(grid.z), M * N, out);
+  splitk_reduce_kernel<T><<<grid_for(M * N, 256 * 4, 4096), 256, 0, stream>>>(
+      ws, int(grid.z), M * N, out, policy_bias(pol), N);
   return cudaGetLastError();
 }
 
@@ -320,5 +323,12 @@ LOWBIT_MMA(half_t, BlockAbsmax)
 LOWBIT_MMA(bfloat16_t, const float*)
 LOWBIT_MMA(bfloat16_t, BlockAbsmax)
 #undef LOWBIT_MMA
+template cudaError_t launch_mma<half_t, AffinePolicy>(const half_t*, int64_t, int64_t,
+                                                      const uint8_t*, const AffinePolicy&, half_t*,
+                                                      float*, int, int64_t, int, cudaStream_t);
+template cudaError_t launch_mma<bfloat16_t, AffinePolicy>(const bfloat16_t*, int64_t, int64_t,
+                                                          const uint8_t*, const AffinePolicy&,
+                                                          bfloat16_t*, float*, int, int64_t, int,
+                                                          cudaStream_t);
 
 }  // namespace lowbit::cuda

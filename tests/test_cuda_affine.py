@@ -1,0 +1,392 @@
+"""The affine 4/8-bit ops (issue #13) on CUDA against their references, and LinearAffine on CUDA.
+
+quantize_affine: codes, scales and zeros bit for bit with lowbit.reference.quantize_affine (the
+CPU op is the same, tests/test_ops_affine.py). dequantize_affine: bit for bit with the CPU op in
+every output dtype, NaN groups included (the CUDA kernel writes the CPU's NaN bits).
+
+gemm_affine picks a tier in C++ (cuda::plan_gemm_affine: plan_gemm_4bit's table for 4-bit codes in
+groups of a multiple of 32, dequantize + cuBLAS for 8-bit codes, other group sizes and wherever the
+4-bit table says "generic"); LOWBIT_GEMM4_FORCE pins a tier as for NF4 ("generic" runs dequantize +
+cuBLAS here). Reference: the weight decoded exactly (reference.decode_affine) times A in float64,
+plus the bias. Tolerances on the relative Frobenius error ||out - ref|| / ||ref||, as in
+tests/test_cuda_4bit.py: fp32 activations 1e-5 (fp32 sums in any order; the GEMV subtracts
+zero * sum(x) per 32-element vector, cuBLAS fp32 with TF32 off, torch's default); fp16 2e-3 and
+bf16 1.2e-2 (the output is rounded to the dtype, and the tensor-core and cuBLAS tiers also round
+each decoded weight to the dtype, as dequantize_affine(dtype) + matmul does). Each element must
+also lie within a loose bound (no single wrong element hides in the norm), and NaN never passes
+where the reference has none.
+"""
+
+import pytest
+import torch
+
+from lowbit import reference as R
+
+ops = torch.ops.lowbit
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device; runs on the lent GPU machine"
+)
+
+FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["f32", "f16", "bf16"]
+REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
+ELEM_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
+INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def weight(N, K, bits, g, *, fractional_zeros=False):
+    """An affine weight on the CPU: (packed, scales, zeros). Integer zeros come from the quantizer
+    on a random matrix (GPTQ/AWQ-like); fractional zeros (HQQ-like) with random codes."""
+    if not fractional_zeros:
+        return R.quantize_affine(torch.randn(N, K), bits, g, False)
+    n = N * K
+    codes = torch.randint(0, 2**bits, (n,), dtype=torch.uint8)
+    if bits == 4:
+        padded = torch.cat([codes, codes.new_zeros(n % 2)])
+        packed = ((padded[0::2] << 4) | padded[1::2]).to(torch.uint8)
+    else:
+        packed = codes
+    groups = n // g
+    scales = torch.rand(groups) * 0.1 + 1e-3
+    zeros = torch.rand(groups) * (2**bits - 1)
+    return packed, scales, zeros
+
+
+def cuda(*ts):
+    return [t.cuda() for t in ts]
+
+
+def force(monkeypatch, tier):
+    if tier is None:
+        monkeypatch.delenv("LOWBIT_GEMM4_FORCE", raising=False)
+    else:
+        monkeypatch.setenv("LOWBIT_GEMM4_FORCE", tier)
+
+
+def check(out, A, W, bias=None):
+    """out (CUDA) against A @ W^T (+ bias) in float64."""
+    ref = A.cpu().double().reshape(-1, W.shape[1]) @ W.double().T
+    if bias is not None:
+        ref = ref + bias.cpu().double()
+    ref = ref.reshape(*A.shape[:-1], W.shape[0])
+    assert out.dtype == A.dtype and out.shape == ref.shape
+    got = out.cpu().double()
+    assert not got.isnan().any(), "NaN in the output"
+    if ref.numel() == 0:
+        return
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert rel < REL_TOL[A.dtype], f"relative error {rel:.3g} >= {REL_TOL[A.dtype]}"
+    terms = A.cpu().double().reshape(-1, W.shape[1]).abs() @ W.double().abs().T
+    scale = terms.reshape(ref.shape) / max(W.shape[1], 1) ** 0.5
+    bound = ELEM_TOL[A.dtype] * (ref.abs() + scale) + 1e-6
+    bad = (got - ref).abs() > bound
+    assert not bad.any(), f"{int(bad.sum())} elements off, first at {bad.nonzero()[:4].tolist()}"
+
+
+def gemm(A, packed, N, K, scales, zeros, bits, g, bias=None):
+    dev = A.device
+    b = None if bias is None else bias.to(dev)
+    return ops.gemm_affine(A, packed.to(dev), [N, K], scales.to(dev), zeros.to(dev), bits, g, b)
+
+
+# ---- quantize_affine ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(
+    "N,K,g",
+    [(64, 4096, 128), (33, 128, 64), (7, 384, 32), (9, 70, 70), (3, 9, 3), (5, 7, 7), (1, 1, 1)],
+)
+def test_quantize_matches_reference(bits, symmetric, dtype, N, K, g):
+    """Codes, scales and zeros bit for bit (odd group sizes share bytes between groups, odd N * K
+    pads the last low nibble with 0)."""
+    A = (torch.randn(N, K) * 3).to(dtype)
+    got = ops.quantize_affine(A.cuda(), bits, g, symmetric)
+    want = R.quantize_affine(A, bits, g, symmetric)
+    for a, b in zip(got, want):
+        assert a.is_cuda and a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a.cpu().view(torch.uint8), b.view(torch.uint8))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_quantize_special_groups(bits, symmetric):
+    """Zero groups, NaN/Inf groups, an underflowing range, a range that overflows fp32 and -0.0
+    elements: the reference's scales (NaN bits too), zeros and codes."""
+    A = torch.randn(8, 64)
+    A[0] = 0.0
+    A[1, 5] = float("nan")
+    A[2, 7] = float("-inf")
+    A[3] = 1e-45
+    A[4, :32] = 3e38
+    A[4, 32:] = -3e38
+    A[5, :32] = torch.linspace(-2, 5, 32)
+    A[6, :32] = -0.0
+    A[7, 32:] = torch.linspace(0, 1, 32)  # lo = 0 exactly: zero must be +0.0
+    got = ops.quantize_affine(A.cuda(), bits, 32, symmetric)
+    want = R.quantize_affine(A, bits, 32, symmetric)
+    for a, b in zip(got, want):
+        assert torch.equal(a.cpu().view(torch.uint8), b.view(torch.uint8))
+
+
+def test_quantize_non_contiguous():
+    A = torch.randn(64, 256)
+    At = A.cuda().t().contiguous().t()  # same values, column-major
+    for a, b in zip(ops.quantize_affine(At, 4, 64, False), R.quantize_affine(A, 4, 64, False)):
+        assert torch.equal(a.cpu(), b)
+
+
+# ---- dequantize_affine -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("fractional", [False, True])
+@pytest.mark.parametrize(
+    "N,K,g", [(64, 4096, 128), (33, 256, 32), (17, 192, 64), (5, 70, 70), (7, 9, 3), (3, 10, 2)]
+)
+def test_dequantize_bit_exact(bits, dtype, fractional, N, K, g):
+    packed, scales, zeros = weight(N, K, bits, g, fractional_zeros=fractional)
+    got = ops.dequantize_affine(*cuda(packed, scales, zeros), bits, g, [N, K], dtype)
+    want = ops.dequantize_affine(packed, scales, zeros, bits, g, [N, K], dtype)
+    assert got.is_cuda and got.dtype == dtype and got.shape == (N, K)
+    assert torch.equal(got.cpu().view(INT_VIEW[dtype]), want.view(INT_VIEW[dtype]))
+    if dtype == torch.float32:
+        ref = R.dequantize_affine(packed, scales, zeros, bits, g, (N, K), dtype)
+        assert torch.equal(got.cpu().view(torch.int32), ref.view(torch.int32))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dequantize_special_and_misaligned(bits):
+    """NaN and zero scales decode as on the CPU (NaN bits included); a packed view that starts at
+    an odd address."""
+    N, K, g = 12, 96, 32
+    packed, scales, zeros = weight(N, K, bits, g)
+    scales[3] = float("nan")
+    scales[5] = 0.0
+    flat = torch.empty(packed.numel() + 1, dtype=torch.uint8, device="cuda")
+    flat[1:] = packed.cuda()
+    for dtype in FLOAT_DTYPES:
+        got = ops.dequantize_affine(flat[1:], *cuda(scales, zeros), bits, g, [N, K], dtype)
+        want = ops.dequantize_affine(packed, scales, zeros, bits, g, [N, K], dtype)
+        assert torch.equal(got.cpu().view(INT_VIEW[dtype]), want.view(INT_VIEW[dtype]))
+
+
+# ---- gemm_affine -------------------------------------------------------------------------------
+
+TIERS = [None, "gemv", "gemv:1:1", "gemv:8:4", "gemv:2:2", "mma", "mma:0", "mma:1", "mma:2"]
+TIERS += ["mma:0:4", "mma:2:3", "dequant", "generic"]
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(
+    "M,N,K,g",
+    [
+        (1, 201, 512, 64),  # N not a multiple of any tile (8, 128) nor of the gemv's columns
+        (3, 130, 96, 32),  # one partial k-tile
+        (8, 64, 2048, 128),  # small N: the gemv splits K inside the block
+        (16, 257, 1024, 1024),  # per channel (group = K)
+        (37, 136, 384, 96),  # a group size that is not a power of two (FastDiv32), M tails
+        (2048, 72, 256, 64),  # M = 2048
+    ],
+)
+def test_tier(monkeypatch, tier, dtype, M, N, K, g):
+    """Every tier on shapes that hit its tails, 4-bit codes with integer zeros, with a bias; a tier
+    that cannot run a shape falls back to the table, which is checked the same way."""
+    force(monkeypatch, tier)
+    packed, scales, zeros = weight(N, K, 4, g)
+    W = R.decode_affine(packed, scales, zeros, 4, g, (N, K))
+    A = torch.randn(M, K).to(dtype)
+    bias = torch.randn(N)
+    check(gemm(A.cuda(), packed, N, K, scales, zeros, 4, g), A, W)
+    check(gemm(A.cuda(), packed, N, K, scales, zeros, 4, g, bias.to(dtype)), A, W, bias.to(dtype))
+
+
+@pytest.mark.parametrize("tier", [None, "gemv", "mma", "mma:2:4", "dequant"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("M", [1, 5, 16, 100, 2048])
+def test_fractional_zeros_fp32_bias(monkeypatch, tier, dtype, M):
+    """HQQ-like fractional zeros, and an fp32 bias with 16-bit activations (added in fp32 before
+    the one rounding, in every tier including split-K's reduction)."""
+    force(monkeypatch, tier)
+    N, K, g = 150, 1024, 64
+    packed, scales, zeros = weight(N, K, 4, g, fractional_zeros=True)
+    W = R.decode_affine(packed, scales, zeros, 4, g, (N, K))
+    A = torch.randn(M, K).to(dtype)
+    bias = torch.randn(N) * 10
+    check(gemm(A.cuda(), packed, N, K, scales, zeros, 4, g, bias), A, W, bias)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("M", [1, 16, 2048])
+@pytest.mark.parametrize(
+    "bits,N,K,g",
+    [(8, 96, 512, 128), (8, 33, 4096, 32), (8, 19, 70, 70), (4, 64, 512, 16), (4, 19, 100, 50)],
+)
+def test_other_formats(dtype, M, bits, N, K, g):
+    """8-bit codes and group sizes the fast kernels do not take (16, 50, odd K): dequantize +
+    cuBLAS, with and without a bias."""
+    for fractional in (False, True):
+        packed, scales, zeros = weight(N, K, bits, g, fractional_zeros=fractional)
+        W = R.decode_affine(packed, scales, zeros, bits, g, (N, K))
+        A = torch.randn(M, K).to(dtype)
+        bias = torch.randn(N)
+        check(gemm(A.cuda(), packed, N, K, scales, zeros, bits, g), A, W)
+        check(gemm(A.cuda(), packed, N, K, scales, zeros, bits, g, bias), A, W, bias)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("M", sorted({1, 8, 9, 16, 17, 48, 49, 512, 513, 2048}))
+def test_table_thresholds(monkeypatch, dtype, M):
+    """The default table on both sides of each of its M thresholds (kGemm4Table)."""
+    force(monkeypatch, None)
+    N, K, g = 264, 512, 128
+    packed, scales, zeros = weight(N, K, 4, g)
+    W = R.decode_affine(packed, scales, zeros, 4, g, (N, K))
+    A = torch.randn(M, K).to(dtype)
+    check(gemm(A.cuda(), packed, N, K, scales, zeros, 4, g), A, W)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("M", [1, 16, 2048])
+def test_non_contiguous_and_misaligned(bits, dtype, M):
+    """A strided A (the op makes it contiguous), a 3-D A, and a misaligned packed weight (the fast
+    tiers need 16-byte aligned data: dequantize + cuBLAS runs)."""
+    N, K, g = 96, 256, 64
+    packed, scales, zeros = weight(N, K, bits, g)
+    W = R.decode_affine(packed, scales, zeros, bits, g, (N, K))
+    A = torch.randn(M, K).to(dtype)
+    wide = torch.zeros(M, 2 * K, dtype=dtype, device="cuda")
+    wide[:, ::2] = A.cuda()
+    check(gemm(wide[:, ::2], packed, N, K, scales, zeros, bits, g), A, W)
+    out3 = gemm(A.cuda().view(1, M, K), packed, N, K, scales, zeros, bits, g)
+    assert out3.shape == (1, M, N)
+    check(out3[0], A, W)
+    flat = torch.empty(packed.numel() + 1, dtype=torch.uint8, device="cuda")
+    flat[1:] = packed.cuda()
+    pm = flat[1:]
+    assert pm.data_ptr() % 16 != 0
+    check(gemm(A.cuda(), pm, N, K, scales, zeros, bits, g), A, W)
+
+
+def test_special_groups(monkeypatch):
+    """A zero-scale group and a NaN-scale group: the zero row's outputs are exact zeros (one
+    group per row here), the NaN row's NaN, in every tier (as the CPU product does)."""
+    N, K, g = 16, 128, 128
+    packed, scales, zeros = weight(N, K, 4, g)
+    scales[3] = 0.0
+    scales[5] = float("nan")
+    for tier in ("gemv", "mma", "dequant", "generic"):
+        for M in (1, 16):
+            force(monkeypatch, tier)
+            A = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
+            out = gemm(A, packed, N, K, scales, zeros, 4, g).float().cpu()
+            assert (out[:, 3] == 0).all(), tier
+            assert out[:, 5].isnan().all(), tier
+            others = torch.cat([out[:, :5], out[:, 6:]], 1)
+            assert not others.isnan().any(), tier
+
+
+def test_empty():
+    packed, scales, zeros = cuda(*weight(8, 64, 4, 32))
+    out = ops.gemm_affine(torch.empty(0, 64, device="cuda"), packed, [8, 64], scales, zeros, 4, 32)
+    assert out.shape == (0, 8) and out.is_cuda
+    # K = 0: every output is the bias (an empty sum), in every tier's fallback
+    p0, s0, z0 = (t.cuda() for t in R.quantize_affine(torch.empty(8, 0), 4, 32, False))
+    bias = torch.randn(8, device="cuda")
+    out = ops.gemm_affine(torch.empty(3, 0, device="cuda"), p0, [8, 0], s0, z0, 4, 32, bias)
+    assert torch.equal(out, bias.expand(3, 8))
+
+
+def test_matches_cpu_op():
+    """The CUDA product equals the CPU op within the same tolerance (both against the exact
+    reference), and the dequantized weights are identical."""
+    N, K, g = 128, 512, 128
+    packed, scales, zeros = weight(N, K, 4, g)
+    W = R.decode_affine(packed, scales, zeros, 4, g, (N, K))
+    A = torch.randn(4, K)
+    check(gemm(A.cuda(), packed, N, K, scales, zeros, 4, g), A, W)
+    Wc = ops.dequantize_affine(*cuda(packed, scales, zeros), 4, g, [N, K], torch.float32)
+    assert torch.equal(Wc.cpu(), W)
+
+
+# ---- LinearAffine on CUDA ----------------------------------------------------------------------
+
+
+def linear_affine(K, N, bits=4, g=128, perm=False):
+    """A LinearAffine with a bias on CUDA, from a quantized random weight; its exact fp32 weight
+    (original column order) and bias."""
+    from lowbit.nn import LinearAffine
+
+    m = LinearAffine(K, N, bias=True, bits=bits, group_size=g)
+    Wf = torch.randn(N, K)
+    p = torch.randperm(K) if perm else None
+    stored = Wf[:, p] if perm else Wf
+    packed, scales, zeros = R.quantize_affine(stored, bits, g, False)
+    m.set_weight(packed, scales, zeros, bits, g, perm=p)
+    with torch.no_grad():
+        m.bias.copy_(torch.randn(N))
+    W = m.dequantize(torch.float32)
+    return m.to("cuda"), W, m.bias.detach().float().clone()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("perm", [False, True])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("M", [1, 9, 16, 2048])
+def test_linear_affine(bits, perm, dtype, M):
+    m, W, b = linear_affine(512, 264, bits, 128, perm)
+    assert torch.equal(m.dequantize(torch.float32).cpu(), W)
+    x = torch.randn(M, 512).to(dtype)
+    y = m.to(dtype)(x.cuda())
+    assert y.is_cuda and y.dtype == dtype and y.shape == (M, 264)
+    check(y, x, W, b.to(dtype))
+
+
+@pytest.mark.parametrize("M", [1, 16, 2048])
+def test_linear_affine_cuda_graph(M):
+    """The forward records into a CUDA graph at every tier (no host sync) and each replay computes
+    on the new input."""
+    m, W, b = linear_affine(256, 136, 4, 64)
+    m = m.to(torch.bfloat16)
+    x = torch.randn(M, 256, dtype=torch.bfloat16, device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        m(x)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = m(x)
+    for _ in range(2):
+        x.copy_(torch.randn(M, 256, dtype=torch.bfloat16, device="cuda"))
+        g.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(y, m(x), rtol=1e-2, atol=1e-2)
+        check(y, x, W, b.to(torch.bfloat16))
+
+
+def test_linear_affine_compile_fullgraph():
+    """torch.compile(fullgraph=True) of LinearAffine on CUDA at several M (with act-order): no
+    graph break, eager results."""
+    pytest.importorskip("triton")
+    m, W, b = linear_affine(256, 136, 4, 64, perm=True)
+    m = m.to(torch.bfloat16)
+    cm = torch.compile(m, fullgraph=True)
+    for M in (1, 16, 300):
+        x = torch.randn(M, 256, dtype=torch.bfloat16, device="cuda")
+        torch.testing.assert_close(cm(x), m(x), rtol=1e-2, atol=1e-2)
+
+
+def test_linear_affine_grad_input():
+    """Gradients flow to the input on CUDA: grad_A = grad_out @ W."""
+    m, W, b = linear_affine(256, 64, 4, 64)
+    x = torch.randn(5, 256, device="cuda", requires_grad=True)
+    m(x).sum().backward()
+    want = torch.ones(5, 64, dtype=torch.float64) @ W.double()
+    torch.testing.assert_close(x.grad.cpu().double(), want, rtol=1e-4, atol=1e-4)
