@@ -106,37 +106,21 @@ class Backend {
     return at::Tensor();
   }
 
-  // ---- affine 4/8-bit (GPTQ / AWQ / HQQ / compressed-tensors), issue #13 ----
-  // Not pure: a backend without affine kernels (CUDA, for now) raises a clear error instead.
+  // ---- affine 4/8-bit (GPTQ / AWQ / HQQ / compressed-tensors) ----
   // a: contiguous float [N, K] (N * K > 0, K % group_size == 0); packed: uint8 [(N*K+1)/2]
   // (bits 4, zero-filled) or [N*K] (bits 8); scales, zeros: fp32 [N * K / group_size].
   virtual void quantize_affine(const at::Tensor& a, int64_t bits, int64_t group_size,
                                bool symmetric, at::Tensor& packed, at::Tensor& scales,
-                               at::Tensor& zeros) const {
-    (void)a, (void)bits, (void)group_size, (void)symmetric, (void)packed, (void)scales, (void)zeros;
-    no_affine_kernels("quantize_affine");
-  }
+                               at::Tensor& zeros) const = 0;
   // packed/scales/zeros contiguous as above; out: contiguous [N, K], N * K > 0.
   virtual void dequantize_affine(const at::Tensor& packed, const at::Tensor& scales,
                                  const at::Tensor& zeros, int64_t bits, int64_t group_size,
-                                 at::Tensor& out) const {
-    (void)packed, (void)scales, (void)zeros, (void)bits, (void)group_size, (void)out;
-    no_affine_kernels("dequantize_affine");
-  }
+                                 at::Tensor& out) const = 0;
   // a2: contiguous float [M, K]; out: contiguous [M, N] of a2's dtype = a2 @ W^T (+ bias, any
   // float dtype, [N], contiguous, or undefined), fp32 accumulation and one rounding.
   virtual void gemm_affine(const at::Tensor& a2, const at::Tensor& packed, const at::Tensor& scales,
                            const at::Tensor& zeros, int64_t bits, int64_t group_size,
-                           const at::Tensor& bias, at::Tensor& out) const {
-    (void)a2, (void)packed, (void)scales, (void)zeros, (void)bits, (void)group_size, (void)bias;
-    (void)out;
-    no_affine_kernels("gemm_affine");
-  }
-
- private:
-  [[noreturn]] static void no_affine_kernels(const char* op) {
-    TORCH_CHECK(false, "lowbit.", op, ": no CUDA kernel yet for the affine format");
-  }
+                           const at::Tensor& bias, at::Tensor& out) const = 0;
 };
 
 const Backend& cpu_backend();
