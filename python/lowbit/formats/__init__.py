@@ -13,6 +13,8 @@ libraries is imported: the layouts are read from their published sources (named 
 
 from __future__ import annotations
 
+import abc
+
 import torch
 
 from lowbit.formats._common import AffineWeight, FormatError
@@ -35,7 +37,7 @@ SUPPORTED = {
 }
 
 
-class Reader:
+class Reader(abc.ABC):
     """Base of the per-format readers. Subclasses set `method`, `markers` (local keys of which one
     marks a quantized layer) and `known` (every local key the format may store per layer)."""
 
@@ -52,15 +54,16 @@ class Reader:
     def accepts(self, local: str) -> bool:
         return local in self.known
 
-    def missing(self, prefix, stash: dict[str, torch.Tensor]) -> list[str]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def missing(self, prefix, stash: dict[str, torch.Tensor]) -> list[str]: ...
 
-    def convert(self, prefix: str, stash, in_features: int, out_features: int) -> AffineWeight:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def convert(self, prefix: str, stash, in_features: int, out_features: int) -> AffineWeight: ...
 
+    @abc.abstractmethod
     def infer_shape(self, stash) -> tuple[int, int]:
         """(out_features, in_features) from a layer's tensors alone (for `lowbit inspect`)."""
-        raise NotImplementedError
+        ...
 
     def summary(self) -> str:
         """One line for messages and `lowbit inspect`: the method and its main settings."""
