@@ -25,7 +25,7 @@ from lowbit import functional as F
 from lowbit._codes import QUANT_TYPES_4BIT
 from lowbit.nn._state_dict import load_4bit, load_8bit
 from lowbit.nn.modules import _run_pre_hooks, _target_float_dtype
-from lowbit.nn.parameters import Int8Params, Params4bit
+from lowbit.nn.parameters import Int8Params, Packed4bitWeight, Params4bit
 
 __all__ = [
     "Embedding",
@@ -232,7 +232,7 @@ class Embedding8bit(_QuantizedEmbedding):
         return F.int8_vectorwise_dequant(codes, scales).to(self.dtype)
 
 
-class Embedding4bit(_QuantizedEmbedding):
+class Embedding4bit(Packed4bitWeight, _QuantizedEmbedding):
     """NF4/FP4 embedding (QLoRA's blockwise 4-bit codes, no double quantization by default);
     output in `dtype` (the weight's dtype at construction)."""
 
@@ -268,24 +268,6 @@ class Embedding4bit(_QuantizedEmbedding):
             quant_type=quant_type,
             quant_storage=quant_storage,
         )
-
-    @property
-    def quant_state(self) -> F.QuantState | None:
-        return getattr(self.weight, "quant_state", None)
-
-    @property
-    def quant_type(self) -> str:
-        return self.weight.quant_type
-
-    @property
-    def is_quantized(self) -> bool:
-        return bool(getattr(self.weight, "bnb_quantized", False))
-
-    def quantize_(self, device=None) -> Embedding4bit:
-        """Quantize the float table in place (on `device`, default its own); no-op once done."""
-        if not self.is_quantized:
-            self.weight._quantize(self.weight.device if device is None else device)
-        return self
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The table as floats [num_embeddings, embedding_dim] (`self.dtype` by default)."""

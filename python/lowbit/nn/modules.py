@@ -18,7 +18,7 @@ from torch import nn
 from lowbit import functional as F
 from lowbit._codes import QUANT_TYPES_4BIT
 from lowbit.nn._state_dict import load_4bit, load_8bit
-from lowbit.nn.parameters import Int8Params, Params4bit
+from lowbit.nn.parameters import Int8Params, Packed4bitWeight, Params4bit
 
 _ops = torch.ops.lowbit
 
@@ -76,7 +76,7 @@ def _linear_4bit(
     return torch_F.linear(x, W, bias)
 
 
-class Linear4bit(nn.Linear):
+class Linear4bit(Packed4bitWeight, nn.Linear):
     """QLoRA 4-bit linear layer (NF4 or FP4 blockwise codes, optional double quantization).
 
     compute_dtype: the dtype of the matmul (None: the input's dtype); the output has the input's
@@ -126,24 +126,6 @@ class Linear4bit(nn.Linear):
         if quantize and not linear.weight.is_meta:
             m.quantize_()
         return m
-
-    @property
-    def quant_state(self) -> F.QuantState | None:
-        return getattr(self.weight, "quant_state", None)
-
-    @property
-    def quant_type(self) -> str:
-        return self.weight.quant_type
-
-    @property
-    def is_quantized(self) -> bool:
-        return bool(getattr(self.weight, "bnb_quantized", False))
-
-    def quantize_(self, device=None) -> Linear4bit:
-        """Quantize the float weight in place (on `device`, default its own); no-op once done."""
-        if not self.is_quantized:
-            self.weight._quantize(self.weight.device if device is None else device)
-        return self
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight as a float [out, in] tensor (the quant state's dtype by default)."""

@@ -157,6 +157,30 @@ def _rebuild_params4bit(data, requires_grad, state):
     return Params4bit(data, requires_grad=requires_grad, **state)
 
 
+class Packed4bitWeight:
+    """What a module holding a Params4bit `weight` exposes about it (Linear4bit, Embedding4bit)."""
+
+    weight: Params4bit
+
+    @property
+    def quant_state(self) -> F.QuantState | None:
+        return getattr(self.weight, "quant_state", None)
+
+    @property
+    def quant_type(self) -> str:
+        return self.weight.quant_type
+
+    @property
+    def is_quantized(self) -> bool:
+        return bool(getattr(self.weight, "bnb_quantized", False))
+
+    def quantize_(self, device=None):
+        """Quantize the float weight in place (on `device`, default its own); no-op once done."""
+        if not self.is_quantized:
+            self.weight._quantize(self.weight.device if device is None else device)
+        return self
+
+
 class Int8Params(torch.nn.Parameter):
     """An LLM.int8() weight: int8 codes `[out, in]` with per-row scales `SCB` (fp32 row absmax)."""
 
