@@ -44,6 +44,12 @@ if ! command -v nvcc >/dev/null 2>&1 && [ -z "${CUDACXX:-}" ]; then
   done
 fi
 
+# Baselines carried from tools/gpu_prepare.sh (the machine has no network): bitsandbytes in .bnb,
+# hqq and gemlite in .gpu-extras.
+for d in .bnb .gpu-extras; do
+  [ -d "$d" ] && export PYTHONPATH="$PWD/$d${PYTHONPATH:+:$PYTHONPATH}"
+done
+
 # ---- environment --------------------------------------------------------------------------------
 {
   date -u
@@ -51,6 +57,9 @@ fi
   command -v nvcc && nvcc --version
   "$PYTHON" -c 'import torch, sys; print("python", sys.version); print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available()); print([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])'
   "$PYTHON" -m pip list 2>/dev/null | grep -iE "torch|scikit|pytest|numpy|transformers|bitsandbytes" || true
+  for m in bitsandbytes hqq gemlite triton; do
+    "$PYTHON" -c "import $m; print('$m', getattr($m, '__version__', '?'), $m.__file__)" 2>&1 | tail -1
+  done
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
