@@ -118,14 +118,14 @@ class CpuBackend final : public Backend {
                  const at::Tensor& code, int64_t blocksize, const NestedAbsmax& nested,
                  at::Tensor& out) const override {
     const int64_t M = a2.size(0), N = out.size(1);
-    // fp32 activations and accumulation; the result is rounded once to out's dtype.
-    const at::Tensor a = a2.to(at::kFloat).contiguous();
+    // fp32 accumulation (fp32 activations, or bf16 ones in the bf16 BLAS tier); the result is
+    // rounded once to out's dtype.
     at::Tensor acc =
         out.scalar_type() == at::kFloat ? out : at::empty({M, N}, out.options().dtype(at::kFloat));
     if (M > 0 && N > 0) {
       const uint8_t* bp = static_cast<const uint8_t*>(packed.data_ptr());
       // A double quantized absmax is decoded per block inside the kernel (no fp32 copy).
-      cpu_gemm_4bit(a, bp, block_scales(absmax, nested), code.data_ptr<float>(), blocksize, acc);
+      cpu_gemm_4bit(a2, bp, block_scales(absmax, nested), code.data_ptr<float>(), blocksize, acc);
     }
     if (!acc.is_same(out)) out.copy_(acc);
   }
@@ -226,13 +226,12 @@ class CpuBackend final : public Backend {
                    const at::Tensor& zeros, int64_t bits, int64_t group_size,
                    const at::Tensor& bias, at::Tensor& out) const override {
     const int64_t M = a2.size(0), N = out.size(1);
-    // fp32 activations and accumulation (+ bias in fp32); one rounding to out's dtype.
-    const at::Tensor a = a2.to(at::kFloat).contiguous();
+    // fp32 accumulation (as gemv_4bit) + bias in fp32; one rounding to out's dtype.
     at::Tensor acc =
         out.scalar_type() == at::kFloat ? out : at::empty({M, N}, out.options().dtype(at::kFloat));
     const cpu::AffineWeight w{packed.data_ptr<uint8_t>(), scales.data_ptr<float>(),
                               zeros.data_ptr<float>(), int(bits), group_size};
-    cpu_gemm_affine(a, w, acc);
+    cpu_gemm_affine(a2, w, acc);
     if (bias.defined()) acc.add_(bias.to(at::kFloat));
     if (!acc.is_same(out)) out.copy_(acc);
   }

@@ -37,6 +37,13 @@ def cpu_gemv_mode() -> str:
     return _name("lowbit_cpu_gemv_mode")
 
 
+def cpu_matmul_dtype() -> str:
+    """'bf16' when the CPU's 4-bit and affine products past the int8 tier (M > 32) multiply bf16
+    activations by bf16 weight tiles (CPUs with AVX512-BF16 or AMX-BF16 running the avx512
+    kernels: ~2x faster prefill), 'fp32' when they use fp32 tiles."""
+    return _name("lowbit_cpu_matmul_dtype")
+
+
 def with_cuda() -> bool:
     """Whether this build of lowbit has its CUDA kernels."""
     return bool(getattr(_C, "with_cuda", 0))

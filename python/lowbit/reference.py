@@ -220,14 +220,43 @@ def cpu_gemv_takes_int8(M: int, K: int, blocksize: int, A=None, code=None) -> bo
     return A is None or _q8_activations_ok(A.reshape(M, K))
 
 
+def cpu_blas_takes_bf16(M: int, A) -> bool:
+    """Whether lowbit's CPU 4-bit / affine product multiplies bf16 weight tiles (dequantized from
+    the codes, rounded to bf16) by A with torch's BLAS: bf16 activations, M > 32 (past the int8
+    tier, in the BLAS tier), on a CPU that multiplies bf16 natively (_native.cpu_matmul_dtype()).
+    Each product is rounded to bf16 once (fp32 accumulation), as F.linear with a bf16 weight."""
+    from lowbit._native import cpu_matmul_dtype
+
+    return (
+        A.device.type == "cpu"
+        and A.dtype == torch.bfloat16
+        and M > 32
+        and (cpu_matmul_dtype() == "bf16")
+    )
+
+
+def _bf16_weight_product(A, W, bias=None):
+    """A @ W^T with W rounded to bf16 and the product rounded to bf16 (the BLAS tier of
+    cpu_blas_takes_bf16), then + bias in fp32, rounded to A's dtype."""
+    out = (A.float() @ W.bfloat16().float().t()).bfloat16().float()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(A.dtype)
+
+
 def gemv_4bit_expected(A, B, shapeB, absmax, code, blocksize: int, *nested) -> torch.Tensor:
     """What lowbit's gemv_4bit op computes on A's device, as an executable spec: the int8-
-    activation model (gemv_4bit_q8) where the CPU takes that kernel, the exact product
-    (gemv_4bit) everywhere else. `nested`: gemv_4bit's double-quantization arguments. Valid for
+    activation model (gemv_4bit_q8) where the CPU takes that kernel, bf16 weights where it takes
+    the bf16 BLAS tier (cpu_blas_takes_bf16), the exact product (gemv_4bit) everywhere else. `nested`: gemv_4bit's double-quantization arguments. Valid for
     inputs whose fp32 products do not overflow (the kernel's NaN/Inf check is mirrored on the
     exact result)."""
     K = shapeB[1]
     M = A.numel() // K if K else 0
+    if K and K % blocksize == 0 and cpu_blas_takes_bf16(M, A):
+        if nested and nested[0] is not None:
+            absmax = decode_nested_absmax(absmax, *nested)
+        W = decode_4bit(B, absmax, code.to(B.device), blocksize, tuple(shapeB))
+        return _bf16_weight_product(A.reshape(M, K), W).reshape(*A.shape[:-1], shapeB[0])
     exact = gemv_4bit(A, B, shapeB, absmax, code, blocksize, *nested)
     if A.device.type != "cpu" or not cpu_gemv_takes_int8(M, K, blocksize, A, code):
         return exact
@@ -439,11 +468,16 @@ def gemm_affine_q8(A, packed, shapeB, scales, zeros, bits: int, group_size: int,
 
 def gemm_affine_expected(A, packed, shapeB, scales, zeros, bits, group_size, bias=None):
     """What lowbit's gemm_affine op computes on A's device: gemm_affine_q8 where the CPU takes the
-    int8-activation kernel, the exact product (gemm_affine) everywhere else. Valid for inputs whose
+    int8-activation kernel, bf16 weights where it takes the bf16 BLAS tier (cpu_blas_takes_bf16),
+    the exact product (gemm_affine) everywhere else. Valid for inputs whose
     fp32 products do not overflow (the kernel hands a NaN/Inf int8 result to the exact kernels;
     this mirrors that through the exact result)."""
     K = shapeB[1]
     M = A.numel() // K if K else 0
+    if (bits == 8 or K % 2 == 0) and cpu_blas_takes_bf16(M, A):
+        W = decode_affine(packed, scales, zeros, bits, group_size, tuple(shapeB))
+        out = _bf16_weight_product(A.reshape(M, K), W, bias)
+        return out.reshape(*A.shape[:-1], shapeB[0])
     exact = gemm_affine(A, packed, shapeB, scales, zeros, bits, group_size, bias)
     if A.device.type != "cpu" or not cpu_gemm_affine_takes_int8(M, K, bits, group_size, A):
         return exact

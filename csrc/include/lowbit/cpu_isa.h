@@ -32,6 +32,13 @@ const char* isa_name(Isa isa);
 // the default; other values warn once and keep the default. Read once, like LOWBIT_CPU_ISA.
 bool gemv_int8_activations();
 
+// Whether the CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16, with the OS saving the
+// registers) and the active ISA is avx512: there torch's BLAS runs a bf16 x bf16 product with fp32
+// accumulation ~3.5x faster than the fp32 one, so the large-M 4-bit and affine products of bf16
+// activations dequantize their weight tiles to bf16 (ops/cpu_gemm4.cpp). LOWBIT_CPU_ISA=avx2 or
+// generic turns it off, as it turns off the other AVX-512 paths.
+bool native_bf16_matmul();
+
 }  // namespace lowbit::cpu
 
 // The same for callers without C++ linkage (Python's ctypes: lowbit.bench reads it from _C).
@@ -40,4 +47,7 @@ __attribute__((visibility("default"))) const char* lowbit_cpu_isa_name();
 __attribute__((visibility("default"))) const char* lowbit_cpu_best_isa_name();
 // "int8" or "fp32": the activations of small-M 4-bit products (gemv_int8_activations()).
 __attribute__((visibility("default"))) const char* lowbit_cpu_gemv_mode();
+// "bf16" or "fp32": the dtype the large-M 4-bit/affine products multiply bf16 activations in
+// (native_bf16_matmul()).
+__attribute__((visibility("default"))) const char* lowbit_cpu_matmul_dtype();
 }

@@ -110,10 +110,23 @@ bool gemv_int8_activations() {
   return on;
 }
 
+bool native_bf16_matmul() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool on = active_isa() == Isa::avx512 && (__builtin_cpu_supports("avx512bf16") ||
+                                                         __builtin_cpu_supports("amx-bf16"));
+  return on;
+#else
+  return false;
+#endif
+}
+
 }  // namespace lowbit::cpu
 
 const char* lowbit_cpu_gemv_mode() {
   return lowbit::cpu::gemv_int8_activations() ? "int8" : "fp32";
+}
+const char* lowbit_cpu_matmul_dtype() {
+  return lowbit::cpu::native_bf16_matmul() ? "bf16" : "fp32";
 }
 const char* lowbit_cpu_isa_name() { return lowbit::cpu::isa_name(lowbit::cpu::active_isa()); }
 const char* lowbit_cpu_best_isa_name() { return lowbit::cpu::isa_name(lowbit::cpu::best_isa()); }
