@@ -550,3 +550,33 @@ def test_checkpoint_on_cuda(tmp_path, fmt, bits, group_size, act_order):
                 b = ref(t.cuda()).logits.float()
             rel = ((a - b).norm() / b.norm()).item()
             assert rel <= tol, f"{tuple(t.shape)} {dtype}: logits relative error {rel:.3e} > {tol}"
+
+
+def test_checkpoint_device_map_cuda(tmp_path):
+    """from_pretrained(device_map="cuda") of a GPTQ act-order checkpoint: the layers are converted
+    and placed on the GPU by the loader itself (no .to afterwards), and compute as above."""
+    pytest.importorskip("transformers", reason="the checkpoints are Transformers models")
+    import _helpers_formats as H
+    import lowbit
+    from lowbit.nn import LinearAffine
+
+    model = H.tiny_llama()
+    dense = H.write_gptq(model, tmp_path, 4, 64, False, True)
+    loaded = lowbit.from_pretrained(
+        tmp_path, torch_dtype=torch.float16, device_map="cuda", progress=False
+    )
+    for name, Wd in dense.items():
+        layer = loaded.get_submodule(name)
+        assert isinstance(layer, LinearAffine)
+        assert layer.packed.is_cuda and layer.scales.is_cuda and layer.perm.is_cuda
+        assert layer.scales.dtype == torch.float32
+        assert torch.equal(layer.dequantize().cpu(), Wd), name
+    ref = H.dense_model(model, dense).to("cuda", torch.float16)
+    ids = torch.randint(
+        0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1)
+    )
+    with torch.no_grad():
+        a = loaded(ids.cuda()).logits.float()
+        b = ref(ids.cuda()).logits.float()
+    rel = ((a - b).norm() / b.norm()).item()
+    assert rel <= 3e-2, f"logits relative error {rel:.3e}"
