@@ -424,6 +424,30 @@ def test_ops_capture_in_cuda_graph():
             check(got, x, W4 if bits == 4 else W8, bias)
 
 
+def test_opcheck_cuda():
+    """torch.library.opcheck of the three ops with CUDA tensors (schema, fake kernels against the
+    real outputs' shapes, strides and devices, autograd registration, AOT dispatch) at the gemv,
+    tensor-core and dequantize + cuBLAS tiers."""
+    N, K, g = 16, 128, 32
+    packed, scales, zeros = cuda(*weight(N, K, 4, g))
+    p8, s8, z8 = cuda(*weight(N, K, 8, g, fractional_zeros=True))
+    Ag = torch.randn(3, K, device="cuda", requires_grad=True)
+    bias = torch.randn(N, device="cuda", requires_grad=True)
+    W = torch.randn(N, K, device="cuda")
+    cases = [
+        (ops.quantize_affine.default, (W, 4, g, False)),
+        (ops.quantize_affine.default, (W.bfloat16(), 8, K, True)),
+        (ops.dequantize_affine.default, (packed, scales, zeros, 4, g, [N, K], torch.bfloat16)),
+        (ops.dequantize_affine.default, (p8, s8, z8, 8, g, [N, K], torch.float32)),
+        (ops.gemm_affine.default, (Ag, packed, [N, K], scales, zeros, 4, g, bias)),
+        (ops.gemm_affine.default, (torch.randn(20, K, device="cuda").bfloat16(), packed, [N, K],
+                                   scales, zeros, 4, g)),
+        (ops.gemm_affine.default, (Ag.detach().half(), p8, [N, K], s8, z8, 8, g)),
+    ]  # fmt: skip
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
 # ---- LinearAffine on CUDA ----------------------------------------------------------------------
 
 
