@@ -305,6 +305,22 @@ def test_empty():
     assert torch.equal(out, bias.expand(3, 8))
 
 
+@pytest.mark.parametrize("which", ["scales", "zeros"])
+@pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_half_scales_rejected(which, dt):
+    """Scales and zeros are fp32 (the formats convert a checkpoint's fp16/bf16 ones exactly at
+    load time): 16-bit ones raise TypeError on CUDA too, never get read as fp32."""
+    N, K, g = 8, 64, 32
+    packed, scales, zeros = cuda(*weight(N, K, 4, g))
+    args = {"scales": scales, "zeros": zeros}
+    args[which] = args[which].to(dt)
+    with pytest.raises(TypeError, match=f"{which} must be torch.float32"):
+        ops.dequantize_affine(packed, args["scales"], args["zeros"], 4, g, [N, K], torch.float16)
+    A = torch.randn(2, K, device="cuda")
+    with pytest.raises(TypeError, match=f"{which} must be torch.float32"):
+        ops.gemm_affine(A, packed, [N, K], args["scales"], args["zeros"], 4, g)
+
+
 def test_matches_cpu_op():
     """The CUDA product equals the CPU op within the same tolerance (both against the exact
     reference), and the dequantized weights are identical."""
