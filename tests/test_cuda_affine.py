@@ -192,6 +192,8 @@ TIERS += ["mma:0:4", "mma:2:3", "dequant", "generic"]
         (16, 257, 1024, 1024),  # per channel (group = K)
         (37, 136, 384, 96),  # a group size that is not a power of two (FastDiv32), M tails
         (2048, 72, 256, 64),  # M = 2048
+        (2, 72, 640, 128),  # M = 2: the gemv's two-row instantiation (MT = 2)
+        (6, 40, 4096, 32),  # M = 6 (MT = 8, two rows idle), long K: split K in the gemv and mma
     ],
 )
 def test_tier(monkeypatch, tier, dtype, M, N, K, g):
@@ -303,6 +305,22 @@ def test_empty():
     assert torch.equal(out, bias.expand(3, 8))
 
 
+@pytest.mark.parametrize("which", ["scales", "zeros"])
+@pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_half_scales_rejected(which, dt):
+    """Scales and zeros are fp32 (the formats convert a checkpoint's fp16/bf16 ones exactly at
+    load time): 16-bit ones raise TypeError on CUDA too, never get read as fp32."""
+    N, K, g = 8, 64, 32
+    packed, scales, zeros = cuda(*weight(N, K, 4, g))
+    args = {"scales": scales, "zeros": zeros}
+    args[which] = args[which].to(dt)
+    with pytest.raises(TypeError, match=f"{which} must be torch.float32"):
+        ops.dequantize_affine(packed, args["scales"], args["zeros"], 4, g, [N, K], torch.float16)
+    A = torch.randn(2, K, device="cuda")
+    with pytest.raises(TypeError, match=f"{which} must be torch.float32"):
+        ops.gemm_affine(A, packed, [N, K], args["scales"], args["zeros"], 4, g)
+
+
 def test_matches_cpu_op():
     """The CUDA product equals the CPU op within the same tolerance (both against the exact
     reference), and the dequantized weights are identical."""
@@ -313,6 +331,137 @@ def test_matches_cpu_op():
     check(gemm(A.cuda(), packed, N, K, scales, zeros, 4, g), A, W)
     Wc = ops.dequantize_affine(*cuda(packed, scales, zeros), 4, g, [N, K], torch.float32)
     assert torch.equal(Wc.cpu(), W)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_non_contiguous_weight_args(bits):
+    """packed, scales, zeros and bias as strided views (the op makes them contiguous): the same
+    values as from contiguous tensors, in every tier of the product and in dequantize."""
+    N, K, g = 72, 512, 64
+    packed, scales, zeros = cuda(*weight(N, K, bits, g, fractional_zeros=True))
+    bias = torch.randn(N, device="cuda")
+
+    def strided(t):
+        wide = torch.zeros(t.numel(), 2, dtype=t.dtype, device="cuda")
+        wide[:, 0] = t
+        view = wide[:, 0]
+        assert not view.is_contiguous()
+        return view
+
+    args = (strided(packed), [N, K], strided(scales), strided(zeros), bits, g)
+    want_w = ops.dequantize_affine(packed, scales, zeros, bits, g, [N, K], torch.float16)
+    got_w = ops.dequantize_affine(args[0], args[2], args[3], bits, g, [N, K], torch.float16)
+    assert torch.equal(got_w, want_w)
+    for M, dtype in (
+        (1, torch.float32),
+        (3, torch.float16),
+        (40, torch.bfloat16),
+        (600, torch.float16),
+    ):
+        A = torch.randn(M, K, device="cuda").to(dtype)
+        want = ops.gemm_affine(A, packed, [N, K], scales, zeros, bits, g, bias)
+        got = ops.gemm_affine(A, *args, strided(bias))
+        assert torch.equal(got, want), (M, dtype)
+
+
+def test_quantize_grid_stride():
+    """More groups than the stats kernel's grid holds at once (65536 blocks of 8 warps = 524288
+    groups): every group is still written, bit for bit with the reference."""
+    A = torch.randn(2048, 4096)
+    g = 8  # 1048576 groups
+    got = ops.quantize_affine(A.cuda(), 4, g, False)
+    want = R.quantize_affine(A, 4, g, False)
+    for a, b in zip(got, want):
+        assert torch.equal(a.cpu().view(torch.uint8), b.view(torch.uint8))
+
+
+def test_dequantize_grid_stride():
+    """More elements than the dequantize kernel's grid covers in one pass (65536 blocks x 256
+    threads x 8 elements = 2^27; below that every thread takes one run of 8), bit
+    for bit. The reference runs on the GPU: tensor-by-tensor subtract and multiply, each rounded
+    as the kernel rounds them. (The quantize kernels: test_quantize_grid_stride for the stats
+    pass; the codes pass strides over every tensor of more than 1024 bytes.)"""
+    N, K, g = 16403, 8192, 128  # N * K = 134373376 > 2^27, N odd
+    packed = torch.randint(0, 256, ((N * K + 1) // 2,), dtype=torch.uint8, device="cuda")
+    scales = torch.rand(N * K // g, device="cuda") * 0.1 + 1e-3
+    zeros = torch.rand(N * K // g, device="cuda") * 15
+    got = ops.dequantize_affine(packed, scales, zeros, 4, g, [N, K], torch.float16)
+    want = R.dequantize_affine(packed, scales, zeros, 4, g, (N, K), torch.float16)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+def test_ops_capture_in_cuda_graph():
+    """Every affine op records into a CUDA graph (the capture fails if a kernel is launched on
+    another stream than the current one, or if anything synchronises): quantize, dequantize and
+    the product at each tier, fp32 and 16-bit, 4- and 8-bit, with a bias; the replays equal the
+    eager results on new inputs."""
+    N, K, g = 136, 256, 64
+    packed4, s4, z4 = cuda(*weight(N, K, 4, g))
+    packed8, s8, z8 = cuda(*weight(N, K, 8, g))
+    W4 = R.decode_affine(packed4.cpu(), s4.cpu(), z4.cpu(), 4, g, (N, K))
+    W8 = R.decode_affine(packed8.cpu(), s8.cpu(), z8.cpu(), 8, g, (N, K))
+    bias = torch.randn(N, device="cuda")
+    cases = [(1, torch.float32, 4), (64, torch.float32, 4), (16, torch.bfloat16, 4)]
+    cases += [(600, torch.float16, 4), (1, torch.float16, 8), (64, torch.float32, 8)]
+    xs = [torch.randn(M, K, device="cuda").to(dt) for M, dt, _ in cases]
+    W = torch.randn(N, K, device="cuda")
+
+    def run():
+        outs = [ops.quantize_affine(W, 4, g, False)[0], ops.quantize_affine(W, 8, g, True)[1]]
+        outs.append(ops.dequantize_affine(packed4, s4, z4, 4, g, [N, K], torch.bfloat16))
+        for x, (_, _, bits) in zip(xs, cases):
+            p, s, z = (packed4, s4, z4) if bits == 4 else (packed8, s8, z8)
+            outs.append(ops.gemm_affine(x, p, [N, K], s, z, bits, g, bias))
+        return outs
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()  # warm-up outside the capture (cuBLAS handles, the mma kernels' smem attribute)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    for _ in range(2):
+        W.copy_(torch.randn(N, K, device="cuda"))
+        for x in xs:
+            x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = run()
+        for got, want in zip(captured[:3], eager[:3]):  # elementwise kernels: bit for bit
+            assert torch.equal(got, want)
+        # The products: the same kernels, but cuBLAS may pick another algorithm on the capture
+        # stream than on this one (the dequantize + cuBLAS tier), so within a few units of the
+        # last place of each other, and each within the reference tolerance.
+        for got, want, x, (_, _, bits) in zip(captured[3:], eager[3:], xs, cases):
+            tol = 1e-4 if x.dtype == torch.float32 else 1e-2
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+            check(got, x, W4 if bits == 4 else W8, bias)
+
+
+def test_opcheck_cuda():
+    """torch.library.opcheck of the three ops with CUDA tensors (schema, fake kernels against the
+    real outputs' shapes, strides and devices, autograd registration, AOT dispatch) at the gemv,
+    tensor-core and dequantize + cuBLAS tiers."""
+    N, K, g = 16, 128, 32
+    packed, scales, zeros = cuda(*weight(N, K, 4, g))
+    p8, s8, z8 = cuda(*weight(N, K, 8, g, fractional_zeros=True))
+    Ag = torch.randn(3, K, device="cuda", requires_grad=True)
+    bias = torch.randn(N, device="cuda", requires_grad=True)
+    W = torch.randn(N, K, device="cuda")
+    cases = [
+        (ops.quantize_affine.default, (W, 4, g, False)),
+        (ops.quantize_affine.default, (W.bfloat16(), 8, K, True)),
+        (ops.dequantize_affine.default, (packed, scales, zeros, 4, g, [N, K], torch.bfloat16)),
+        (ops.dequantize_affine.default, (p8, s8, z8, 8, g, [N, K], torch.float32)),
+        (ops.gemm_affine.default, (Ag, packed, [N, K], scales, zeros, 4, g, bias)),
+        (ops.gemm_affine.default, (torch.randn(20, K, device="cuda").bfloat16(), packed, [N, K],
+                                   scales, zeros, 4, g)),
+        (ops.gemm_affine.default, (Ag.detach().half(), p8, [N, K], s8, z8, 8, g)),
+    ]  # fmt: skip
+    for op, args in cases:
+        torch.library.opcheck(op, args)
 
 
 # ---- LinearAffine on CUDA ----------------------------------------------------------------------
@@ -390,3 +539,84 @@ def test_linear_affine_grad_input():
     m(x).sum().backward()
     want = torch.ones(5, 64, dtype=torch.float64) @ W.double()
     torch.testing.assert_close(x.grad.cpu().double(), want, rtol=1e-4, atol=1e-4)
+
+
+# ---- checkpoints in other libraries' formats, on CUDA ------------------------------------------
+
+
+SHAPES = [(1, 1), (2, 11), (4, 40)]  # token ids: M = 1, 22, 160 rows for the linears
+
+
+@pytest.mark.parametrize(
+    "fmt, bits, group_size, act_order",
+    [
+        ("gptq", 4, 32, False),
+        ("gptq", 4, 64, True),  # desc_act: g_idx a permuted group map -> the layer's perm
+        ("gptq", 4, -1, False),  # per channel
+        ("gptq", 4, 48, False),  # groups that do not divide K: chunks of 16 (dequantize + cuBLAS)
+        ("gptq", 8, 64, True),
+        ("awq", 4, 32, False),
+    ],
+)
+def test_checkpoint_on_cuda(tmp_path, fmt, bits, group_size, act_order):
+    """A GPTQ / AWQ checkpoint loaded by lowbit and moved to CUDA: every layer's CUDA dequantize
+    equals the format's own dequantization bit for bit, and the logits (fp32 and fp16, decode and
+    prefill shapes, so every tier runs) match a float model holding those dense weights."""
+    pytest.importorskip("transformers", reason="the checkpoints are Transformers models")
+    import _helpers_formats as H
+    import lowbit
+    from lowbit.nn import LinearAffine
+
+    model = H.tiny_llama()
+    if fmt == "gptq":
+        dense = H.write_gptq(model, tmp_path, bits, group_size, False, act_order)
+    else:
+        dense = H.write_awq(model, tmp_path, group_size)
+    ref = H.dense_model(model, dense).to("cuda")
+    gen = torch.Generator().manual_seed(1)
+    ids = [torch.randint(0, model.config.vocab_size, sh, generator=gen) for sh in SHAPES]
+    # Loaded once per dtype: Transformers refuses .to(dtype) on a GPTQ-configured model.
+    for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 3e-2)):
+        loaded = lowbit.from_pretrained(tmp_path, torch_dtype=dtype, progress=False).to("cuda")
+        for name, Wd in dense.items():
+            layer = loaded.get_submodule(name)
+            assert isinstance(layer, LinearAffine) and layer.packed.is_cuda
+            assert (layer.perm is not None) == act_order
+            assert torch.equal(layer.dequantize().cpu(), Wd), name
+        ref = ref.to(dtype)
+        for t in ids:
+            with torch.no_grad():
+                a = loaded(t.cuda()).logits.float()
+                b = ref(t.cuda()).logits.float()
+            rel = ((a - b).norm() / b.norm()).item()
+            assert rel <= tol, f"{tuple(t.shape)} {dtype}: logits relative error {rel:.3e} > {tol}"
+
+
+def test_checkpoint_device_map_cuda(tmp_path):
+    """from_pretrained(device_map="cuda") of a GPTQ act-order checkpoint: the layers are converted
+    and placed on the GPU by the loader itself (no .to afterwards), and compute as above."""
+    pytest.importorskip("transformers", reason="the checkpoints are Transformers models")
+    import _helpers_formats as H
+    import lowbit
+    from lowbit.nn import LinearAffine
+
+    model = H.tiny_llama()
+    dense = H.write_gptq(model, tmp_path, 4, 64, False, True)
+    loaded = lowbit.from_pretrained(
+        tmp_path, torch_dtype=torch.float16, device_map="cuda", progress=False
+    )
+    for name, Wd in dense.items():
+        layer = loaded.get_submodule(name)
+        assert isinstance(layer, LinearAffine)
+        assert layer.packed.is_cuda and layer.scales.is_cuda and layer.perm.is_cuda
+        assert layer.scales.dtype == torch.float32
+        assert torch.equal(layer.dequantize().cpu(), Wd), name
+    ref = H.dense_model(model, dense).to("cuda", torch.float16)
+    ids = torch.randint(
+        0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1)
+    )
+    with torch.no_grad():
+        a = loaded(ids.cuda()).logits.float()
+        b = ref(ids.cuda()).logits.float()
+    rel = ((a - b).norm() / b.norm()).item()
+    assert rel <= 3e-2, f"logits relative error {rel:.3e}"
