@@ -10,7 +10,8 @@ embeddings stay bf16, as bitsandbytes and transformers' quantizers leave them). 
 affine format of GPTQ / AWQ / HQQ / compressed-tensors checkpoints (issue #13): LinearAffine, int4,
 group size 128, asymmetric, installed as lowbit.from_pretrained installs a converted checkpoint.
 Per variant:
-  * weight memory: CUDA memory held by the model after quantization (allocator's count);
+  * weight memory: CUDA memory held by the model after quantization (allocator's count), and the
+    decoder's linear weights against their bf16 bytes (the quantization states included);
   * one-token decode with a static KV cache of 512 tokens (256 filled by an eager prefill):
     --decode compile: torch.compile(mode="reduce-overhead") of the step (CUDA graphs through
     inductor; slow to compile on 32 layers); --decode graph (default): the eager step captured
@@ -285,25 +286,31 @@ def prefill_ms(model, cfg, device: str, timer, tokens: int) -> float:
     return timer(run, 3)
 
 
-def mem_bytes(device: str) -> int:
-    if device != "cuda":
-        return 0
-    gc.collect()
-    torch.cuda.synchronize()
-    return torch.cuda.memory_allocated()
-
-
-def weight_gib(model, device: str, before: int) -> float:
-    """GiB the model holds: the CUDA allocator's count since `before` (weights and the buffers the
-    layers keep); off CUDA the bytes of its parameters and buffers."""
+def held_bytes(device: str, model=None) -> int:
+    """Bytes held: on CUDA the allocator's count of live tensors (everything, quantization states
+    included); elsewhere the bytes of the model's parameters and buffers (0 without a model)."""
     if device == "cuda":
-        return (mem_bytes(device) - before) / 2**30
+        gc.collect()
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated()
+    if model is None:
+        return 0
     seen, total = set(), 0
     for t in [*model.parameters(), *model.buffers()]:
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
-    return total / 2**30
+    return total
+
+
+def decoder_linear_bytes(model) -> int:
+    """bf16 bytes of the decoder layers' linear weights: what quantize() replaces."""
+    return sum(
+        m.weight.numel() * 2
+        for layer in model.model.layers
+        for m in layer.modules()
+        if type(m) is torch.nn.Linear
+    )
 
 
 def _write(path: str, lines: list[str]) -> None:
@@ -334,22 +341,28 @@ def run(
         f" {time.strftime('%Y-%m-%d')}; decode: {decode}, static cache {CACHE_LEN} ({FILLED}"
         f" filled), batch 1; prefill 1x{prefill} eager; ratios = bf16 ms / variant ms",
         "",
-        "| model | variant | weights GiB | 1-token decode ms | vs bf16 | prefill ms | vs bf16 | notes |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "| model | variant | weights GiB | linears vs bf16 | 1-token decode ms | vs bf16 | prefill ms "
+        "| vs bf16 | notes |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name in models:
         base_dec = base_pre = None
         for variant in variants:
             t0 = time.perf_counter()
-            before = mem_bytes(device)
+            before = held_bytes(device)
             model = cfg = None
             note = ""
             dec = pre = None
-            gib = float("nan")
+            gib = lin = float("nan")
             try:
                 model, cfg = build(name, device)
+                # the decoder's linear weights after quantization, against bf16 (issue 11's and
+                # 13's memory bars): their bf16 bytes plus what quantize() changed
+                dense, built = decoder_linear_bytes(model), held_bytes(device, model)
                 quantize(model, variant)
-                gib = weight_gib(model, device, before)
+                held = held_bytes(device, model)
+                gib = (held - before) / 2**30
+                lin = (dense + held - built) / dense
                 try:
                     dec = decode_ms(model, cfg, device, decode, timer)
                 except Exception as e:  # noqa: BLE001  (reported in the table)
@@ -364,7 +377,7 @@ def run(
                 return f"{base / x:.2f}x" if base and x else ""
 
             lines.append(
-                f"| {name} | {variant} | {gib:.2f} | {'' if dec is None else f'{dec:.3f}'} | "
+                f"| {name} | {variant} | {gib:.2f} | {lin:.3f}x | {'' if dec is None else f'{dec:.3f}'} | "
                 f"{ratio(base_dec, dec)} | {'' if pre is None else f'{pre:.2f}'} | "
                 f"{ratio(base_pre, pre)} | {note.strip()} ({time.perf_counter() - t0:.0f} s) |"
             )
