@@ -74,10 +74,17 @@ def test_cuda_bench_renders_every_row_on_cpu():
     # bitsandbytes left out: its import takes seconds, and its call sits in a try (a failure there
     # is a note in the table, never a lost run)
     text = bench.run_cuda(
-        plan, timer, "cpu", quick=True, tiers=True, description="CPU smoke", bnb=False
+        plan,
+        timer,
+        "cpu",
+        quick=True,
+        tiers=True,
+        tiers_affine=True,
+        description="CPU smoke",
+        bnb=False,
     )
     assert os.environ.get("LOWBIT_GEMM4_FORCE") == before  # the tiers table restores it
-    assert "--device cuda --quick --tiers" in text and "CPU smoke" in text
+    assert "--device cuda --quick --tiers --tiers-affine" in text and "CPU smoke" in text
     assert timer.description in text
     rows = _cases(text.split("### 4-bit product tiers")[0])
     want = [f"NF4 M=1 {n}x{k} (bf16)" for n, k in plan.gemv_shapes]
@@ -97,9 +104,10 @@ def test_cuda_bench_renders_every_row_on_cpu():
         if line.startswith("| int4 g128 asym M=16 "):
             assert ">= 2.5x" in line and "x NF4 time" in line, line
     assert not re.search(r"\b(nan|inf)\b", text)
-    tiers = text.split("### 4-bit product tiers")[1]
-    assert [r for r in _cases(tiers) if r != "shape"] == ["128x256", "128x256"]
-    assert "| 128x256 | 16 |" in tiers
+    nf4_tiers, affine_tiers = text.split("### 4-bit product tiers")[1].split("### affine int4 g128")
+    for tiers in (nf4_tiers, affine_tiers):
+        assert [r for r in _cases(tiers) if r != "shape"] == ["128x256", "128x256"]
+        assert "| 128x256 | 16 |" in tiers
 
 
 def test_cuda_bench_plan_keeps_the_issue_shapes():

@@ -437,6 +437,11 @@ def main(argv=None) -> int:
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     p.add_argument("--tiers", action="store_true", help="cuda: time every 4-bit product tier")
+    p.add_argument(
+        "--tiers-affine",
+        action="store_true",
+        help="cuda: the same for the affine int4 g128 product (as long again as --tiers)",
+    )
     p.add_argument("--repeats", type=int, default=None, help="cuda: repeats per timing")
     args = p.parse_args(argv)
     if args.device == "cuda":
@@ -744,14 +749,17 @@ def bench_cuda_affine8(rows, timer, shape, device):
     )
 
 
-def bench_cuda_tiers(lines, timer, shapes, ms, device):
-    """Every tier (LOWBIT_GEMM4_FORCE) at every M: the data for the table in fourbit.cu."""
+def bench_cuda_tiers(lines, timer, shapes, ms, device, affine: bool = False):
+    """Every tier (LOWBIT_GEMM4_FORCE) at every M: the data for the table in fourbit.cu. NF4
+    (gemv_4bit), or with affine=True the affine int4 g128 product (gemm_affine), whose plan reuses
+    the same table and the same LOWBIT_GEMM4_FORCE."""
     tiers = ["", "gemv:1:1", "gemv:2:1", "gemv:1:2", "gemv:2:2", "gemv:4:2", "gemv:8:2"]
     tiers += ["gemv:1:4", "gemv:2:4", "mma:0", "mma:1", "mma:2", "mma:0:1"]
     tiers += ["mma:1:1", "mma:2:1", "dequant", "generic"]
+    what = f"affine int4 g{AFFINE_GROUP} asym" if affine else "4-bit"
     lines += [
         "",
-        "### 4-bit product tiers (ms; table = the table's choice; LOWBIT_GEMM4_FORCE: gemv:W:C ="
+        f"### {what} product tiers (ms; table = the table's choice; LOWBIT_GEMM4_FORCE: gemv:W:C ="
         " W warps per column group, C columns per group (M = 1); mma:C:S = tile config C, S splits)",
         "",
         "| shape | M | bf16 F.linear | " + " | ".join(t or "table" for t in tiers) + " |",
@@ -761,7 +769,17 @@ def bench_cuda_tiers(lines, timer, shapes, ms, device):
     try:
         for N, K in shapes:
             W = torch.randn(N, K, device=device, dtype=torch.bfloat16)
-            _, _, args = _q4(W)
+            if affine:
+                p, s, z = ops.quantize_affine(W, 4, AFFINE_GROUP, False)
+
+                def product(x):
+                    return ops.gemm_affine(x, p, [N, K], s, z, 4, AFFINE_GROUP)
+            else:
+                _, _, args = _q4(W)
+
+                def product(x):
+                    return ops.gemv_4bit(x, *args)
+
             for M in ms:
                 x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
                 cells = [f"{1e3 * timer(lambda: F.linear(x, W)):.4f}"]
@@ -770,7 +788,7 @@ def bench_cuda_tiers(lines, timer, shapes, ms, device):
                         cells.append("")
                         continue
                     os.environ["LOWBIT_GEMM4_FORCE"] = tier
-                    cells.append(f"{1e3 * timer(lambda: ops.gemv_4bit(x, *args)):.4f}")
+                    cells.append(f"{1e3 * timer(lambda: product(x)):.4f}")
                 lines.append(f"| {N}x{K} | {M} | " + " | ".join(cells) + " |")
     finally:
         if old is None:
@@ -825,7 +843,15 @@ def bench_cuda_quant(rows, timer, n, device):
 
 
 def run_cuda(
-    plan: CudaPlan, timer, device, *, quick: bool, tiers: bool, description: str, bnb: bool = True
+    plan: CudaPlan,
+    timer,
+    device,
+    *,
+    quick: bool,
+    tiers: bool,
+    description: str,
+    bnb: bool = True,
+    tiers_affine: bool = False,
 ) -> str:
     """Time everything in `plan` with `timer` (fn -> median seconds; .description) on `device` and
     return the table: what `python -m lowbit bench --device cuda` prints. bnb=False leaves
@@ -846,7 +872,8 @@ def run_cuda(
     header = [
         "## lowbit CUDA benchmark",
         "",
-        f"- command: `{cmd}{' --tiers' if tiers else ''}`; date {time.strftime('%Y-%m-%d')}",
+        f"- command: `{cmd}{' --tiers' if tiers else ''}{' --tiers-affine' if tiers_affine else ''}`;"
+        f" date {time.strftime('%Y-%m-%d')}",
         f"- {description}; bitsandbytes: {'yes' if bnb_F else 'not available'}",
         f"- copy bandwidth (read + write, {plan.copy_bytes >> 20} MiB), best of {len(copy_bws)}: "
         f"{copy_bw / 1e9:.0f} GB/s; {timer.description}; speed-up = baseline ms / lowbit ms",
@@ -854,6 +881,8 @@ def run_cuda(
     extra: list[str] = []
     if tiers:
         bench_cuda_tiers(extra, timer, plan.gemm_shapes, plan.tier_ms, device)
+    if tiers_affine:
+        bench_cuda_tiers(extra, timer, plan.gemm_shapes, plan.tier_ms, device, affine=True)
     header.append(f"- total bench time {time.perf_counter() - t_start:.0f} s")
     return render(rows, header, copy_bw) + "\n".join(extra) + ("\n" if extra else "")
 
@@ -868,6 +897,7 @@ def main_cuda(args) -> int:
         "cuda",
         quick=args.quick,
         tiers=args.tiers,
+        tiers_affine=args.tiers_affine,
         description=_cuda_description(),
     )
     return _emit(text, args.out)
