@@ -178,6 +178,15 @@ def test_model_bench_affine_variant_is_a_loaded_affine_model():
     torch.testing.assert_close(lin(x).float(), ref, rtol=2e-2, atol=2e-2)
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=ids).logits).all()
+    # a linear with a bias: the codes are within half a step of the weight, the bias carried over
+    dense = torch.nn.Linear(256, 48, dtype=torch.bfloat16)
+    q = mod.affine_from_linear(dense, 4, 128)
+    half_step = q.scales.max().item() / 2 * (1 + 1e-5)
+    torch.testing.assert_close(q.dequantize(), dense.weight.float(), rtol=0, atol=half_step)
+    assert torch.equal(q.bias, dense.bias) and not q.bias.requires_grad
+    x = torch.randn(2, 256, dtype=torch.bfloat16)
+    ref = torch.nn.functional.linear(x.float(), q.dequantize(), dense.bias.float())
+    torch.testing.assert_close(q(x).float(), ref, rtol=2e-2, atol=2e-2)
 
 
 # ---- benchmarks/bench_gpu_int8.py ---------------------------------------------------------------
