@@ -139,10 +139,12 @@ def bnb_layer(w: torch.Tensor, bias: torch.Tensor, threshold: float):
         return None
 
 
-def rows_for(args) -> list[dict]:
+def rows_for(args, timer=None) -> list[dict]:
+    """The table's rows on args.device; timer(fn) -> median ms (default: Timer, CUDA events and an
+    L2 flush on the GPU). tests/test_bench_smoke.py passes a trivial one on the CPU."""
     dev = args.device
-    timer = Timer(dev, args.repeats)
-    shapes = QUICK_SHAPES if args.quick else SHAPES
+    timer = timer or Timer(dev, args.repeats)
+    shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
     out = []
 
     def row(case, shape, ms, base_name, base_ms, bar, n_launch=None, bnb_ms=None):
@@ -238,7 +240,7 @@ def rows_for(args) -> list[dict]:
             )
             if N == shapes[0][0] and K == shapes[0][1]:
                 print("   kernels:", kernel_breakdown(int8_fn, dev), flush=True)
-            if dev == "cuda" and M <= 16:
+            if M <= 16:  # off CUDA graphed() returns fn itself: the smoke run covers this code
                 gi, gb = graphed(int8_fn, dev), graphed(bf16_fn, dev)
                 row(
                     f"LLM.int8() t={thr:g} M={M} graph",
@@ -276,13 +278,22 @@ def write_table(rows: list[dict], path: str, device_name: str) -> None:
     print("\n".join(lines))
 
 
-def main(argv=None) -> int:
+def _shapes(text: str) -> list[tuple[int, int]]:
+    """'11008x4096,4096x4096' -> [(11008, 4096), (4096, 4096)] (N x K)."""
+    try:
+        return [(int(n), int(k)) for n, _, k in (s.partition("x") for s in text.split(","))]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shapes must be NxK[,NxK...], got {text!r}") from None
+
+
+def main(argv=None, timer=None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="two shapes instead of five")
     p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--shapes", type=_shapes, default=None, help="N x K list (default: by --quick)")
     p.add_argument("--out", default="benchmarks/results/gpu_int8.md")
     p.add_argument(
         "--lt-algos",
@@ -296,7 +307,7 @@ def main(argv=None) -> int:
         args.repeats = 3
     torch.manual_seed(0)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU smoke run"
-    rows = rows_for(args)
+    rows = rows_for(args, timer)
     write_table(rows, args.out, name)
     return 0
 

@@ -1,12 +1,17 @@
 """Whole-model GPU benchmark: Llama-3-8B- and TinyLlama-1.1B-shaped models, bf16 vs quantized.
 
     python benchmarks/bench_model_gpu.py [--models tinyllama,llama3-8b] [--decode graph|compile]
-        [--variants bf16,lowbit-nf4,lowbit-int8,bnb-nf4,bnb-int8] [--out benchmarks/results/model_gpu.md]
+        [--variants bf16,lowbit-nf4,lowbit-int4,lowbit-int8,bnb-nf4,bnb-int8]
+        [--out benchmarks/results/model_gpu.md]
 
 Each model is built from a config (transformers' LlamaForCausalLM, random bf16 weights drawn on
 the GPU, no download), then its decoder's linear layers are replaced by the variant's (lm_head and
-embeddings stay bf16, as bitsandbytes and transformers' quantizers leave them). Per variant:
-  * weight memory: CUDA memory held by the model after quantization (allocator's count);
+embeddings stay bf16, as bitsandbytes and transformers' quantizers leave them). lowbit-int4 is the
+affine format of GPTQ / AWQ / HQQ / compressed-tensors checkpoints (issue #13): LinearAffine, int4,
+group size 128, asymmetric, installed as lowbit.from_pretrained installs a converted checkpoint.
+Per variant:
+  * weight memory: CUDA memory held by the model after quantization (allocator's count), and the
+    decoder's linear weights against their bf16 bytes (the quantization states included);
   * one-token decode with a static KV cache of 512 tokens (256 filled by an eager prefill):
     --decode compile: torch.compile(mode="reduce-overhead") of the step (CUDA graphs through
     inductor; slow to compile on 32 layers); --decode graph (default): the eager step captured
@@ -14,8 +19,11 @@ embeddings stay bf16, as bitsandbytes and transformers' quantizers leave them). 
     the elementwise parts, seconds to set up). Median of CUDA-event timings of 30 steps;
   * eager prefill of 1 x 2048 tokens (no cache), median of 3.
 Ratios are against bf16 in the same process. A variant that fails (no bitsandbytes CUDA library,
-a layer that cannot be captured, e.g. LLM.int8() with outliers before its graph-safe path lands)
-is reported with the error instead of a number.
+a layer that cannot be captured) is reported with the error instead of a number.
+
+`--device cpu --models toy` runs the same code on the CPU (eager decode, wall-clock timer, tensor
+bytes for the weight memory): a smoke run whose numbers mean nothing; tests/test_bench_smoke.py
+does that with a trivial timer.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import argparse
 import gc
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -49,10 +58,11 @@ MODELS = {
         vocab_size=32000,
         rope_theta=10000.0,
     ),
-    # a toy for running the script itself on the CPU (--device cpu)
+    # a toy for running the script itself on the CPU (--device cpu); K a multiple of the affine
+    # group size (128)
     "toy": dict(
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=128,
+        intermediate_size=256,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -60,7 +70,10 @@ MODELS = {
         rope_theta=10000.0,
     ),
 }
-VARIANTS = ["bf16", "lowbit-nf4", "lowbit-int8", "bnb-nf4", "bnb-int8"]
+# Default order = run order: a run cut short by its time box (tools/gpu_run.sh gives this script
+# 150 s) keeps the rows written so far, so lowbit's variants come before bitsandbytes'.
+VARIANTS = ["bf16", "lowbit-nf4", "lowbit-int4", "lowbit-int8", "bnb-nf4", "bnb-int8"]
+AFFINE_GROUP = 128
 CACHE_LEN, FILLED, PREFILL = 512, 256, 2048
 
 
@@ -95,6 +108,33 @@ def replace_linears(model, make):
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
+def affine_from_linear(m, bits: int, group_size: int):
+    """m's weight in a LinearAffine, made as lowbit.from_pretrained makes a GPTQ / AWQ / HQQ /
+    compressed-tensors layer: an empty LinearAffine of the linear's shape on the meta device
+    (loading/affine.py), allocated on the weight's device, and the converted codes installed with
+    set_weight (loading/tensors.py). The codes come from quantize_affine (round-to-nearest
+    min/max, asymmetric), the format every reader converts to."""
+    from lowbit import functional as LF
+    from lowbit.nn import LinearAffine
+
+    q = LinearAffine(
+        m.in_features,
+        m.out_features,
+        bias=m.bias is not None,
+        bits=bits,
+        group_size=group_size,
+        device="meta",
+        dtype=m.weight.dtype,
+    )
+    q.requires_grad_(False)
+    q.to_empty(device=m.weight.device)
+    packed, scales, zeros = LF.quantize_affine(m.weight.data, bits, group_size)
+    q.set_weight(packed, scales, zeros, bits, group_size)
+    if m.bias is not None:
+        q.bias.data.copy_(m.bias.data)
+    return q
+
+
 def quantize(model, variant: str):
     if variant == "bf16":
         return
@@ -107,6 +147,8 @@ def quantize(model, variant: str):
                 m, quant_type="nf4", compress_statistics=True, compute_dtype=torch.bfloat16
             ),
         )
+    elif variant == "lowbit-int4":
+        replace_linears(model, lambda m: affine_from_linear(m, 4, AFFINE_GROUP))
     elif variant == "lowbit-int8":
         from lowbit.nn import Linear8bitLt
 
@@ -153,6 +195,7 @@ def quantize(model, variant: str):
 
 
 def cuda_median_ms(fn, n: int) -> float:
+    """The CUDA timer: median milliseconds of n calls of fn, CUDA events (no sync in between)."""
     ev = [
         (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
         for _ in range(n)
@@ -165,7 +208,43 @@ def cuda_median_ms(fn, n: int) -> float:
     return statistics.median(a.elapsed_time(b) for a, b in ev)
 
 
-def decode_ms(model, cfg, device: str, mode: str) -> float:
+def wall_median_ms(fn, n: int) -> float:
+    """The CPU timer: median wall-clock milliseconds of at most 3 calls (a smoke run's numbers)."""
+    times = []
+    for _ in range(min(n, 3)):
+        t0 = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def cuda_graph_replay(step):
+    """step captured into one CUDA graph (after two warm-up calls on a side stream), replayed once;
+    returns the replay."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    g.replay()
+    return g.replay
+
+
+def compiled_reduce_overhead(step):
+    """torch.compile(mode="reduce-overhead") of step (CUDA graphs through inductor), warmed up."""
+    fn = torch.compile(step, mode="reduce-overhead")
+    for _ in range(3):
+        fn()
+    return fn
+
+
+def decode_ms(model, cfg, device: str, mode: str, timer, n: int = 30) -> float:
+    """One-token decode step with a static cache of CACHE_LEN (FILLED filled): timer(step, n) of the
+    step as `mode` runs it (graph: captured by hand; compile: reduce-overhead; eager)."""
     from transformers import StaticCache
 
     cache = StaticCache(config=cfg, max_cache_len=CACHE_LEN)
@@ -186,49 +265,52 @@ def decode_ms(model, cfg, device: str, mode: str) -> float:
                 input_ids=ids, past_key_values=cache, cache_position=pos, use_cache=True
             ).logits
 
-    if device != "cuda":
-        t0 = time.perf_counter()
-        step()
-        return 1e3 * (time.perf_counter() - t0)
     if mode == "compile":
-        fn = torch.compile(step, mode="reduce-overhead")
-        for _ in range(3):
-            fn()
-        return cuda_median_ms(fn, 30)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        step()
-    g.replay()
-    return cuda_median_ms(g.replay, 30)
+        fn = compiled_reduce_overhead(step)
+    elif mode == "graph":
+        fn = cuda_graph_replay(step)
+    else:
+        step()  # warm-up, as the graph and compile paths have
+        fn = step
+    return timer(fn, n)
 
 
-def prefill_ms(model, cfg, device: str) -> float:
-    ids = torch.randint(0, cfg.vocab_size, (1, PREFILL if device == "cuda" else 64), device=device)
+def prefill_ms(model, cfg, device: str, timer, tokens: int) -> float:
+    ids = torch.randint(0, cfg.vocab_size, (1, tokens), device=device)
 
     def run():
         with torch.no_grad():
             model(input_ids=ids, use_cache=False)
 
     run()
-    if device != "cuda":
-        t0 = time.perf_counter()
-        run()
-        return 1e3 * (time.perf_counter() - t0)
-    return cuda_median_ms(run, 3)
+    return timer(run, 3)
 
 
-def mem_bytes(device: str) -> int:
-    if device != "cuda":
+def held_bytes(device: str, model=None) -> int:
+    """Bytes held: on CUDA the allocator's count of live tensors (everything, quantization states
+    included); elsewhere the bytes of the model's parameters and buffers (0 without a model)."""
+    if device == "cuda":
+        gc.collect()
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated()
+    if model is None:
         return 0
-    gc.collect()
-    torch.cuda.synchronize()
-    return torch.cuda.memory_allocated()
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def decoder_linear_bytes(model) -> int:
+    """bf16 bytes of the decoder layers' linear weights: what quantize() replaces."""
+    return sum(
+        m.weight.numel() * 2
+        for layer in model.model.layers
+        for m in layer.modules()
+        if type(m) is torch.nn.Linear
+    )
 
 
 def _write(path: str, lines: list[str]) -> None:
@@ -237,44 +319,55 @@ def _write(path: str, lines: list[str]) -> None:
         f.write("\n".join(lines) + "\n")
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="tinyllama,llama3-8b")
-    p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--decode", choices=["graph", "compile"], default="graph")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="benchmarks/results/model_gpu.md")
-    args = p.parse_args(argv)
-    device = args.device
+def run(
+    models: list[str],
+    variants: list[str],
+    *,
+    device: str,
+    decode: str,
+    timer,
+    prefill: int,
+    out: str,
+    command: str,
+    device_name: str,
+) -> list[str]:
+    """Time every (model, variant) and write the table to `out` after each row; returns its lines.
+    timer(fn, n) -> median ms of n calls (cuda_median_ms on the GPU)."""
     lines = [
         "## lowbit whole-model benchmark",
         "",
-        f"- command: `python benchmarks/bench_model_gpu.py {' '.join(argv or [])}`".rstrip() + "",
-        f"- {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__},"
-        f" {time.strftime('%Y-%m-%d')}; decode: {args.decode}, static cache {CACHE_LEN} ({FILLED}"
-        f" filled), batch 1; prefill 1x{PREFILL} eager; ratios = bf16 ms / variant ms",
+        f"- command: `{command}`",
+        f"- {device_name}, torch {torch.__version__},"
+        f" {time.strftime('%Y-%m-%d')}; decode: {decode}, static cache {CACHE_LEN} ({FILLED}"
+        f" filled), batch 1; prefill 1x{prefill} eager; ratios = bf16 ms / variant ms",
         "",
-        "| model | variant | weights GiB | 1-token decode ms | vs bf16 | prefill ms | vs bf16 | notes |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "| model | variant | weights GiB | linears vs bf16 | 1-token decode ms | vs bf16 | prefill ms "
+        "| vs bf16 | notes |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for name in args.models.split(","):
+    for name in models:
         base_dec = base_pre = None
-        for variant in args.variants.split(","):
+        for variant in variants:
             t0 = time.perf_counter()
-            before = mem_bytes(device)
+            before = held_bytes(device)
             model = cfg = None
             note = ""
             dec = pre = None
-            gib = float("nan")
+            gib = lin = float("nan")
             try:
                 model, cfg = build(name, device)
+                # the decoder's linear weights after quantization, against bf16 (issue 11's and
+                # 13's memory bars): their bf16 bytes plus what quantize() changed
+                dense, built = decoder_linear_bytes(model), held_bytes(device, model)
                 quantize(model, variant)
-                gib = (mem_bytes(device) - before) / 2**30
+                held = held_bytes(device, model)
+                gib = (held - before) / 2**30
+                lin = (dense + held - built) / dense
                 try:
-                    dec = decode_ms(model, cfg, device, args.decode)
+                    dec = decode_ms(model, cfg, device, decode, timer)
                 except Exception as e:  # noqa: BLE001  (reported in the table)
                     note += f"decode failed: {type(e).__name__}: {str(e)[:120]} "
-                pre = prefill_ms(model, cfg, device)
+                pre = prefill_ms(model, cfg, device, timer, prefill)
             except Exception as e:  # noqa: BLE001
                 note += f"failed: {type(e).__name__}: {str(e)[:160]}"
             if variant == "bf16":
@@ -284,17 +377,49 @@ def main(argv=None) -> int:
                 return f"{base / x:.2f}x" if base and x else ""
 
             lines.append(
-                f"| {name} | {variant} | {gib:.2f} | {'' if dec is None else f'{dec:.3f}'} | "
+                f"| {name} | {variant} | {gib:.2f} | {lin:.3f}x | {'' if dec is None else f'{dec:.3f}'} | "
                 f"{ratio(base_dec, dec)} | {'' if pre is None else f'{pre:.2f}'} | "
                 f"{ratio(base_pre, pre)} | {note.strip()} ({time.perf_counter() - t0:.0f} s) |"
             )
             print(lines[-1], flush=True)
-            _write(args.out, lines)  # after every row: a run cut short keeps what it measured
+            _write(out, lines)  # after every row: a run cut short keeps what it measured
             del model
             gc.collect()
             if device == "cuda":
                 torch.cuda.empty_cache()
                 torch._dynamo.reset()
+    return lines
+
+
+def main(argv=None, timer=None) -> int:
+    """timer(fn, n) -> median ms; default cuda_median_ms on CUDA, wall_median_ms elsewhere."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="tinyllama,llama3-8b")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument(
+        "--decode",
+        choices=["graph", "compile", "eager"],
+        default="graph",
+        help="graph and compile need CUDA; off CUDA the decode runs eager",
+    )
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--prefill", type=int, default=None, help=f"tokens (default {PREFILL}; cpu 64)")
+    p.add_argument("--out", default="benchmarks/results/model_gpu.md")
+    args = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    cuda = args.device == "cuda"
+    decode = args.decode if cuda else "eager"  # CUDA graphs and reduce-overhead are CUDA's
+    lines = run(
+        args.models.split(","),
+        args.variants.split(","),
+        device=args.device,
+        decode=decode,
+        timer=timer or (cuda_median_ms if cuda else wall_median_ms),
+        prefill=args.prefill or (PREFILL if cuda else 64),
+        out=args.out,
+        command=" ".join(["python benchmarks/bench_model_gpu.py", *argv]),
+        device_name=torch.cuda.get_device_name() if cuda else "cpu",
+    )
     print("\n".join(lines))
     _write(args.out, lines)
     return 0

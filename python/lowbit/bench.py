@@ -18,7 +18,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -437,6 +437,11 @@ def main(argv=None) -> int:
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     p.add_argument("--tiers", action="store_true", help="cuda: time every 4-bit product tier")
+    p.add_argument(
+        "--tiers-affine",
+        action="store_true",
+        help="cuda: the same for the affine int4 g128 product (as long again as --tiers)",
+    )
     p.add_argument("--repeats", type=int, default=None, help="cuda: repeats per timing")
     args = p.parse_args(argv)
     if args.device == "cuda":
@@ -500,11 +505,52 @@ def main(argv=None) -> int:
 # events, L2 flushed (a 256 MiB write) before every call so weights come from HBM as in a model,
 # median of repeats. Baselines timed in the same process: bf16 F.linear (cuBLAS), a device copy
 # (bandwidth, bytes read + written) and bitsandbytes when it imports with CUDA.
+#
+# Every function below takes the device and the timer as arguments; the CUDA-only pieces are
+# CudaTimer (events, L2 flush), _cuda_description and main_cuda. tests/test_bench_smoke.py runs the
+# rest (run_cuda) on the CPU with tiny shapes and a trivial timer, so that a Python error in the
+# GPU benchmark shows up here rather than in the few minutes a lent GPU machine gives.
 
 GPU_SHAPES = [(11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336), (4096, 4096)]
 GPU_QUICK_SHAPES = [(4096, 4096), (11008, 4096), (4096, 14336)]
+GPU_MS = [16, 32, 64, 128, 512, 2048]  # M > 1 (M = 1 has its own rows)
+GPU_TIER_MS = [1, 4, 8, 16, 32, 64, 128, 256, 512, 2048]
 # speed-up bars over bf16 F.linear by M (issue #10); M = 1 is 3.0x (2.5x at 4096x4096)
 GPU_BARS = {16: 2.5, 32: 2.0, 64: 1.3, 128: 0.8, 512: 0.8, 2048: 0.9}
+AFFINE_GROUP = 128  # issue #13's GPU rows: int4, group size 128, asymmetric
+
+
+def gpu_bar(N: int, K: int, M: int) -> float | None:
+    """The speed-up bar over bf16 F.linear of a 4-bit product (NF4, FP4 and affine alike)."""
+    if M == 1:
+        return 2.5 if (N, K) == (4096, 4096) else 3.0
+    return GPU_BARS.get(M)
+
+
+@dataclass
+class CudaPlan:
+    """What run_cuda times: cuda_plan() gives the real run's; a smoke test passes tiny ones."""
+
+    gemv_shapes: list[tuple[int, int]]  # NF4 at M = 1
+    gemm_shapes: list[tuple[int, int]]  # NF4 at every M in ms; the --tiers table
+    ms: list[int]  # M > 1
+    affine_shapes: list[tuple[int, int]]  # affine int4 at M = 1 and every M in ms, NF4 beside
+    affine8_shape: tuple[int, int]  # the one affine 8-bit row (M = 1)
+    quant_n: int  # elements quantized / dequantized
+    copy_bytes: int = 1 << 30  # the copy that gives the bandwidth
+    tier_ms: list[int] = field(default_factory=lambda: list(GPU_TIER_MS))
+
+
+def cuda_plan(quick: bool) -> CudaPlan:
+    shapes = GPU_QUICK_SHAPES if quick else GPU_SHAPES
+    return CudaPlan(
+        gemv_shapes=list(shapes),
+        gemm_shapes=list(shapes[:2]),
+        ms=list(GPU_MS),
+        affine_shapes=list(shapes),
+        affine8_shape=(11008, 4096),
+        quant_n=(4096 * 4096) if quick else (8192 * 8192),
+    )
 
 
 class CudaTimer:
@@ -512,6 +558,7 @@ class CudaTimer:
 
     def __init__(self, repeats: int):
         self.repeats = repeats
+        self.description = f"CUDA events, L2 flushed before each call, median of {repeats}"
         self.flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
 
     def __call__(self, fn) -> float:
@@ -530,26 +577,35 @@ class CudaTimer:
         return statistics.median(a.elapsed_time(b) for a, b in ev) / 1e3
 
 
-def _cuda_copy_bandwidth(timer) -> float:
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
+def _cuda_copy_bandwidth(timer, device, nbytes: int = 1 << 30) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
     t = timer(lambda: dst.copy_(src))
-    return 2 * (1 << 30) / t
+    return 2 * nbytes / t
 
 
-def _bnb_cuda():
+def _cuda_description() -> str:
+    props = torch.cuda.get_device_properties(0)
+    return (
+        f"GPU: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, "
+        f"CUDA {torch.version.cuda}"
+    )
+
+
+def _bnb_functional(device):
+    """bitsandbytes.functional when it imports and quantizes on `device`, else None."""
     try:
         import bitsandbytes.functional as bnb_F
 
-        w = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16)
-        bnb_F.quantize_4bit(w, blocksize=64, quant_type="nf4")  # has a CUDA library?
+        w = torch.randn(64, 64, device=device, dtype=torch.bfloat16)
+        bnb_F.quantize_4bit(w, blocksize=64, quant_type="nf4")  # has a library for the device?
         return bnb_F
     except Exception:  # noqa: BLE001  (no bitsandbytes, or no CUDA library in it)
         return None
 
 
 def _q4(W, quant_type="nf4", nested=False):
-    """(packed, state, gemv args after A) of a bf16 weight on the GPU."""
+    """(packed, state, gemv args after A) of a bf16 weight, on its device."""
     packed, st = LF.quantize_4bit(
         W, blocksize=64, quant_type=quant_type, compress_statistics=nested
     )
@@ -566,14 +622,14 @@ def _gemv_bytes(packed, st, x, N) -> int:
     )
 
 
-def bench_cuda_gemv1(rows, timer, shapes, bnb_F):
+def bench_cuda_gemv1(rows, timer, shapes, bnb_F, device):
     """M = 1: the decode of one token (memory-bound: the bar is bandwidth)."""
     for N, K in shapes:
-        W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+        W = torch.randn(N, K, device=device, dtype=torch.bfloat16)
         packed, st, args = _q4(W)
         _, st_dq, args_dq = _q4(W, nested=True)
         _, _, args_fp4 = _q4(W, "fp4")
-        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(1, K, device=device, dtype=torch.bfloat16)
         base = timer(lambda: F.linear(x, W))
         t = timer(lambda: ops.gemv_4bit(x, *args))
         t_dq = timer(lambda: ops.gemv_4bit(x, *args_dq))
@@ -597,7 +653,7 @@ def bench_cuda_gemv1(rows, timer, shapes, bnb_F):
                 1e3 * t,
                 "bf16 F.linear",
                 1e3 * base,
-                2.5 if (N, K) == (4096, 4096) else 3.0,
+                gpu_bar(N, K, 1),
                 extra,
                 bw=_gemv_bytes(packed, st, x, N) / t,
                 bw_bar=75,
@@ -605,14 +661,14 @@ def bench_cuda_gemv1(rows, timer, shapes, bnb_F):
         )
 
 
-def bench_cuda_gemm(rows, timer, shapes, ms):
+def bench_cuda_gemm(rows, timer, shapes, ms, device):
     """M > 1: the tier the table picks, against bf16 F.linear; FP4 alongside."""
     for N, K in shapes:
-        W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+        W = torch.randn(N, K, device=device, dtype=torch.bfloat16)
         _, _, args = _q4(W)
         _, _, args_fp4 = _q4(W, "fp4")
         for M in ms:
-            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
             base = timer(lambda: F.linear(x, W))
             t = timer(lambda: ops.gemv_4bit(x, *args))
             t_fp4 = timer(lambda: ops.gemv_4bit(x, *args_fp4))
@@ -622,20 +678,88 @@ def bench_cuda_gemm(rows, timer, shapes, ms):
                     1e3 * t,
                     "bf16 F.linear",
                     1e3 * base,
-                    GPU_BARS.get(M),
+                    gpu_bar(N, K, M),
                     f"FP4 {t_fp4 / t:.3f}x time; {2 * M * N * K / t / 1e12:.0f} TFLOP/s",
                 )
             )
 
 
-def bench_cuda_tiers(lines, timer, shapes, ms):
-    """Every tier (LOWBIT_GEMM4_FORCE) at every M: the data for the table in fourbit.cu."""
+def _affine_bytes(packed, scales, zeros, x, N) -> int:
+    """Bytes one gemm_affine call must move at least: codes, fp32 scales and zeros, A and out."""
+    return (
+        packed.numel()
+        + 4 * (scales.numel() + zeros.numel())
+        + (x.numel() + x.shape[0] * N) * x.element_size()
+    )
+
+
+def bench_cuda_affine(rows, timer, shapes, ms, device):
+    """Issue #13 on the GPU: the affine format of GPTQ / AWQ / HQQ / compressed-tensors weights
+    (gemm_affine: int4, group size 128, asymmetric, as quantize_affine makes it and the checkpoint
+    readers convert to) at M = 1 and every M in ms, against bf16 F.linear with NF4's bars (issue
+    #10: the same tiers serve both), and NF4 (gemv_4bit, blocksize 64) on the same weight and input
+    timed beside it: "affine t x NF4 time" in the notes (< 1: the affine product is faster)."""
+    g = AFFINE_GROUP
+    for N, K in shapes:
+        W = torch.randn(N, K, device=device, dtype=torch.bfloat16)
+        packed, scales, zeros = ops.quantize_affine(W, 4, g, False)
+        _, _, args_nf4 = _q4(W)
+        for M in [1, *ms]:
+            x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
+            base = timer(lambda: F.linear(x, W))
+            t = timer(lambda: ops.gemm_affine(x, packed, [N, K], scales, zeros, 4, g))
+            t_nf4 = timer(lambda: ops.gemv_4bit(x, *args_nf4))
+            extra = f"NF4 {_ms(1e3 * t_nf4)} ms, affine {t / t_nf4:.3f}x NF4 time"
+            if M > 1:
+                extra += f"; {2 * M * N * K / t / 1e12:.0f} TFLOP/s"
+            rows.append(
+                Row(
+                    f"int4 g{g} asym M={M} {N}x{K} (bf16)",
+                    1e3 * t,
+                    "bf16 F.linear",
+                    1e3 * base,
+                    gpu_bar(N, K, M),
+                    extra,
+                    bw=_affine_bytes(packed, scales, zeros, x, N) / t if M == 1 else None,
+                    bw_bar=75 if M == 1 else None,
+                )
+            )
+
+
+def bench_cuda_affine8(rows, timer, shape, device):
+    """The affine 8-bit codes (GPTQ / compressed-tensors int8 weights) at M = 1: information only
+    (8-bit codes are half of bf16's bytes, so no 4-bit bar applies)."""
+    g = AFFINE_GROUP
+    N, K = shape
+    W = torch.randn(N, K, device=device, dtype=torch.bfloat16)
+    packed, scales, zeros = ops.quantize_affine(W, 8, g, False)
+    x = torch.randn(1, K, device=device, dtype=torch.bfloat16)
+    base = timer(lambda: F.linear(x, W))
+    t = timer(lambda: ops.gemm_affine(x, packed, [N, K], scales, zeros, 8, g))
+    rows.append(
+        Row(
+            f"int8 g{g} asym M=1 {N}x{K} (bf16)",
+            1e3 * t,
+            "bf16 F.linear",
+            1e3 * base,
+            None,
+            "8-bit codes, information only",
+            bw=_affine_bytes(packed, scales, zeros, x, N) / t,
+        )
+    )
+
+
+def bench_cuda_tiers(lines, timer, shapes, ms, device, affine: bool = False):
+    """Every tier (LOWBIT_GEMM4_FORCE) at every M: the data for the table in fourbit.cu. NF4
+    (gemv_4bit), or with affine=True the affine int4 g128 product (gemm_affine), whose plan reuses
+    the same table and the same LOWBIT_GEMM4_FORCE."""
     tiers = ["", "gemv:1:1", "gemv:2:1", "gemv:1:2", "gemv:2:2", "gemv:4:2", "gemv:8:2"]
     tiers += ["gemv:1:4", "gemv:2:4", "mma:0", "mma:1", "mma:2", "mma:0:1"]
     tiers += ["mma:1:1", "mma:2:1", "dequant", "generic"]
+    what = f"affine int4 g{AFFINE_GROUP} asym" if affine else "4-bit"
     lines += [
         "",
-        "### 4-bit product tiers (ms; table = the table's choice; LOWBIT_GEMM4_FORCE: gemv:W:C ="
+        f"### {what} product tiers (ms; table = the table's choice; LOWBIT_GEMM4_FORCE: gemv:W:C ="
         " W warps per column group, C columns per group (M = 1); mma:C:S = tile config C, S splits)",
         "",
         "| shape | M | bf16 F.linear | " + " | ".join(t or "table" for t in tiers) + " |",
@@ -644,17 +768,27 @@ def bench_cuda_tiers(lines, timer, shapes, ms):
     old = os.environ.get("LOWBIT_GEMM4_FORCE")
     try:
         for N, K in shapes:
-            W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
-            _, _, args = _q4(W)
+            W = torch.randn(N, K, device=device, dtype=torch.bfloat16)
+            if affine:
+                p, s, z = ops.quantize_affine(W, 4, AFFINE_GROUP, False)
+
+                def product(x):
+                    return ops.gemm_affine(x, p, [N, K], s, z, 4, AFFINE_GROUP)
+            else:
+                _, _, args = _q4(W)
+
+                def product(x):
+                    return ops.gemv_4bit(x, *args)
+
             for M in ms:
-                x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+                x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
                 cells = [f"{1e3 * timer(lambda: F.linear(x, W)):.4f}"]
                 for tier in tiers:
                     if tier.startswith("gemv") and M > 8:
                         cells.append("")
                         continue
                     os.environ["LOWBIT_GEMM4_FORCE"] = tier
-                    cells.append(f"{1e3 * timer(lambda: ops.gemv_4bit(x, *args)):.4f}")
+                    cells.append(f"{1e3 * timer(lambda: product(x)):.4f}")
                 lines.append(f"| {N}x{K} | {M} | " + " | ".join(cells) + " |")
     finally:
         if old is None:
@@ -663,11 +797,11 @@ def bench_cuda_tiers(lines, timer, shapes, ms):
             os.environ["LOWBIT_GEMM4_FORCE"] = old
 
 
-def bench_cuda_quant(rows, timer, n):
+def bench_cuda_quant(rows, timer, n, device):
     """NF4 and blockwise 8-bit quantize / dequantize of n fp32 values against copy bandwidth."""
-    A = torch.randn(n, device="cuda")
+    A = torch.randn(n, device=device)
     p4, am4 = ops.quantize_4bit(A, 64, "nf4", torch.uint8)
-    code8 = LF.create_dynamic_map().to("cuda")
+    code8 = LF.create_dynamic_map().to(device)
     q8, am8 = ops.quantize_blockwise(A, code8, 4096)
     out = torch.empty_like(A)
     Ab = A.bfloat16()
@@ -708,40 +842,64 @@ def bench_cuda_quant(rows, timer, n):
         )
 
 
-def main_cuda(args) -> int:
-    if not torch.cuda.is_available():
-        raise SystemExit("lowbit bench: --device cuda needs a CUDA device")
+def run_cuda(
+    plan: CudaPlan,
+    timer,
+    device,
+    *,
+    quick: bool,
+    tiers: bool,
+    description: str,
+    bnb: bool = True,
+    tiers_affine: bool = False,
+) -> str:
+    """Time everything in `plan` with `timer` (fn -> median seconds; .description) on `device` and
+    return the table: what `python -m lowbit bench --device cuda` prints. bnb=False leaves
+    bitsandbytes out (its import alone takes seconds)."""
     torch.manual_seed(0)
-    quick = args.quick
-    timer = CudaTimer(args.repeats or (10 if quick else 25))
     t_start = time.perf_counter()
-    bnb_F = _bnb_cuda()
-    copy_bws = [_cuda_copy_bandwidth(timer)]
+    bnb_F = _bnb_functional(device) if bnb else None
+    copy_bws = [_cuda_copy_bandwidth(timer, device, plan.copy_bytes)]
     rows: list[Row] = []
-    shapes = GPU_QUICK_SHAPES if quick else GPU_SHAPES
-    bench_cuda_gemv1(rows, timer, shapes, bnb_F)
-    ms = [16, 32, 64, 128, 512, 2048]
-    bench_cuda_gemm(rows, timer, shapes[:2], ms)
-    bench_cuda_quant(rows, timer, (4096 * 4096) if quick else (8192 * 8192))
-    copy_bws.append(_cuda_copy_bandwidth(timer))
+    bench_cuda_gemv1(rows, timer, plan.gemv_shapes, bnb_F, device)
+    bench_cuda_gemm(rows, timer, plan.gemm_shapes, plan.ms, device)
+    bench_cuda_affine(rows, timer, plan.affine_shapes, plan.ms, device)
+    bench_cuda_affine8(rows, timer, plan.affine8_shape, device)
+    bench_cuda_quant(rows, timer, plan.quant_n, device)
+    copy_bws.append(_cuda_copy_bandwidth(timer, device, plan.copy_bytes))
     copy_bw = max(copy_bws)
-    props = torch.cuda.get_device_properties(0)
     cmd = "python -m lowbit bench --device cuda" + (" --quick" if quick else "")
     header = [
         "## lowbit CUDA benchmark",
         "",
-        f"- command: `{cmd}{' --tiers' if args.tiers else ''}`; date {time.strftime('%Y-%m-%d')}",
-        f"- GPU: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, "
-        f"CUDA {torch.version.cuda}; bitsandbytes: {'yes' if bnb_F else 'not available'}",
-        f"- copy bandwidth (read + write, 1 GiB), best of {len(copy_bws)}: "
-        f"{copy_bw / 1e9:.0f} GB/s; CUDA events, L2 flushed before each call, median of "
-        f"{timer.repeats}; speed-up = baseline ms / lowbit ms",
+        f"- command: `{cmd}{' --tiers' if tiers else ''}{' --tiers-affine' if tiers_affine else ''}`;"
+        f" date {time.strftime('%Y-%m-%d')}",
+        f"- {description}; bitsandbytes: {'yes' if bnb_F else 'not available'}",
+        f"- copy bandwidth (read + write, {plan.copy_bytes >> 20} MiB), best of {len(copy_bws)}: "
+        f"{copy_bw / 1e9:.0f} GB/s; {timer.description}; speed-up = baseline ms / lowbit ms",
     ]
     extra: list[str] = []
-    if args.tiers:
-        bench_cuda_tiers(extra, timer, shapes[:2], [1, 4, 8, 16, 32, 64, 128, 256, 512, 2048])
+    if tiers:
+        bench_cuda_tiers(extra, timer, plan.gemm_shapes, plan.tier_ms, device)
+    if tiers_affine:
+        bench_cuda_tiers(extra, timer, plan.gemm_shapes, plan.tier_ms, device, affine=True)
     header.append(f"- total bench time {time.perf_counter() - t_start:.0f} s")
-    text = render(rows, header, copy_bw) + "\n".join(extra) + ("\n" if extra else "")
+    return render(rows, header, copy_bw) + "\n".join(extra) + ("\n" if extra else "")
+
+
+def main_cuda(args) -> int:
+    if not torch.cuda.is_available():
+        raise SystemExit("lowbit bench: --device cuda needs a CUDA device")
+    timer = CudaTimer(args.repeats or (10 if args.quick else 25))
+    text = run_cuda(
+        cuda_plan(args.quick),
+        timer,
+        "cuda",
+        quick=args.quick,
+        tiers=args.tiers,
+        tiers_affine=args.tiers_affine,
+        description=_cuda_description(),
+    )
     return _emit(text, args.out)
 
 
