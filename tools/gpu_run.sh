@@ -198,6 +198,7 @@ if [ "${LOWBIT_GPU_BENCH:-1}" != 0 ]; then
     name=$(basename "$b" .py)
     extra=()
     [ "$b" = benchmarks/bench_gpu_int8.py ] && extra=(--quick --out "$OUT/gpu_int8.md")
+    [ "$b" = benchmarks/bench_gpu_formats.py ] && extra=(--quick --out "$OUT/gpu_formats.md")
     timeout "${LOWBIT_GPU_OTHER_BENCH_TIMEOUT:-90}" "$PYTHON" "$b" "${extra[@]}" \
       >"$OUT/bench_$name.log" 2>&1
     say "benchmark $b: rc $? (bench_$name.log)"
