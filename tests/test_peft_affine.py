@@ -3,8 +3,6 @@ compressed-tensors format, loaded by lowbit, wrapped by get_peft_model with a pl
 trained a few steps, merged (re-quantized and dense), saved; bad configurations refused."""
 
 import copy
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -257,20 +255,40 @@ def test_unsupported_lora_configs_are_refused(checkpoints):
         merge_and_unload(pm, requantize="yes")
 
 
-def test_dispatch_installed_whatever_the_import_order():
-    # This process imported lowbit first (conftest), so the import hook installed the dispatcher;
-    # here peft comes first and `import lowbit` installs it at once.
+def _patched(fn) -> bool:
+    return getattr(fn, "_lowbit_affine", False)
+
+
+def test_dispatch_installed_whatever_the_import_order(monkeypatch):
+    from peft.tuners import tuners_utils
     from peft.tuners.lora.model import LoraModel
 
-    assert getattr(LoraModel.__dict__["_create_new_module"].__func__, "_lowbit_affine", False)
-    code = (
-        "from peft.tuners.lora.model import LoraModel\n"
-        "def patched():\n"
-        "    f = LoraModel.__dict__['_create_new_module'].__func__\n"
-        "    return getattr(f, '_lowbit_affine', False)\n"
-        "before = patched()\n"
-        "import lowbit\n"
-        "print(before, patched())\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False True"
+    import lowbit.integrations
+
+    # conftest imported lowbit before anything imported peft: the import hook installed both
+    create = LoraModel.__dict__["_create_new_module"].__func__
+    resolver = tuners_utils._maybe_include_all_linear_layers
+    assert _patched(create) and _patched(resolver)
+    # peft imported first: `import lowbit` (its _register_if_available) installs them at once;
+    # monkeypatch puts the installed versions back afterwards
+    monkeypatch.setattr(LoraModel, "_create_new_module", staticmethod(create.__wrapped__))
+    monkeypatch.setattr(tuners_utils, "_maybe_include_all_linear_layers", resolver.__wrapped__)
+    assert not _patched(LoraModel.__dict__["_create_new_module"].__func__)
+    lowbit.integrations._register_if_available()
+    assert _patched(LoraModel.__dict__["_create_new_module"].__func__)
+    assert _patched(tuners_utils._maybe_include_all_linear_layers)
+    lowbit.integrations._register_if_available()  # idempotent: wrapped once
+    assert LoraModel.__dict__["_create_new_module"].__func__.__wrapped__ is create.__wrapped__
+
+
+def test_partial_state_dict_keeps_the_permutation(checkpoints):
+    # PEFT loads an adapter with load_state_dict(strict=False) and only LoRA keys: a LinearAffine
+    # layer must keep its act-order permutation then, and drop it only for a state dict holding
+    # its codes without one.
+    layer = next(iter(_affine(_load(checkpoints["gptq-act-order"])).values()))
+    perm = layer.perm.clone()
+    layer.load_state_dict({}, strict=False)
+    assert torch.equal(layer.perm, perm)
+    state = {k: v for k, v in layer.state_dict().items() if k != "perm"}
+    layer.load_state_dict(state)
+    assert layer.perm is None

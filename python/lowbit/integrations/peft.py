@@ -18,9 +18,10 @@ lowbit` makes PEFT's LoRA dispatcher pick it (see install()), so the usual
     model = lowbit.from_pretrained("path/to/Llama-GPTQ")
     model = get_peft_model(model, LoraConfig(target_modules=["q_proj", "v_proj"]))
     ...  # train
-    merged = lowbit.integrations.peft.merge_and_unload(model)  # or model.merge_and_unload()
+    merged = lowbit.integrations.peft.merge_and_unload(model)
 
-works unchanged. Plain LoRA only: DoRA and the other variants need a float base weight on every
+works unchanged (PEFT's own model.merge_and_unload() runs the same layer merge, but PEFT refuses
+it for any model whose quantization_method is "gptq", a guard meant for AutoGPTQ's kernels). Plain LoRA only: DoRA and the other variants need a float base weight on every
 forward, and PiSSA/OLoRA/LoftQ/... initialisations rewrite the base weight; both are refused with
 a ValueError when the adapter is created.
 """
