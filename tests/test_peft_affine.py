@@ -292,3 +292,39 @@ def test_partial_state_dict_keeps_the_permutation(checkpoints):
     state = {k: v for k, v in layer.state_dict().items() if k != "perm"}
     layer.load_state_dict(state)
     assert layer.perm is None
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device; runs on the lent GPU machine"
+)
+def test_lora_on_cuda(checkpoints, ids):
+    # The same flow on the GPU kernels: adapters follow the codes to the device, training moves
+    # them, both merges run there (quantize_affine / dequantize_affine on CUDA).
+    model = _load(checkpoints["gptq-act-order"]).to("cuda")
+    pm = peft.get_peft_model(model, _lora())
+    q = pm.base_model.model.model.layers[0].self_attn.q_proj
+    assert q.lora_A["default"].weight.device.type == "cuda"
+    ids = ids.cuda()
+    codes = _affine_state(pm)
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=2e-2)
+    losses = []
+    for _ in range(4):
+        loss = pm(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    assert all(torch.equal(v, _affine_state(pm)[k]) for k, v in codes.items())
+    pm.eval()
+    logits = _logits(pm, ids)
+    W = q.base_layer.dequantize() + q.get_delta_weight("default")
+    dense = merge_and_unload(copy.deepcopy(pm), requantize=False)
+    layer = dense.get_submodule("model.layers.0.self_attn.q_proj")
+    assert layer.weight.device.type == "cuda" and torch.equal(layer.weight, W)
+    # cuBLAS vs the affine CUDA kernels, whose tensor-core tiers may round the activations
+    assert _rel(_logits(dense, ids), logits) < 2e-2
+    merged = merge_and_unload(pm)
+    layer = merged.get_submodule("model.layers.0.self_attn.q_proj")
+    assert isinstance(layer, LinearAffine) and layer.packed.device.type == "cuda"
+    assert _rel(_logits(merged, ids), logits) < 0.1
