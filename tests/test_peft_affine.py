@@ -84,6 +84,22 @@ def _affine(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, LinearAffine)}
 
 
+def _train(pm, ids, after_first_backward=None, steps=4):
+    """AdamW steps on one batch (the model learning its own tokens); the losses."""
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=2e-2)
+    pm.train()
+    losses = []
+    for _ in range(steps):
+        loss = pm(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if after_first_backward is not None and not losses:
+            after_first_backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.mark.parametrize("fmt", list(WRITERS))
 def test_get_peft_model_wraps_linear_affine(checkpoints, ids, fmt):
     model = _load(checkpoints[fmt])
@@ -114,21 +130,14 @@ def test_train_then_merge(checkpoints, ids, fmt, checkpointing):
     pm = peft.get_peft_model(model, _lora())
     codes = _affine_state(pm)
     frozen = {n: p.detach().clone() for n, p in pm.named_parameters() if not p.requires_grad}
-    trainable = [p for p in pm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=2e-2)
-    pm.train()
-    losses = []
-    for _ in range(4):
-        loss = pm(input_ids=ids, labels=ids).loss
-        loss.backward()
-        if not losses:  # gradients reach the adapters (A's is 0 while B is), nothing else
-            assert all(p.grad is not None for p in trainable)
-            grads_b = [p.grad for n, p in pm.named_parameters() if ".lora_B." in n]
-            assert grads_b and all(g.abs().sum() > 0 for g in grads_b)
-            assert all(p.grad is None for n, p in pm.named_parameters() if n in frozen)
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+
+    def first_step():  # gradients reach the adapters (A's is 0 while B is), nothing else
+        assert all(p.grad is not None for p in pm.parameters() if p.requires_grad)
+        grads_b = [p.grad for n, p in pm.named_parameters() if ".lora_B." in n]
+        assert grads_b and all(g.abs().sum() > 0 for g in grads_b)
+        assert all(p.grad is None for n, p in pm.named_parameters() if n in frozen)
+
+    losses = _train(pm, ids, first_step)
     assert losses[-1] < losses[0] - 0.05, losses
     for m in _affine(pm).values():
         assert not any(getattr(m, b).requires_grad for b in BUFFERS if getattr(m, b) is not None)
@@ -306,14 +315,7 @@ def test_lora_on_cuda(checkpoints, ids):
     assert q.lora_A["default"].weight.device.type == "cuda"
     ids = ids.cuda()
     codes = _affine_state(pm)
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=2e-2)
-    losses = []
-    for _ in range(4):
-        loss = pm(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = _train(pm, ids)
     assert losses[-1] < losses[0], losses
     assert all(torch.equal(v, _affine_state(pm)[k]) for k, v in codes.items())
     pm.eval()
