@@ -4,7 +4,9 @@
 `AutoModel*.from_pretrained(..., quantization_config=LowbitConfig(...))` and loading a saved
 lowbit checkpoint must find the "lowbit" quantizer whatever the import order. So registration is
 deferred: done at once when Transformers' quantizer registry is already imported, otherwise by a
-one-shot import hook that fires right after `transformers.quantizers.auto` has executed.
+one-shot import hook that fires right after `transformers.quantizers.auto` has executed. PEFT's
+LoRA learns about LinearAffine layers the same way, right after `peft.tuners.lora.model` (see
+lowbit.integrations.peft.install).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 import warnings
 
 _AUTO = "transformers.quantizers.auto"
+_PEFT_LORA = "peft.tuners.lora.model"
 _registered = False
 
 
@@ -29,12 +32,22 @@ def register_transformers() -> None:
     _registered = True
 
 
+def register_peft() -> None:
+    """Make PEFT's LoRA dispatcher wrap LinearAffine layers (idempotent)."""
+    from lowbit.integrations import peft
+
+    peft.install()
+
+
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):
-    """Finds `transformers.quantizers.auto` through the other finders and wraps its loader so
-    that registration runs as soon as the module body has executed."""
+    """Finds module `target` (`transformers.quantizers.auto` by default) through the other finders
+    and wraps its loader so that `register` runs as soon as the module body has executed."""
+
+    def __init__(self, target: str = _AUTO, register=register_transformers):
+        self.target, self.register = target, register
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != _AUTO:
+        if fullname != self.target:
             return None
         sys.meta_path.remove(self)  # one shot; also keeps find_spec below from recursing
         spec = importlib.util.find_spec(fullname)
@@ -45,9 +58,9 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
         def exec_then_register(module):
             exec_module(module)
             try:
-                register_transformers()
+                self.register()
             except Exception as e:  # a broken plug-in must never break `import transformers`
-                msg = f"lowbit: could not register the Transformers quantizer: {e!r}"
+                msg = f"lowbit: could not register with {self.target}: {e!r}"
                 warnings.warn(msg, RuntimeWarning, stacklevel=2)
 
         spec.loader.exec_module = exec_then_register
@@ -57,8 +70,13 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
 def _register_if_available() -> None:
     """Called by `import lowbit`: costs a dictionary lookup, or one find_spec when Transformers
     has not been imported yet; never imports Transformers itself."""
-    if _AUTO in sys.modules:
-        register_transformers()
-    elif importlib.util.find_spec("transformers") is not None:
-        if not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
-            sys.meta_path.insert(0, _RegisterAfterImport())
+    for target, package, register in (
+        (_AUTO, "transformers", register_transformers),
+        (_PEFT_LORA, "peft", register_peft),
+    ):
+        if target in sys.modules:
+            register()
+        elif importlib.util.find_spec(package) is not None:
+            hooks = [f for f in sys.meta_path if isinstance(f, _RegisterAfterImport)]
+            if not any(f.target == target for f in hooks):
+                sys.meta_path.insert(0, _RegisterAfterImport(target, register))

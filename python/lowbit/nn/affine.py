@@ -77,6 +77,13 @@ class LinearAffine(nn.Module):
     def weight_shape(self) -> list[int]:
         return [self.out_features, self.in_features]
 
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The packed codes, under the name PEFT looks for on a quantized base layer (AutoGPTQ's
+        QuantLinear has it): PEFT puts LoRA adapters on its device, and its integer dtype keeps
+        them in fp32 (lowbit.integrations.peft)."""
+        return self.packed
+
     def set_weight(self, packed, scales, zeros, bits: int, group_size: int, perm=None) -> None:
         """Install a converted weight (shape checked); bits and group_size may change."""
         N, K = self.out_features, self.in_features
@@ -145,7 +152,9 @@ class LinearAffine(nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing, unexpected, errs
     ):
-        # perm is optional: make room for it when the state dict has one, drop it when not.
+        # perm is optional: make room for it when the state dict has one, drop it when the state
+        # dict holds this layer's codes without one. A state dict without the codes either is a
+        # partial one (PEFT loads adapters with strict=False) and leaves the weight alone.
         key = prefix + "perm"
         if key in state_dict:
             perm = state_dict[key]
@@ -156,7 +165,7 @@ class LinearAffine(nn.Module):
                 return
             if self.perm is None or self.perm.shape != perm.shape:
                 self._buffers["perm"] = torch.empty_like(perm, device=self.packed.device)
-        elif self.perm is not None:
+        elif self.perm is not None and prefix + "packed" in state_dict:
             self._buffers["perm"] = None
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing, unexpected, errs
