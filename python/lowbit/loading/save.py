@@ -141,7 +141,10 @@ def refuse_affine(model: nn.Module) -> None:
             f"save_pretrained writes lowbit/bitsandbytes layers only; {affine[0]} (and "
             f"{len(affine) - 1} more) are LinearAffine layers loaded from a "
             f"{getattr(model, 'quantization_method', 'GPTQ/AWQ/compressed-tensors/HQQ')} "
-            "checkpoint: keep that checkpoint as the saved form"
+            "checkpoint, and lowbit cannot write that format back. Keep the original checkpoint "
+            "(and, after LoRA fine-tuning, save the adapter with PEFT), or merge into dense "
+            "layers with lowbit.integrations.peft.merge_and_unload(model, requantize=False) and "
+            "save a float model"
         )
 
 
