@@ -108,10 +108,11 @@ TIERS += ["dequant", "generic"]
     [
         (1, 201, 512, 64),  # N not a multiple of any tile (8, 128) nor of the gemv's columns
         (3, 130, 96, 64),  # K = 96: blocks of 64 straddle rows; one partial k-tile
-        (8, 64, 2048, 32),  # small N: the gemv splits K inside the block (8 warps per column)
+        (8, 64, 2048, 32),  # small N; the forced gemv:8:4 / gemv:2:2 split K inside the block
         (16, 257, 1024, 128),
         (37, 136, 320, 256),  # M over 3 tiles of 16 / 2 of 32; K % 64 == 32 (tail chunk)
         (2048, 72, 256, 64),  # M = 2048 (in every tier that takes it)
+        (5, 1, 32, 32),  # one column, one 16-byte vector per row: every lane but one idle
     ],
 )
 def test_tier(monkeypatch, tier, dtype, M, N, K, blocksize):
@@ -214,6 +215,27 @@ def test_non_contiguous_and_misaligned(dtype, M):
     pm = flat[1:].view(packed.shape)
     assert pm.data_ptr() % 16 != 0
     check(run(A.cuda(), pm, absmax, nested, N, K), A, W)
+    # A contiguous A one element past a 16-byte boundary (a storage offset, which .contiguous()
+    # keeps): generic kernel up to generic_max_m, dequantize + cuBLAS above it.
+    flat_a = torch.empty(M * K + 1, dtype=dtype, device="cuda")
+    flat_a[1:] = A.cuda().view(-1)
+    am = flat_a[1:].view(M, K)
+    assert am.is_contiguous() and am.data_ptr() % 16 != 0
+    check(run(am, packed, absmax, nested, N, K), A, W)
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32, torch.int8])
+@pytest.mark.parametrize("M", [1, 16, 2048])
+def test_quant_storage(storage, M):
+    """A weight packed into another storage dtype (the same bytes, reinterpreted) gives the same
+    product in every default tier as the uint8 one."""
+    N, K = 136, 512
+    packed, absmax, nested, W = weight(N, K)
+    stored = packed.view(-1).view(storage).view(-1, 1)
+    A = torch.randn(M, K).to(torch.bfloat16)
+    out = run(A.cuda(), stored, absmax, nested, N, K)
+    check(out, A, W)
+    assert torch.equal(out, run(A.cuda(), packed, absmax, nested, N, K))
 
 
 def test_special_blocks(monkeypatch):
@@ -233,6 +255,46 @@ def test_special_blocks(monkeypatch):
             assert out[:, 5].isnan().all(), tier
             others = torch.cat([out[:, :5], out[:, 6:]], 1)
             assert not others.isnan().any(), tier
+
+
+def misaligned_like(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous CUDA tensor with t's values at a data pointer one element past a 16-byte
+    boundary (a storage offset), so the vectorised kernels must take their scalar paths."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device="cuda")
+    flat[1:] = t.reshape(-1).cuda()
+    out = flat[1:].view(t.shape)
+    assert out.is_contiguous() and out.data_ptr() % 16 != 0
+    return out
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("blocksize", [32, 64, 512, 1024])
+def test_quantize_dequantize_scalar_paths(quant_type, dtype, blocksize):
+    """The scalar quantize and dequantize kernels (taken for misaligned data; quantize also for
+    blocks above 512) give the CPU's bits: an odd length with a partial last block, a NaN block and
+    a zero block. tests/test_cuda.py covers the vectorised ones."""
+    n = 3 * 1024 + 77
+    A = torch.randn(n)
+    A[:64] = 0.0
+    A[1030] = float("nan")
+    A = A.to(dtype)
+    packed, absmax = ops.quantize_4bit(A, blocksize, quant_type, torch.uint8)
+    packed_c, absmax_c = ops.quantize_4bit(misaligned_like(A), blocksize, quant_type, torch.uint8)
+    assert torch.equal(packed_c.cpu(), packed)
+    assert torch.equal(absmax_c.cpu().view(torch.int32), absmax.view(torch.int32))
+    out = ops.dequantize_4bit(packed, absmax, blocksize, quant_type, [n], dtype)
+    view = torch.int32 if dtype == torch.float32 else torch.int16
+    # a misaligned packed input, then a misaligned (contiguous) out= destination
+    got = ops.dequantize_4bit(
+        misaligned_like(packed), absmax.cuda(), blocksize, quant_type, [n], dtype
+    )
+    assert torch.equal(got.cpu().view(view), out.view(view))
+    dst = misaligned_like(torch.zeros(n, dtype=dtype))
+    ops.dequantize_4bit.out(
+        packed.cuda(), absmax.cuda(), blocksize, quant_type, [n], dtype, out=dst
+    )
+    assert torch.equal(dst.cpu().view(view), out.view(view))
 
 
 # ---- Linear4bit on CUDA -------------------------------------------------------------------------
@@ -271,12 +333,16 @@ def test_linear4bit_one_op(quant_type, dtype, M):
     torch.testing.assert_close(y.cpu().float(), ref.float(), rtol=2e-2, atol=0.1)
 
 
-@pytest.mark.parametrize("M", [1, 16, 2048])
-def test_linear4bit_cuda_graph(M):
+@pytest.mark.parametrize(
+    "M,K",
+    [(1, 256), (16, 256), (2048, 256), (16, 4096)],  # (16, 4096): the mma tier splits K
+)
+def test_linear4bit_cuda_graph(M, K):
     """Linear4bit's forward records into a CUDA graph at every tier (no host sync; the workspaces
-    come from the caching allocator's graph pool) and each replay computes on the new input."""
-    m, W, b = linear4bit(256, 136)
-    x = torch.randn(M, 256, dtype=torch.bfloat16, device="cuda")
+    come from the caching allocator's graph pool, the split-K partials too) and each replay
+    computes on the new input."""
+    m, W, b = linear4bit(K, 136)
+    x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -286,7 +352,7 @@ def test_linear4bit_cuda_graph(M):
     with torch.cuda.graph(g):
         y = m(x)
     for _ in range(2):
-        x.copy_(torch.randn(M, 256, dtype=torch.bfloat16, device="cuda"))
+        x.copy_(torch.randn(M, K, dtype=torch.bfloat16, device="cuda"))
         g.replay()
         torch.cuda.synchronize()
         # The same kernels on the same data (cuBLAS may pick another algorithm outside capture,

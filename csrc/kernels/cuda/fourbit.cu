@@ -30,8 +30,10 @@ constexpr int kGemmRows = 8;          // generic gemv: activation rows accumulat
 // absmax (a max, order-free). Pass 2: lane l packs bytes l, l + 32, ... of the block: the codes of
 // elements 2j and 2j+1 into one byte, the even one high; a missing odd tail gets zero_code, as
 // the CPU kernel pads.
+// Min 4 blocks per SM (at most 64 registers): left to itself, ptxas aimed at 48 registers and
+// spilled 8 bytes (tools/cuda_resources.sh); 4 blocks of 8 warps still fill the SM.
 template <typename T>
-__global__ void __launch_bounds__(kQuantWarps * 32)
+__global__ void __launch_bounds__(kQuantWarps * 32, 4)
     quantize_4bit_kernel(const T* __restrict__ a, int64_t n, int64_t nblocks, int bs_log2,
                          const __grid_constant__ Codebook16 cb_param, uint8_t* __restrict__ packed,
                          float* __restrict__ absmax) {
@@ -461,15 +463,18 @@ Gemm4Plan plan_gemm_4bit(FloatType t, int64_t M, int64_t N, int64_t K, bool a_al
   if (force != nullptr && force[0] != 0) {
     if (std::strncmp(force, "gemv", 4) == 0) {
       want = gemv;
-      if (force[4] == ':') {  // "gemv:W[:C]": W warps per column group, C columns (M = 1)
+      // "gemv:W[:C]": W warps per column group, C columns (M = 1). Each character is read only
+      // after the one before it was checked not to be the terminator ("gemv:" alone must not
+      // read past the end of the string).
+      if (force[4] == ':' && force[5] != 0) {
         force_cfg = force[5] - '0';
-        if (force[6] == ':') force_split = force[7] - '0';
+        if (force[6] == ':' && force[7] != 0) force_split = force[7] - '0';
       }
     } else if (std::strncmp(force, "mma", 3) == 0) {
       want = mma;
-      if (force[3] == ':') {
+      if (force[3] == ':' && force[4] != 0) {  // "mma:C[:S]", read as "gemv:" above
         force_cfg = force[4] - '0';
-        if (force[5] == ':') force_split = force[6] - '0';
+        if (force[5] == ':' && force[6] != 0) force_split = force[6] - '0';
       }
     } else if (std::strncmp(force, "dequant", 7) == 0)
       want = dequant;

@@ -12,7 +12,9 @@
 //     consecutive lanes read consecutive vectors (a coalesced 512-byte request per warp), and the
 //     group's warps interleave over K (split-K inside the block, for when N alone cannot fill the
 //     SMs); U vectors per column are loaded before the first is used (U * COLS = 4 loads in
-//     flight per lane);
+//     flight per lane for M <= 2, U * COLS = 2 for M = 3..8);
+//   * each 32-bit word of a vector (8 weights) is decoded once per column and then multiplied
+//     with the M rows one row at a time, so only 8 activations are live at once;
 //   * all 32 elements of a vector share one group (groups are multiples of 32 elements, and the
 //     flattened offset j*K + k0 is a multiple of 32), so the scale is read once per vector and
 //     factored out of the vector's partial sum: acc += s * sum(x * code) (minus z * s * sum(x)
@@ -57,8 +59,11 @@ __global__ void __launch_bounds__(kWarps * 32)
     gemv_4bit_fast_kernel(const T* __restrict__ a, int mr, int64_t K,
                           const uint8_t* __restrict__ packed, Policy pol, T* __restrict__ out,
                           int64_t N) {
-  constexpr int U =
-      COLS >= 4 ? 1 : 4 / COLS;  // vectors per column per step: 4 16-byte loads in flight per lane
+  // Vectors per column per step: 4 16-byte weight loads in flight per lane for M <= 2. M = 3..8
+  // keeps 2 (U = 1): each vector then feeds 4-8 rows of FMAs, which covers the load latency, and
+  // the registers of the other two vectors are what made these kernels spill (or drop to one
+  // block per SM) in the static resource check (tools/cuda_resources.sh).
+  constexpr int U = (COLS >= 4 || MT >= 4) ? 1 : 4 / COLS;
   constexpr int kGroups = kWarps / KSPLIT;
   __shared__ float nested_code[Policy::kNested ? 256 : 1];
   __shared__ float red[KSPLIT > 1 ? kWarps : 1][COLS * MT];
@@ -109,20 +114,11 @@ __global__ void __launch_bounds__(kWarps * 32)
       for (int m = 0; m < MT; ++m) xs[m] = 0.0f;
 #pragma unroll
       for (int q = 0; q < 4; ++q) {  // word q: elements k0 + 8q .. k0 + 8q + 7
-        float x[MT][8];
-#pragma unroll
-        for (int m = 0; m < MT; ++m) {
-          if (m < mr && ok[u]) {
-            load_x8(a + m * K + k0 + 8 * q, x[m]);
-          } else {
-#pragma unroll
-            for (int i = 0; i < 8; ++i) x[m][i] = 0.0f;
-          }
-          if constexpr (Policy::kHasZero) {
-#pragma unroll
-            for (int i = 0; i < 8; ++i) xs[m] += x[m][i];
-          }
-        }
+        // The 8 weights of word q of each column, decoded once (the table shuffles are
+        // unconditional: every lane takes part) and used by all MT rows. Byte bi of the word is
+        // bits [8bi, 8bi + 8): element 2bi in its HIGH nibble, 2bi + 1 in its low one; value()
+        // ignores bits 4 and up of its argument.
+        float wd[COLS][8];
 #pragma unroll
         for (int c = 0; c < COLS; ++c) {
           const uint32_t w = (q == 0)   ? wv[u][c].x
@@ -131,16 +127,30 @@ __global__ void __launch_bounds__(kWarps * 32)
                                         : wv[u][c].w;
 #pragma unroll
           for (int bi = 0; bi < 4; ++bi) {
-            // Byte bi of the word is bits [8bi, 8bi + 8): element 2bi in its high nibble, 2bi + 1
-            // in its low one. value() ignores bits 4 and up of its argument.
-            const float hi = pol.value(w >> (8 * bi + 4));
-            const float lo = pol.value(w >> (8 * bi));
-#pragma unroll
-            for (int m = 0; m < MT; ++m) {
-              part[c][m] += x[m][2 * bi] * hi;
-              part[c][m] += x[m][2 * bi + 1] * lo;
-            }
+            wd[c][2 * bi] = pol.value(w >> (8 * bi + 4));
+            wd[c][2 * bi + 1] = pol.value(w >> (8 * bi));
           }
+        }
+        // Then one row at a time: only 8 activations live at once (not 8 * MT), which keeps the
+        // M = 4..8 kernels within 128 registers. Each part[c][m] still adds its 8 products in
+        // element order.
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          float x[8];
+          if (m < mr && ok[u]) {
+            load_x8(a + m * K + k0 + 8 * q, x);
+          } else {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) x[i] = 0.0f;
+          }
+          if constexpr (Policy::kHasZero) {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) xs[m] += x[i];
+          }
+#pragma unroll
+          for (int c = 0; c < COLS; ++c)
+#pragma unroll
+            for (int i = 0; i < 8; ++i) part[c][m] += x[i] * wd[c][i];
         }
       }
 #pragma unroll

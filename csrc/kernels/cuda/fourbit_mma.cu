@@ -126,8 +126,12 @@ struct MmaSmem {
   static constexpr int kStage = kStageA + kBN * kPitchW;
 };
 
+// Min 3 blocks per SM: the dynamic shared memory (55-60 KB per block) allows at most 3 on sm_90
+// and 2 on sm_80 anyway, so this only tells ptxas it may use up to 168 registers. Without it,
+// ptxas aimed at register counts for 4-5 blocks that the shared memory never allows and spilled
+// (the 16-row configuration: 12 bytes at 96 registers, tools/cuda_resources.sh).
 template <typename T, typename Policy, int BM, int KC, int STAGES>
-__global__ void __launch_bounds__(kMmaThreads)
+__global__ void __launch_bounds__(kMmaThreads, 3)
     mma_4bit_kernel(const T* __restrict__ a, int64_t M, int64_t K,
                     const uint8_t* __restrict__ packed, Policy pol, T* __restrict__ out,
                     float* __restrict__ ws, int64_t N, int tiles_per_split) {
