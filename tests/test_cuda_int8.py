@@ -141,7 +141,16 @@ def test_int8_matmul_out_views():
 @pytest.mark.parametrize("threshold", [0.0, THRESHOLD])
 @pytest.mark.parametrize(
     "M,K,N",
-    [(1, 4096, 1024), (3, 1000, 260), (16, 512, 128), (17, 384, 96), (129, 520, 200), (45, 33, 7)],
+    [
+        (1, 4096, 1024),
+        (3, 1000, 260),
+        (16, 512, 128),
+        (17, 384, 96),
+        (129, 520, 200),
+        (45, 33, 7),
+        (16, 16384, 64),  # the largest one-block quantize: 16 rows x 2^14 = 2^18 elements
+        (16, 16388, 64),  # four elements more: the cooperative grid with 16 rows
+    ],
     ids=str,
 )
 def test_int8_linear_matches_cpu(dtype, threshold, M, K, N):
@@ -211,6 +220,43 @@ def test_large_k(dtype):
         for threshold in (0.0, THRESHOLD):
             outc, out = run_both(A, W, S, b, threshold)
             assert_matches_cpu(outc, out, dtype, exact=threshold == 0.0)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+def test_more_rows_than_the_cooperative_grid(dtype):
+    """More rows than the cooperative quantize grid holds (at most 4 blocks of 512 threads per SM),
+    so each block quantizes, zeroes and gathers several rows, with outlier columns above the gather
+    capacity. Unaligned K (1-element loads) first, then K % 8 == 0 (16-byte loads): the two kernels
+    have different register counts and so different co-resident grid limits, which a shared cache
+    of that limit once mixed up (a launch error at M > 3 * SMs for fp16)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    M, N = 4 * sms * 2 + 3, 96
+    for K, n_cols in ((1001, 5), (1024, CAPACITY + 40)):
+        g = torch.Generator().manual_seed(K)
+        cols = torch.randperm(K, generator=g)[:n_cols].tolist()
+        A, W, S, b = inputs(M, K, N, dtype, outlier_cols=cols, seed=K)
+        outc, out = run_both(A, W, S, b, THRESHOLD)
+        assert_matches_cpu(outc, out, dtype, exact=False)
+        outc0, out0 = run_both(A.clamp(-5.0, 5.0), W, S, b, 0.0)
+        assert_matches_cpu(outc0, out0, dtype, exact=True)
+
+
+@pytest.mark.parametrize("threshold", [0.0, THRESHOLD])
+@pytest.mark.parametrize(
+    "a_dtype,bias_dtype",
+    [
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.bfloat16),
+        (torch.float16, torch.bfloat16),
+    ],
+    ids=["bf16-f32bias", "f32-bf16bias", "f16-bf16bias"],
+)
+def test_bias_of_another_dtype(a_dtype, bias_dtype, threshold):
+    """The epilogue reads the bias in its own dtype (a second template parameter), as the CPU does."""
+    A, W, S, _ = inputs(20, 256, 72, a_dtype, outlier_cols=[7, 200])
+    b = torch.randn(72, generator=torch.Generator().manual_seed(1)).to(bias_dtype)
+    outc, out = run_both(A, W, S, b, threshold)
+    assert_matches_cpu(outc, out, a_dtype, exact=threshold == 0.0)
 
 
 def test_leading_dims_and_noncontiguous():

@@ -308,18 +308,20 @@ struct OutlierView {
 
 constexpr int kEThreads = 256, kETileN = 256, kETileM = 16;
 
+// VN == 4: one 16-byte (fp32) or 8-byte (16-bit) store. Through the __stwb intrinsic (st.global.wb,
+// the default write-back policy) rather than a plain float4 / uint2 assignment: nvcc split those
+// into 4 x 32-bit and 2 x 32-bit stores (SASS of sm_80/sm_90, cuda 13.0), apparently after merging
+// this branch with the element-wise tail store below, and an intrinsic is never split.
 template <typename TO, int VN>
 __device__ __forceinline__ void store_out(TO* p, const float (&v)[VN]) {
   if constexpr (VN == 4 && sizeof(TO) == 4) {
-    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+    __stwb(reinterpret_cast<float4*>(p), make_float4(v[0], v[1], v[2], v[3]));
   } else if constexpr (VN == 4 && sizeof(TO) == 2) {
-    union {
-      uint2 u;
-      TO t[4];
-    } w;
+    // Element i in bits [16 * (i % 2), 16 * (i % 2) + 16) of word i / 2: little-endian order.
+    uint32_t b[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) w.t[i] = from_float<TO>(v[i]);
-    *reinterpret_cast<uint2*>(p) = w.u;
+    for (int i = 0; i < 4; ++i) b[i] = from_float<TO>(v[i]).bits;
+    __stwb(reinterpret_cast<uint2*>(p), make_uint2(b[0] | (b[1] << 16), b[2] | (b[3] << 16)));
   } else {
 #pragma unroll
     for (int i = 0; i < VN; ++i) p[i] = from_float<TO>(v[i]);
@@ -432,9 +434,14 @@ __global__ void __launch_bounds__(kEThreads)
 constexpr int kMaxDevices = 64;
 
 // Blocks of `kernel` that fit on the current device at once (the cooperative launch limit), cached
-// per device: the kernel's resources do not change.
-template <typename Kernel>
-cudaError_t coop_grid_limit(Kernel kernel, int* limit) {
+// per device: the kernel's resources do not change. The cache is per kernel, i.e. per (T, V)
+// instantiation: templated on the kernel's function-pointer TYPE alone, the V = 1 and V = 16 /
+// sizeof(T) kernels of one T (same type void (*)(QuantArgs<T>)) shared one cache, although their
+// register counts differ (sm_80/90: fp16 V = 8 uses 39 registers, 3 blocks of 512 per SM; V = 1
+// uses 32, 4 blocks per SM). Whichever ran first set the limit for both, and a grid sized by the
+// V = 1 limit is too large for the V = 8 kernel: cudaErrorCooperativeLaunchTooLarge at M > 3 * SMs.
+template <typename T, int V>
+cudaError_t coop_grid_limit(void (*kernel)(QuantArgs<T>), int* limit) {
   static int cache[kMaxDevices] = {};
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
@@ -469,7 +476,7 @@ cudaError_t launch_quant(const QuantArgs<T>& args, float threshold, cudaStream_t
   }
   auto kernel = int8_quant_outliers_kernel<T, kGrid, V>;
   int limit = 0;
-  cudaError_t err = coop_grid_limit(kernel, &limit);
+  cudaError_t err = coop_grid_limit<T, V>(kernel, &limit);
   if (err != cudaSuccess) return err;
   // Enough blocks to cover the rows, never more than fit at once (a grid barrier needs every
   // block resident).
