@@ -148,8 +148,9 @@ def test_int8_matmul_out_views():
         (17, 384, 96),
         (129, 520, 200),
         (45, 33, 7),
-        (16, 16384, 64),  # the largest one-block quantize: 16 rows x 2^14 = 2^18 elements
-        (16, 16388, 64),  # four elements more: the cooperative grid with 16 rows
+        (4, 65536, 64),  # the largest one-block quantize: 4 rows x 2^16 = 2^18 elements
+        (4, 65540, 64),  # four elements more: the cooperative grid, 4 rows
+        (5, 1024, 64),  # one row more than one block takes: the cooperative grid, 5 rows
     ],
     ids=str,
 )
@@ -165,8 +166,8 @@ def test_int8_linear_matches_cpu(dtype, threshold, M, K, N):
 )
 @pytest.mark.parametrize(
     "M,K,N",
-    [(1, 2048, 512), (12, 1024, 300), (8, 65536, 64), (70, 1536, 260)],
-    ids=["one-block", "one-block-12", "grid-few-rows", "grid"],
+    [(1, 2048, 512), (3, 1024, 300), (8, 65536, 64), (70, 1536, 260)],
+    ids=["one-block", "one-block-3", "grid-few-rows", "grid"],
 )
 def test_outlier_counts(dtype, count, M, K, N):
     """Any number of outlier columns gives the CPU's answer: below, at and above the gather

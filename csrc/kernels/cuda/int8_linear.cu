@@ -39,7 +39,13 @@ constexpr int kMaxMaskWords = int((131071 + 31) / 32);  // K <= 131071 (ops/int8
 // One block handles all rows when there are at most this many rows and elements: two
 // __syncthreads instead of two grid barriers, and no weight gather (the epilogue reads the few
 // outlier weight bytes in place, each once, because one epilogue thread covers all rows).
-constexpr int64_t kOneBlockMaxRows = 16, kOneBlockMaxElems = int64_t(1) << 18;
+// But the block quantizes its rows one after the other, and each row costs at least one DRAM
+// round trip plus two block barriers (about 1 us), while the cooperative grid does all rows at once
+// for a fixed price of two grid barriers (a few us). With 16 rows (M = 16, K = 4096) one block
+// would spend ~16 us in front of a ~5 us int8 GEMM, against ~10 us for the whole bf16 layer (the M
+// = 16 bar of issue 11). 4 rows is where the two estimates meet: an estimate, to be measured on the
+// GPU.
+constexpr int64_t kOneBlockMaxRows = 4, kOneBlockMaxElems = int64_t(1) << 18;
 
 enum Mode : int { kPlain = 0, kOneBlock = 1, kGrid = 2 };
 
@@ -307,21 +313,33 @@ struct OutlierView {
 };
 
 constexpr int kEThreads = 256, kETileN = 256, kETileM = 16;
+// Up to this many rows the epilogue gives each thread one column of all rows (VN = 1, R = 16), so
+// every outlier weight byte is read by one thread only.
+constexpr int64_t kEFewRows = 16;
 
-// VN == 4: one 16-byte (fp32) or 8-byte (16-bit) store. Through the __stwb intrinsic (st.global.wb,
-// the default write-back policy) rather than a plain float4 / uint2 assignment: nvcc split those
-// into 4 x 32-bit and 2 x 32-bit stores (SASS of sm_80/sm_90, cuda 13.0), apparently after merging
-// this branch with the element-wise tail store below, and an intrinsic is never split.
+// VN == 4: one 16-byte (fp32) or 8-byte (16-bit) store, written as PTX: nvcc split a plain float4 /
+// uint2 assignment here into 4 x 32-bit and 2 x 32-bit stores (SASS of sm_80/sm_90, cuda 13.0),
+// apparently after merging this branch with the element-wise tail store below; an asm statement is
+// never split. (__stwb would not split either, but ptxas turns st.global.wb into a STRONG.SM
+// store.) `p` is 16 (8) bytes aligned: the caller stores full chunks only when N % 4 == 0.
+__device__ __forceinline__ void st_global_v4(float* p, float a, float b, float c, float d) {
+  asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(a), "f"(b), "f"(c), "f"(d)
+               : "memory");
+}
+__device__ __forceinline__ void st_global_v2(void* p, uint32_t a, uint32_t b) {
+  asm volatile("st.global.v2.u32 [%0], {%1, %2};" ::"l"(p), "r"(a), "r"(b) : "memory");
+}
+
 template <typename TO, int VN>
 __device__ __forceinline__ void store_out(TO* p, const float (&v)[VN]) {
   if constexpr (VN == 4 && sizeof(TO) == 4) {
-    __stwb(reinterpret_cast<float4*>(p), make_float4(v[0], v[1], v[2], v[3]));
+    st_global_v4(p, v[0], v[1], v[2], v[3]);
   } else if constexpr (VN == 4 && sizeof(TO) == 2) {
     // Element i in bits [16 * (i % 2), 16 * (i % 2) + 16) of word i / 2: little-endian order.
     uint32_t b[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) b[i] = from_float<TO>(v[i]).bits;
-    __stwb(reinterpret_cast<uint2*>(p), make_uint2(b[0] | (b[1] << 16), b[2] | (b[3] << 16)));
+    st_global_v2(p, b[0] | (b[1] << 16), b[2] | (b[3] << 16));
   } else {
 #pragma unroll
     for (int i = 0; i < VN; ++i) p[i] = from_float<TO>(v[i]);
@@ -503,7 +521,7 @@ void launch_epilogue(const int32_t* C, const float* rs, const float* cs, const T
   const int64_t mtiles = (M + kETileM - 1) / kETileM;
   const dim3 grid(unsigned((N + kETileN - 1) / kETileN), unsigned(mtiles < 65535 ? mtiles : 65535));
   const bool vec = N % 4 == 0;
-  if (M <= kOneBlockMaxRows)
+  if (M <= kEFewRows)
     int8_epilogue_kernel<TB, TO, TA, 1, 16, kOutliers>
         <<<grid, kEThreads, 0, stream>>>(C, rs, cs, bias, out, M, N, vec, ov);
   else
