@@ -143,12 +143,14 @@ cublasStatus_t make_plan(cublasLtHandle_t handle, const LtKey& key, LtPlan& p) {
   if (st == CUBLAS_STATUS_SUCCESS)
     st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
                                               &red, sizeof(red));
-  if (st == CUBLAS_STATUS_SUCCESS) {
+  if (st == CUBLAS_STATUS_SUCCESS)
     st = cublasLtMatmulAlgoGetHeuristic(handle, p.desc, p.la, p.lb, p.lc, p.lc, pref, pick + 1, res,
                                         &found);
-    // "Not supported" here means no algorithm for this problem: fall back, do not raise.
-    if (st == CUBLAS_STATUS_NOT_SUPPORTED) st = CUBLAS_STATUS_SUCCESS, found = 0;
-  }
+  // NOT_SUPPORTED / INVALID_VALUE from a preference or the query: no algorithm chosen here (a
+  // cuBLASLt that lacks a preference attribute, or whose heuristic refuses int8, as torch's source
+  // reports); the plan stays kImplicit and cublasLtMatmul decides. Only other errors raise.
+  if (st == CUBLAS_STATUS_NOT_SUPPORTED || st == CUBLAS_STATUS_INVALID_VALUE)
+    st = CUBLAS_STATUS_SUCCESS, found = 0;
   cublasLtMatmulPreferenceDestroy(pref);
   if (st != CUBLAS_STATUS_SUCCESS) return st;
   const int i = pick < found ? pick : found - 1;
