@@ -35,6 +35,7 @@ namespace cg = cooperative_groups;
 
 constexpr int kQThreads = 512;  // quantize kernel: one block per row at a time
 constexpr int kQWarps = kQThreads / 32;
+constexpr int kJB = 4;  // outlier columns whose loads are issued together (gather, epilogue)
 constexpr int kMaxMaskWords = int((131071 + 31) / 32);  // K <= 131071 (ops/int8_args.h)
 // One block handles all rows when there are at most this many rows and elements: two
 // __syncthreads instead of two grid barriers, and no weight gather (the epilogue reads the few
@@ -294,7 +295,18 @@ __global__ void __launch_bounds__(kQThreads) int8_quant_outliers_kernel(QuantArg
     const int64_t stride = int64_t(gridDim.x) * blockDim.x;
     for (int64_t n = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; n < p.N; n += stride) {
       const int8_t* wrow = p.W + n * K;
-      for (int j = 0; j < ng; ++j) p.w_gather[int64_t(j) * p.N + n] = wrow[slist[j]];
+      // kJB loads before their kJB stores: in a load-store-load loop every load waits for a DRAM
+      // round trip of its own (the compiler cannot move a load of W above a store to w_gather,
+      // which it must assume may alias), i.e. ng round trips per weight row.
+      for (int j0 = 0; j0 < ng; j0 += kJB) {
+        int8_t wb[kJB];
+#pragma unroll
+        for (int u = 0; u < kJB; ++u)
+          if (j0 + u < ng) wb[u] = wrow[slist[j0 + u]];
+#pragma unroll
+        for (int u = 0; u < kJB; ++u)
+          if (j0 + u < ng) p.w_gather[int64_t(j0 + u) * p.N + n] = wb[u];
+      }
     }
   }
 }
@@ -386,25 +398,70 @@ __global__ void __launch_bounds__(kEThreads)
       for (int v = 0; v < VN; ++v) acc[r][v] = 0.0f;
     if constexpr (kOutliers) {
       // fp32 sum over the outlier columns in ascending order: a[m, c] * (W[n, c] * wq[n]).
-      for (int j = 0; j < count; ++j) {
-        const bool gathered = j < ng;
-        const int64_t c = (gathered && ov.w_gather != nullptr) ? 0 : ov.cols[j];
-        float wv[VN];
+      // Few rows (VN == 1): the columns go kJB at a time, all their loads issued before the first
+      // FMA. One column after the other, each column's loads (cols[j], then W or w_gather, then
+      // a) wait a full memory round trip: `count` round trips per thread, ~14 us for 20 outlier
+      // columns at M = 1, where the grid is too small to hide them. Many rows (VN == 4): one column
+      // at a time, as batching took these kernels from 64 to ~100 registers (ptxas, sm_80/90),
+      // halving the resident warps that hide the latency of streaming C. The FMAs run in
+      // ascending j for every output either way (the same sum, bit for bit).
+      if constexpr (VN == 1) {
+        for (int j0 = 0; j0 < count; j0 += kJB) {
+          float wv[kJB][VN];
 #pragma unroll
-        for (int v = 0; v < VN; ++v) {
-          const int64_t n = n0 + v < N ? n0 + v : N - 1;
-          const int8_t w = (gathered && ov.w_gather != nullptr) ? ov.w_gather[int64_t(j) * N + n]
-                                                                : ov.W[n * ov.K + c];
-          wv[v] = __fmul_rn(float(w), wq[v]);
+          for (int u = 0; u < kJB; ++u) {
+            const int j = j0 + u;
+            if (j >= count) break;
+            const bool wg = j < ng && ov.w_gather != nullptr;  // gathered weight bytes
+            const int64_t c = wg ? 0 : ov.cols[j];
+#pragma unroll
+            for (int v = 0; v < VN; ++v) {
+              const int64_t n = n0 + v < N ? n0 + v : N - 1;
+              const int8_t w = wg ? ov.w_gather[int64_t(j) * N + n] : ov.W[n * ov.K + c];
+              wv[u][v] = __fmul_rn(float(w), wq[v]);
+            }
+          }
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            const int64_t m = m0 + r;
+            if (m >= M) break;
+            float a[kJB];
+#pragma unroll
+            for (int u = 0; u < kJB; ++u) {
+              const int j = j0 + u;
+              if (j >= count) break;
+              a[u] = j < ng ? ov.a_gather[m * kInt8OutlierCapacity + j]
+                            : to_float(ov.a[m * ov.K + ov.cols[j]]);
+            }
+#pragma unroll
+            for (int u = 0; u < kJB; ++u) {
+              if (j0 + u >= count) break;
+#pragma unroll
+              for (int v = 0; v < VN; ++v) acc[r][v] = fmaf(a[u], wv[u][v], acc[r][v]);
+            }
+          }
         }
+      } else {
+        for (int j = 0; j < count; ++j) {
+          const bool gathered = j < ng;
+          const int64_t c = (gathered && ov.w_gather != nullptr) ? 0 : ov.cols[j];
+          float wv[VN];
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-          const int64_t m = m0 + r;
-          if (m >= M) break;
-          const float a =
-              gathered ? ov.a_gather[m * kInt8OutlierCapacity + j] : to_float(ov.a[m * ov.K + c]);
+          for (int v = 0; v < VN; ++v) {
+            const int64_t n = n0 + v < N ? n0 + v : N - 1;
+            const int8_t w = (gathered && ov.w_gather != nullptr) ? ov.w_gather[int64_t(j) * N + n]
+                                                                  : ov.W[n * ov.K + c];
+            wv[v] = __fmul_rn(float(w), wq[v]);
+          }
 #pragma unroll
-          for (int v = 0; v < VN; ++v) acc[r][v] = fmaf(a, wv[v], acc[r][v]);
+          for (int r = 0; r < R; ++r) {
+            const int64_t m = m0 + r;
+            if (m >= M) break;
+            const float a =
+                gathered ? ov.a_gather[m * kInt8OutlierCapacity + j] : to_float(ov.a[m * ov.K + c]);
+#pragma unroll
+            for (int v = 0; v < VN; ++v) acc[r][v] = fmaf(a, wv[v], acc[r][v]);
+          }
         }
       }
     }
