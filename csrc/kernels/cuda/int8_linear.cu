@@ -43,9 +43,8 @@ constexpr int kMaxMaskWords = int((131071 + 31) / 32);  // K <= 131071 (ops/int8
 // But the block quantizes its rows one after the other, and each row costs at least one DRAM
 // round trip plus two block barriers (about 1 us), while the cooperative grid does all rows at once
 // for a fixed price of two grid barriers (a few us). With 16 rows (M = 16, K = 4096) one block
-// would spend ~16 us in front of a ~5 us int8 GEMM, against ~10 us for the whole bf16 layer (the M
-// = 16 bar of issue 11). 4 rows is where the two estimates meet: an estimate, to be measured on the
-// GPU.
+// would spend ~16 us in front of a ~5 us int8 GEMM, against ~10 us for the whole bf16 layer (issue
+// 11 asks 1.2x bf16 at M = 16). 4 rows is where the two estimates meet; to be measured on a GPU.
 constexpr int64_t kOneBlockMaxRows = 4, kOneBlockMaxElems = int64_t(1) << 18;
 
 enum Mode : int { kPlain = 0, kOneBlock = 1, kGrid = 2 };
@@ -512,9 +511,10 @@ constexpr int kMaxDevices = 64;
 // per device: the kernel's resources do not change. The cache is per kernel, i.e. per (T, V)
 // instantiation: templated on the kernel's function-pointer TYPE alone, the V = 1 and V = 16 /
 // sizeof(T) kernels of one T (same type void (*)(QuantArgs<T>)) shared one cache, although their
-// register counts differ (sm_80/90: fp16 V = 8 uses 39 registers, 3 blocks of 512 per SM; V = 1
-// uses 32, 4 blocks per SM). Whichever ran first set the limit for both, and a grid sized by the
-// V = 1 limit is too large for the V = 8 kernel: cudaErrorCooperativeLaunchTooLarge at M > 3 * SMs.
+// register counts differ (ptxas for sm_80/90 when this was fixed: fp16 V = 8 used 39 registers,
+// 3 blocks of 512 threads per SM; V = 1 used 32, 4 blocks per SM). Whichever ran first set the
+// limit for both, and a grid sized by the V = 1 limit is too large for the V = 8 kernel:
+// cudaErrorCooperativeLaunchTooLarge at M > 3 * SMs.
 template <typename T, int V>
 cudaError_t coop_grid_limit(void (*kernel)(QuantArgs<T>), int* limit) {
   static int cache[kMaxDevices] = {};
