@@ -141,7 +141,17 @@ def test_int8_matmul_out_views():
 @pytest.mark.parametrize("threshold", [0.0, THRESHOLD])
 @pytest.mark.parametrize(
     "M,K,N",
-    [(1, 4096, 1024), (3, 1000, 260), (16, 512, 128), (17, 384, 96), (129, 520, 200), (45, 33, 7)],
+    [
+        (1, 4096, 1024),
+        (3, 1000, 260),
+        (16, 512, 128),
+        (17, 384, 96),
+        (129, 520, 200),
+        (45, 33, 7),
+        (4, 65536, 64),  # the largest one-block quantize: 4 rows x 2^16 = 2^18 elements
+        (4, 65540, 64),  # four elements more: the cooperative grid, 4 rows
+        (5, 1024, 64),  # one row more than one block takes: the cooperative grid, 5 rows
+    ],
     ids=str,
 )
 def test_int8_linear_matches_cpu(dtype, threshold, M, K, N):
@@ -156,8 +166,8 @@ def test_int8_linear_matches_cpu(dtype, threshold, M, K, N):
 )
 @pytest.mark.parametrize(
     "M,K,N",
-    [(1, 2048, 512), (12, 1024, 300), (8, 65536, 64), (70, 1536, 260)],
-    ids=["one-block", "one-block-12", "grid-few-rows", "grid"],
+    [(1, 2048, 512), (3, 1024, 300), (8, 65536, 64), (70, 1536, 260)],
+    ids=["one-block", "one-block-3", "grid-few-rows", "grid"],
 )
 def test_outlier_counts(dtype, count, M, K, N):
     """Any number of outlier columns gives the CPU's answer: below, at and above the gather
@@ -211,6 +221,43 @@ def test_large_k(dtype):
         for threshold in (0.0, THRESHOLD):
             outc, out = run_both(A, W, S, b, threshold)
             assert_matches_cpu(outc, out, dtype, exact=threshold == 0.0)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+def test_more_rows_than_the_cooperative_grid(dtype):
+    """More rows than the cooperative quantize grid holds (at most 4 blocks of 512 threads per SM),
+    so each block quantizes, zeroes and gathers several rows, with outlier columns above the gather
+    capacity. Unaligned K (1-element loads) first, then K % 8 == 0 (16-byte loads): the two kernels
+    have different register counts and so different co-resident grid limits, which a shared cache
+    of that limit once mixed up (a launch error at M > 3 * SMs for fp16)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    M, N = 4 * sms * 2 + 3, 96
+    for K, n_cols in ((1001, 5), (1024, CAPACITY + 40)):
+        g = torch.Generator().manual_seed(K)
+        cols = torch.randperm(K, generator=g)[:n_cols].tolist()
+        A, W, S, b = inputs(M, K, N, dtype, outlier_cols=cols, seed=K)
+        outc, out = run_both(A, W, S, b, THRESHOLD)
+        assert_matches_cpu(outc, out, dtype, exact=False)
+        outc0, out0 = run_both(A.clamp(-5.0, 5.0), W, S, b, 0.0)
+        assert_matches_cpu(outc0, out0, dtype, exact=True)
+
+
+@pytest.mark.parametrize("threshold", [0.0, THRESHOLD])
+@pytest.mark.parametrize(
+    "a_dtype,bias_dtype",
+    [
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.bfloat16),
+        (torch.float16, torch.bfloat16),
+    ],
+    ids=["bf16-f32bias", "f32-bf16bias", "f16-bf16bias"],
+)
+def test_bias_of_another_dtype(a_dtype, bias_dtype, threshold):
+    """The epilogue reads the bias in its own dtype (a second template parameter), as the CPU does."""
+    A, W, S, _ = inputs(20, 256, 72, a_dtype, outlier_cols=[7, 200])
+    b = torch.randn(72, generator=torch.Generator().manual_seed(1)).to(bias_dtype)
+    outc, out = run_both(A, W, S, b, threshold)
+    assert_matches_cpu(outc, out, a_dtype, exact=threshold == 0.0)
 
 
 def test_leading_dims_and_noncontiguous():
@@ -298,14 +345,24 @@ def test_linear8bitlt_compile_fullgraph_and_cuda_graph():
 
 
 def test_compile_reduce_overhead():
-    """torch.compile(mode="reduce-overhead") (CUDA graphs) of an int8 MLP with threshold 6.0."""
-    K, N = 256, 512
+    """torch.compile(mode="reduce-overhead") (CUDA graphs) of an int8 MLP with threshold 6.0: no
+    skipped graph (a host sync or CPU op in the forward would make inductor skip the CUDA graph and
+    still give the eager numbers), and each replay on new activations with other outlier columns
+    gives eager's bits."""
+    pytest.importorskip("triton")
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    K, N = 512, 256
     mlp = torch.nn.Sequential(make_layer(K, N, THRESHOLD), torch.nn.ReLU(), make_layer(N, K, 6.0))
-    x = torch.randn(4, K, dtype=torch.bfloat16, device="cuda").clamp(-5, 5)
-    x[1, 3] = 9.0
     with torch.no_grad():
-        eager = mlp(x)
         compiled = torch.compile(mlp, mode="reduce-overhead", fullgraph=True)
-        for _ in range(3):
-            got = compiled(x)
-        torch.testing.assert_close(got, eager, rtol=0, atol=0)
+        for i in range(5):  # warm-up, record, replays
+            x = torch.randn(4, K, dtype=torch.bfloat16, device="cuda").clamp(-5, 5)
+            x[i % 4, (37 * i + 3) % K] = 9.0  # another outlier column each call
+            if i == 4:
+                x[:, : CAPACITY + 8] = 7.0  # more outlier columns than the gather capacity
+            got = compiled(x).clone()
+            torch.testing.assert_close(got, mlp(x), rtol=0, atol=0)
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])

@@ -206,8 +206,11 @@ class CudaBackend final : public Backend {
       const int st = cuda::int8_gemm_lt(handle, ws ? at::cuda::getCUDABlasLtWorkspace() : nullptr,
                                         ws ? at::cuda::getCUDABlasLtWorkspaceSize() : 0, A, B, C, M,
                                         N, K, stream);
+      // Sizes as std::to_string, not ints through c10::str's ostream: the H200 machine's build
+      // crashed inside ostream integer insertion while formatting an error (check_sorted256).
       TORCH_CHECK(st <= 0, "lowbit: cuBLASLt int8 GEMM failed: ", cuda::int8_lt_status_name(st),
-                  " (M=", M, ", N=", N, ", K=", K, ")");
+                  " (M=", std::to_string(M), ", N=", std::to_string(N), ", K=", std::to_string(K),
+                  ")");
       if (st == 0) return;
     }
     C10_CUDA_CHECK(cuda::int8_gemm(A, B, C, M, N, K, stream));

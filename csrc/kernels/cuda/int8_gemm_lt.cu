@@ -7,7 +7,8 @@
 // form, the only one cuBLASLt's int8 kernels take with the ordinary (non-IMMA-ordered) layouts,
 // and it asks for: leading dimensions and m, k multiples of 4 (so K % 4 == 0 and N % 4 == 0),
 // pointers 4-byte aligned. Other shapes return kInt8LtUnsupported and the caller uses the dp4a
-// kernel (int8.cu).
+// kernel (int8.cu). So does a problem that cuBLASLt itself refuses with the heuristic's algorithm
+// and with its implicit heuristic (LtMode below), with one line on stderr.
 //
 // Launches: the heuristic may pick split-K algorithms whose partial sums are reduced by a second
 // kernel, or in place through counters in the workspace. The default asks for no reduction
@@ -19,6 +20,8 @@
 // LOWBIT_INT8_LT_ALGO=i (read on every call, part of the cache key) takes the heuristic's i-th
 // candidate instead of its first (clamped to the last one returned): a knob for measuring the
 // candidates (benchmarks/bench_gpu_int8.py --lt-algos), not for production.
+#include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -44,11 +47,20 @@ namespace lowbit::cuda {
 
 namespace {
 
+// How a plan runs the product. kAlgo: the heuristic's algorithm and the caller's workspace.
+// kImplicit: no algorithm and no workspace, i.e. cuBLASLt's own implicit heuristic, the way
+// torch's at::cuda::blas::int8_gemm (torch._int_mm) calls it, whose source notes that explicit
+// heuristics and a non-zero workspace "don't seem to work" for int8. Taken when the heuristic
+// returns nothing or cublasLtMatmul refuses its choice, so a cuBLASLt that behaves that way still
+// runs the product on tensor cores. kNone: cuBLASLt refused both: the dp4a kernel runs it.
+enum LtMode : int { kAlgo = 0, kImplicit = 1, kNone = 2 };
+
 struct LtPlan {
   cublasLtMatmulDesc_t desc = nullptr;
   cublasLtMatrixLayout_t la = nullptr, lb = nullptr, lc = nullptr;
   cublasLtMatmulAlgo_t algo{};
-  bool ok = false;
+  // Read and lowered (never raised) by concurrent callers of a shared plan: atomic.
+  std::atomic<int> mode{kImplicit};
   ~LtPlan() {
     if (lc) cublasLtMatrixLayoutDestroy(lc);
     if (lb) cublasLtMatrixLayoutDestroy(lb);
@@ -86,7 +98,7 @@ uint32_t reduction_mask() {
   return mask;
 }
 
-// Builds the plan; status != success only for library errors (no algorithm: ok == false).
+// Builds the plan; status != success only for library errors (no algorithm: mode stays kImplicit).
 cublasStatus_t make_plan(cublasLtHandle_t handle, const LtKey& key, LtPlan& p) {
   const auto [dev, M, N, K, align_a, align_b, align_c, ws, pick] = key;
   (void)dev;
@@ -131,18 +143,38 @@ cublasStatus_t make_plan(cublasLtHandle_t handle, const LtKey& key, LtPlan& p) {
   if (st == CUBLAS_STATUS_SUCCESS)
     st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
                                               &red, sizeof(red));
-  if (st == CUBLAS_STATUS_SUCCESS) {
+  if (st == CUBLAS_STATUS_SUCCESS)
     st = cublasLtMatmulAlgoGetHeuristic(handle, p.desc, p.la, p.lb, p.lc, p.lc, pref, pick + 1, res,
                                         &found);
-    // "Not supported" here means no algorithm for this problem: fall back, do not raise.
-    if (st == CUBLAS_STATUS_NOT_SUPPORTED) st = CUBLAS_STATUS_SUCCESS, found = 0;
-  }
+  // NOT_SUPPORTED / INVALID_VALUE from a preference or the query: no algorithm chosen here (a
+  // cuBLASLt that lacks a preference attribute, or whose heuristic refuses int8, as torch's source
+  // reports); the plan stays kImplicit and cublasLtMatmul decides. Only other errors raise.
+  if (st == CUBLAS_STATUS_NOT_SUPPORTED || st == CUBLAS_STATUS_INVALID_VALUE)
+    st = CUBLAS_STATUS_SUCCESS, found = 0;
   cublasLtMatmulPreferenceDestroy(pref);
   if (st != CUBLAS_STATUS_SUCCESS) return st;
   const int i = pick < found ? pick : found - 1;
-  p.ok = found > 0 && res[i].state == CUBLAS_STATUS_SUCCESS;
-  if (p.ok) p.algo = res[i].algo;
+  if (found > 0 && res[i].state == CUBLAS_STATUS_SUCCESS) {
+    p.algo = res[i].algo;
+    p.mode.store(kAlgo);
+  }
   return CUBLAS_STATUS_SUCCESS;
+}
+
+// Moves a plan to a more conservative mode after cuBLASLt refused the current one, saying so once
+// per process on stderr (kernels have no torch logging): a silent fall to the dp4a kernel would
+// only show up as a 10x slower int8 GEMM.
+void lower_mode(LtPlan& p, int to, cublasStatus_t st, int64_t M, int64_t N, int64_t K) {
+  int cur = p.mode.load();
+  while (cur < to && !p.mode.compare_exchange_weak(cur, to)) {
+  }
+  static std::atomic<bool> warned{false};
+  if (!warned.exchange(true))
+    std::fprintf(stderr,
+                 "lowbit: cuBLASLt refused the int8 GEMM M=%lld N=%lld K=%lld (%s); using %s\n",
+                 static_cast<long long>(M), static_cast<long long>(N), static_cast<long long>(K),
+                 cublasLtGetStatusName(st),
+                 to == kImplicit ? "its implicit heuristic" : "lowbit's dp4a kernel");
 }
 
 std::mutex g_mutex;
@@ -178,12 +210,26 @@ int int8_gemm_lt(void* lt_handle, void* workspace, size_t workspace_bytes, const
     if (g_plans.size() >= kMaxPlans) g_plans.clear();  // in-flight users hold their shared_ptr
     plan = g_plans.emplace(key, std::move(fresh)).first->second;
   }
-  if (!plan->ok) return kInt8LtUnsupported;
   const int32_t one = 1, zero = 0;
-  const cublasStatus_t st =
-      cublasLtMatmul(handle, plan->desc, &one, B, plan->la, A, plan->lb, &zero, C, plan->lc, C,
-                     plan->lc, &plan->algo, workspace, workspace_bytes, stream);
-  return st == CUBLAS_STATUS_SUCCESS ? 0 : int(st);
+  // NOT_SUPPORTED / INVALID_VALUE: cuBLASLt checks the problem and the algorithm on the host and
+  // enqueues nothing when it returns them, so the next, more conservative mode may run instead.
+  auto refused = [](cublasStatus_t s) {
+    return s == CUBLAS_STATUS_NOT_SUPPORTED || s == CUBLAS_STATUS_INVALID_VALUE;
+  };
+  cublasStatus_t st = CUBLAS_STATUS_NOT_SUPPORTED;
+  if (plan->mode.load() == kAlgo) {
+    st = cublasLtMatmul(handle, plan->desc, &one, B, plan->la, A, plan->lb, &zero, C, plan->lc, C,
+                        plan->lc, &plan->algo, workspace, workspace_bytes, stream);
+    if (!refused(st)) return st == CUBLAS_STATUS_SUCCESS ? 0 : int(st);
+    lower_mode(*plan, kImplicit, st, M, N, K);
+  }
+  if (plan->mode.load() == kImplicit) {
+    st = cublasLtMatmul(handle, plan->desc, &one, B, plan->la, A, plan->lb, &zero, C, plan->lc, C,
+                        plan->lc, nullptr, nullptr, 0, stream);
+    if (!refused(st)) return st == CUBLAS_STATUS_SUCCESS ? 0 : int(st);
+    lower_mode(*plan, kNone, st, M, N, K);
+  }
+  return kInt8LtUnsupported;
 }
 
 const char* int8_lt_status_name(int status) {

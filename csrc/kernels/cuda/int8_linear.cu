@@ -35,11 +35,17 @@ namespace cg = cooperative_groups;
 
 constexpr int kQThreads = 512;  // quantize kernel: one block per row at a time
 constexpr int kQWarps = kQThreads / 32;
+constexpr int kJB = 4;  // outlier columns whose loads are issued together (gather, epilogue)
 constexpr int kMaxMaskWords = int((131071 + 31) / 32);  // K <= 131071 (ops/int8_args.h)
 // One block handles all rows when there are at most this many rows and elements: two
 // __syncthreads instead of two grid barriers, and no weight gather (the epilogue reads the few
 // outlier weight bytes in place, each once, because one epilogue thread covers all rows).
-constexpr int64_t kOneBlockMaxRows = 16, kOneBlockMaxElems = int64_t(1) << 18;
+// But the block quantizes its rows one after the other, and each row costs at least one DRAM
+// round trip plus two block barriers (about 1 us), while the cooperative grid does all rows at once
+// for a fixed price of two grid barriers (a few us). With 16 rows (M = 16, K = 4096) one block
+// would spend ~16 us in front of a ~5 us int8 GEMM, against ~10 us for the whole bf16 layer (issue
+// 11 asks 1.2x bf16 at M = 16). 4 rows is where the two estimates meet; to be measured on a GPU.
+constexpr int64_t kOneBlockMaxRows = 4, kOneBlockMaxElems = int64_t(1) << 18;
 
 enum Mode : int { kPlain = 0, kOneBlock = 1, kGrid = 2 };
 
@@ -288,7 +294,18 @@ __global__ void __launch_bounds__(kQThreads) int8_quant_outliers_kernel(QuantArg
     const int64_t stride = int64_t(gridDim.x) * blockDim.x;
     for (int64_t n = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; n < p.N; n += stride) {
       const int8_t* wrow = p.W + n * K;
-      for (int j = 0; j < ng; ++j) p.w_gather[int64_t(j) * p.N + n] = wrow[slist[j]];
+      // kJB loads before their kJB stores: in a load-store-load loop every load waits for a DRAM
+      // round trip of its own (the compiler cannot move a load of W above a store to w_gather,
+      // which it must assume may alias), i.e. ng round trips per weight row.
+      for (int j0 = 0; j0 < ng; j0 += kJB) {
+        int8_t wb[kJB];
+#pragma unroll
+        for (int u = 0; u < kJB; ++u)
+          if (j0 + u < ng) wb[u] = wrow[slist[j0 + u]];
+#pragma unroll
+        for (int u = 0; u < kJB; ++u)
+          if (j0 + u < ng) p.w_gather[int64_t(j0 + u) * p.N + n] = wb[u];
+      }
     }
   }
 }
@@ -307,19 +324,33 @@ struct OutlierView {
 };
 
 constexpr int kEThreads = 256, kETileN = 256, kETileM = 16;
+// Up to this many rows the epilogue gives each thread one column of all rows (VN = 1, R = 16), so
+// every outlier weight byte is read by one thread only.
+constexpr int64_t kEFewRows = 16;
+
+// VN == 4: one 16-byte (fp32) or 8-byte (16-bit) store, written as PTX: nvcc split a plain float4 /
+// uint2 assignment here into 4 x 32-bit and 2 x 32-bit stores (SASS of sm_80/sm_90, cuda 13.0),
+// apparently after merging this branch with the element-wise tail store below; an asm statement is
+// never split. (__stwb would not split either, but ptxas turns st.global.wb into a STRONG.SM
+// store.) `p` is 16 (8) bytes aligned: the caller stores full chunks only when N % 4 == 0.
+__device__ __forceinline__ void st_global_v4(float* p, float a, float b, float c, float d) {
+  asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(a), "f"(b), "f"(c), "f"(d)
+               : "memory");
+}
+__device__ __forceinline__ void st_global_v2(void* p, uint32_t a, uint32_t b) {
+  asm volatile("st.global.v2.u32 [%0], {%1, %2};" ::"l"(p), "r"(a), "r"(b) : "memory");
+}
 
 template <typename TO, int VN>
 __device__ __forceinline__ void store_out(TO* p, const float (&v)[VN]) {
   if constexpr (VN == 4 && sizeof(TO) == 4) {
-    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+    st_global_v4(p, v[0], v[1], v[2], v[3]);
   } else if constexpr (VN == 4 && sizeof(TO) == 2) {
-    union {
-      uint2 u;
-      TO t[4];
-    } w;
+    // Element i in bits [16 * (i % 2), 16 * (i % 2) + 16) of word i / 2: little-endian order.
+    uint32_t b[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) w.t[i] = from_float<TO>(v[i]);
-    *reinterpret_cast<uint2*>(p) = w.u;
+    for (int i = 0; i < 4; ++i) b[i] = from_float<TO>(v[i]).bits;
+    st_global_v2(p, b[0] | (b[1] << 16), b[2] | (b[3] << 16));
   } else {
 #pragma unroll
     for (int i = 0; i < VN; ++i) p[i] = from_float<TO>(v[i]);
@@ -366,25 +397,70 @@ __global__ void __launch_bounds__(kEThreads)
       for (int v = 0; v < VN; ++v) acc[r][v] = 0.0f;
     if constexpr (kOutliers) {
       // fp32 sum over the outlier columns in ascending order: a[m, c] * (W[n, c] * wq[n]).
-      for (int j = 0; j < count; ++j) {
-        const bool gathered = j < ng;
-        const int64_t c = (gathered && ov.w_gather != nullptr) ? 0 : ov.cols[j];
-        float wv[VN];
+      // Few rows (VN == 1): the columns go kJB at a time, all their loads issued before the first
+      // FMA. One column after the other, each column's loads (cols[j], then W or w_gather, then
+      // a) wait a full memory round trip: `count` round trips per thread, ~14 us for 20 outlier
+      // columns at M = 1, where the grid is too small to hide them. Many rows (VN == 4): one column
+      // at a time, as batching took these kernels from 64 to ~100 registers (ptxas, sm_80/90),
+      // halving the resident warps that hide the latency of streaming C. The FMAs run in
+      // ascending j for every output either way (the same sum, bit for bit).
+      if constexpr (VN == 1) {
+        for (int j0 = 0; j0 < count; j0 += kJB) {
+          float wv[kJB][VN];
 #pragma unroll
-        for (int v = 0; v < VN; ++v) {
-          const int64_t n = n0 + v < N ? n0 + v : N - 1;
-          const int8_t w = (gathered && ov.w_gather != nullptr) ? ov.w_gather[int64_t(j) * N + n]
-                                                                : ov.W[n * ov.K + c];
-          wv[v] = __fmul_rn(float(w), wq[v]);
+          for (int u = 0; u < kJB; ++u) {
+            const int j = j0 + u;
+            if (j >= count) break;
+            const bool wg = j < ng && ov.w_gather != nullptr;  // gathered weight bytes
+            const int64_t c = wg ? 0 : ov.cols[j];
+#pragma unroll
+            for (int v = 0; v < VN; ++v) {
+              const int64_t n = n0 + v < N ? n0 + v : N - 1;
+              const int8_t w = wg ? ov.w_gather[int64_t(j) * N + n] : ov.W[n * ov.K + c];
+              wv[u][v] = __fmul_rn(float(w), wq[v]);
+            }
+          }
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            const int64_t m = m0 + r;
+            if (m >= M) break;
+            float a[kJB];
+#pragma unroll
+            for (int u = 0; u < kJB; ++u) {
+              const int j = j0 + u;
+              if (j >= count) break;
+              a[u] = j < ng ? ov.a_gather[m * kInt8OutlierCapacity + j]
+                            : to_float(ov.a[m * ov.K + ov.cols[j]]);
+            }
+#pragma unroll
+            for (int u = 0; u < kJB; ++u) {
+              if (j0 + u >= count) break;
+#pragma unroll
+              for (int v = 0; v < VN; ++v) acc[r][v] = fmaf(a[u], wv[u][v], acc[r][v]);
+            }
+          }
         }
+      } else {
+        for (int j = 0; j < count; ++j) {
+          const bool gathered = j < ng;
+          const int64_t c = (gathered && ov.w_gather != nullptr) ? 0 : ov.cols[j];
+          float wv[VN];
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-          const int64_t m = m0 + r;
-          if (m >= M) break;
-          const float a =
-              gathered ? ov.a_gather[m * kInt8OutlierCapacity + j] : to_float(ov.a[m * ov.K + c]);
+          for (int v = 0; v < VN; ++v) {
+            const int64_t n = n0 + v < N ? n0 + v : N - 1;
+            const int8_t w = (gathered && ov.w_gather != nullptr) ? ov.w_gather[int64_t(j) * N + n]
+                                                                  : ov.W[n * ov.K + c];
+            wv[v] = __fmul_rn(float(w), wq[v]);
+          }
 #pragma unroll
-          for (int v = 0; v < VN; ++v) acc[r][v] = fmaf(a, wv[v], acc[r][v]);
+          for (int r = 0; r < R; ++r) {
+            const int64_t m = m0 + r;
+            if (m >= M) break;
+            const float a =
+                gathered ? ov.a_gather[m * kInt8OutlierCapacity + j] : to_float(ov.a[m * ov.K + c]);
+#pragma unroll
+            for (int v = 0; v < VN; ++v) acc[r][v] = fmaf(a, wv[v], acc[r][v]);
+          }
         }
       }
     }
@@ -432,9 +508,15 @@ __global__ void __launch_bounds__(kEThreads)
 constexpr int kMaxDevices = 64;
 
 // Blocks of `kernel` that fit on the current device at once (the cooperative launch limit), cached
-// per device: the kernel's resources do not change.
-template <typename Kernel>
-cudaError_t coop_grid_limit(Kernel kernel, int* limit) {
+// per device: the kernel's resources do not change. The cache is per kernel, i.e. per (T, V)
+// instantiation: templated on the kernel's function-pointer TYPE alone, the V = 1 and V = 16 /
+// sizeof(T) kernels of one T (same type void (*)(QuantArgs<T>)) shared one cache, although their
+// register counts differ (ptxas for sm_80/90 when this was fixed: fp16 V = 8 used 39 registers,
+// 3 blocks of 512 threads per SM; V = 1 used 32, 4 blocks per SM). Whichever ran first set the
+// limit for both, and a grid sized by the V = 1 limit is too large for the V = 8 kernel:
+// cudaErrorCooperativeLaunchTooLarge at M > 3 * SMs.
+template <typename T, int V>
+cudaError_t coop_grid_limit(void (*kernel)(QuantArgs<T>), int* limit) {
   static int cache[kMaxDevices] = {};
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
@@ -469,7 +551,7 @@ cudaError_t launch_quant(const QuantArgs<T>& args, float threshold, cudaStream_t
   }
   auto kernel = int8_quant_outliers_kernel<T, kGrid, V>;
   int limit = 0;
-  cudaError_t err = coop_grid_limit(kernel, &limit);
+  cudaError_t err = coop_grid_limit<T, V>(kernel, &limit);
   if (err != cudaSuccess) return err;
   // Enough blocks to cover the rows, never more than fit at once (a grid barrier needs every
   // block resident).
@@ -496,7 +578,7 @@ void launch_epilogue(const int32_t* C, const float* rs, const float* cs, const T
   const int64_t mtiles = (M + kETileM - 1) / kETileM;
   const dim3 grid(unsigned((N + kETileN - 1) / kETileN), unsigned(mtiles < 65535 ? mtiles : 65535));
   const bool vec = N % 4 == 0;
-  if (M <= kOneBlockMaxRows)
+  if (M <= kEFewRows)
     int8_epilogue_kernel<TB, TO, TA, 1, 16, kOutliers>
         <<<grid, kEThreads, 0, stream>>>(C, rs, cs, bias, out, M, N, vec, ov);
   else
