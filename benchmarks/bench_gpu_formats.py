@@ -25,14 +25,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 import lowbit  # noqa: F401  (registers the ops)
+from lowbit.bench import MsTimer as Timer
 from lowbit.formats.hqq import HQQReader
 from lowbit.nn import LinearAffine
 
@@ -42,35 +41,6 @@ MS = [1, 16, 128, 2048]
 QUICK_MS = [1, 16, 2048]
 GROUP = 128
 BAR = 0.9  # within 10% of the format's own kernels, or faster
-
-
-class Timer:
-    """Median milliseconds of fn(); on CUDA with events and an L2 flush (256 MiB write) before
-    each call, so weights come from HBM as in a model."""
-
-    def __init__(self, device: str, repeats: int):
-        self.device, self.repeats = device, repeats
-        cuda = device == "cuda"
-        self.flush = torch.empty(256 << 20, dtype=torch.uint8, device=device) if cuda else None
-
-    def __call__(self, fn) -> float:
-        for _ in range(3):
-            fn()  # warm-up: autotuning, compilation, allocator
-        times = []
-        for _ in range(self.repeats):
-            if self.flush is not None:
-                self.flush.zero_()
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                fn()
-                e.record()
-                torch.cuda.synchronize()
-                times.append(s.elapsed_time(e))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
 
 
 def hqq_layer(w: torch.Tensor, device: str):

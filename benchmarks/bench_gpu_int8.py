@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import lowbit  # noqa: F401  (registers the ops)
+from lowbit.bench import MsTimer as Timer
 
 ops = torch.ops.lowbit
 # (N, K): Llama-2-7B / Llama-3-8B projections
@@ -30,35 +29,6 @@ SHAPES = [(11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336), (4096, 409
 QUICK_SHAPES = [(11008, 4096), (4096, 4096)]
 THRESHOLD = 6.0
 OUTLIER_FRACTION = 0.005  # < 1% outlier columns, as the bar asks
-
-
-class Timer:
-    """Median milliseconds of fn() with CUDA events and an L2 flush before each call."""
-
-    def __init__(self, device: str, repeats: int):
-        self.device, self.repeats = device, repeats
-        self.flush = (
-            torch.empty(256 << 20, dtype=torch.uint8, device=device) if device == "cuda" else None
-        )
-
-    def __call__(self, fn) -> float:
-        for _ in range(3):
-            fn()  # warm-up: cuBLASLt plans, occupancy queries, allocator
-        times = []
-        for _ in range(self.repeats):
-            if self.device == "cuda":
-                self.flush.zero_()
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                fn()
-                e.record()
-                torch.cuda.synchronize()
-                times.append(s.elapsed_time(e))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
 
 
 def launches(fn, device: str) -> int | None:

@@ -577,6 +577,37 @@ class CudaTimer:
         return statistics.median(a.elapsed_time(b) for a, b in ev) / 1e3
 
 
+class MsTimer:
+    """Median milliseconds of fn() over `repeats` calls after 3 warm-up calls (plans, autotuning,
+    compilation, the allocator), for the benchmarks/*gpu*.py scripts. On CUDA: events, L2 flushed
+    (a 256 MiB write) before each call so weights come from HBM as in a model. Elsewhere:
+    perf_counter, so the scripts' code paths run on the CPU (their smoke tests)."""
+
+    def __init__(self, device: str, repeats: int):
+        self.device, self.repeats = device, repeats
+        cuda = torch.device(device).type == "cuda"
+        self.flush = torch.empty(256 << 20, dtype=torch.uint8, device=device) if cuda else None
+
+    def __call__(self, fn) -> float:
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(self.repeats):
+            if self.flush is not None:
+                self.flush.zero_()
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                fn()
+                e.record()
+                torch.cuda.synchronize()
+                times.append(s.elapsed_time(e))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+
 def _cuda_copy_bandwidth(timer, device, nbytes: int = 1 << 30) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
