@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit import functional as LF
-from lowbit._native import cpu_gemv_mode, cpu_isa
+from lowbit._native import cpu_gemv_mode, cpu_isa, cpu_matmul_dtype
 
 ops = torch.ops.lowbit
 LLC_BYTES = 32 << 20  # rotate so that every timed working set exceeds this (x4)
@@ -191,7 +191,8 @@ def bench_int8(rows, shapes, ms, repeats, qdyn: bool):
 
 def bench_nf4_gemm(rows, shapes, ms, repeats):
     """NF4 Linear at M > 1 as Linear4bit runs it on the CPU: gemv_4bit, which picks the int8-
-    activation kernel (M <= 32) or BLAS on dequantized fp32 weight tiles (larger M)."""
+    activation kernel (M <= 32) or BLAS on dequantized weight tiles (larger M: bf16 tiles on CPUs
+    with native bf16, _native.cpu_matmul_dtype())."""
     code = LF.get_4bit_type("nf4")
     for N, K in shapes:
         w = torch.randn(N, K)
@@ -214,7 +215,7 @@ def bench_nf4_gemm(rows, shapes, ms, repeats):
                     0.8 if M >= 128 else None,
                     "int8 activations"
                     if M <= 32 and cpu_gemv_mode() == "int8"
-                    else "BLAS on fp32 weight tiles",
+                    else f"BLAS on {cpu_matmul_dtype() if M > 32 else 'fp32'} weight tiles",
                 )
             )
         del qs, wbs
@@ -343,7 +344,7 @@ def bench_affine(rows, ms, repeats):
     against fp32 F.linear too, int8 at M = 1, and HQQ's own CPU forward where hqq installs.
     compressed-tensors has no CPU kernel: it decompresses its weights to dense bf16 once, so its
     forward is the bf16 F.linear baseline. M <= 32 runs the int8-activation kernel (4-bit), larger
-    M BLAS on dequantized fp32 weight tiles, as for NF4."""
+    M BLAS on dequantized weight tiles, as for NF4."""
     N, K, g = 11008, 4096, 128
     w = torch.randn(N, K)
     packed, scales, zeros = ops.quantize_affine(w, 4, g, False)
@@ -357,7 +358,7 @@ def bench_affine(rows, ms, repeats):
         xb = torch.randn(M, K, dtype=torch.bfloat16)
         t = timeit(lambda p, s, z: ops.gemm_affine(xb, p, [N, K], s, z, 4, g), qs, reps)
         t_base = timeit(lambda W: F.linear(xb, W), wbs, reps)
-        how = mode if M <= 32 else "BLAS on fp32 weight tiles"
+        how = mode if M <= 32 else f"BLAS on {cpu_matmul_dtype()} weight tiles"
         bar = 3.0 if M == 1 else (0.8 if M >= 128 else None)
         bw = qbytes / t if M == 1 else None
         label = f"int4 g128 asym linear M={M} {N}x{K} (bf16 act)"
