@@ -209,9 +209,10 @@ def lowbit_adamw8bit(params):
     return make
 
 
-def lowbit_op_only(params):
+def lowbit_op_only(params, kernel: str | None = None):
     """The fused 8-bit op over every tensor in one call (8-bit states for all, even the norms):
-    what the kernels cost without the optimizer's per-parameter Python work."""
+    what the kernels cost without the optimizer's per-parameter Python work. kernel: the CUDA
+    8-bit kernel (LOWBIT_OPTIM8_KERNEL: "block" or the default warp-per-block one)."""
 
     def make():
         from lowbit._codes import create_dynamic_map
@@ -229,15 +230,38 @@ def lowbit_op_only(params):
 
         def step():
             counter[0] += 1
+            with _env("LOWBIT_OPTIM8_KERNEL", kernel):
+                _op_call(counter[0])
+
+        def _op_call(t):
             torch.ops.lowbit.optimizer_update_8bit_blockwise(
                 "adam", gs, ps, s1, s2, a1, a2, q1, q2, BETAS[0], BETAS[1], EPS,
-                counter[0], LR, WD, 1.0, False, -1,
+                t, LR, WD, 1.0, False, -1,
             )  # fmt: skip
 
         extra = sum(t.untyped_storage().nbytes() for t in s1 + s2 + a1 + a2)
         return step, None, extra
 
     return make
+
+
+class _env:
+    """Set (value not None) an environment variable for the duration of a with-block."""
+
+    def __init__(self, key: str, value: str | None):
+        self.key, self.value, self.old = key, value, None
+
+    def __enter__(self):
+        if self.value is not None:
+            self.old = os.environ.get(self.key)
+            os.environ[self.key] = self.value
+
+    def __exit__(self, *exc):
+        if self.value is not None:
+            if self.old is None:
+                os.environ.pop(self.key, None)
+            else:
+                os.environ[self.key] = self.old
 
 
 def bnb_adamw8bit(params):
@@ -260,6 +284,7 @@ def run_rows(args) -> tuple[list[dict], dict]:
         ("torch AdamW foreach=True", torch_adamw(params, foreach=True)),
         ("lowbit AdamW8bit", lowbit_adamw8bit(params)),
         ("lowbit 8-bit op only (one call)", lowbit_op_only(params)),
+        ("lowbit 8-bit op only, block kernel", lowbit_op_only(params, "block")),
     ]
     if not args.no_bnb:
         rows_spec.append(("bitsandbytes AdamW8bit", bnb_adamw8bit(params)))

@@ -26,6 +26,14 @@ Q1 = create_dynamic_map(signed=True)
 Q2 = create_dynamic_map(signed=False)
 
 
+@pytest.fixture(params=["warp", "block"])
+def kernel8(request, monkeypatch):
+    """The two CUDA 8-bit kernels (optim.cu: one warp or one thread block per quantization block),
+    held to the same bits; the op reads LOWBIT_OPTIM8_KERNEL at every call."""
+    monkeypatch.setenv("LOWBIT_OPTIM8_KERNEL", request.param)
+    return request.param
+
+
 def _bits(t):
     t = t.detach().cpu()
     if t.dtype in (torch.float16, torch.bfloat16):
@@ -49,7 +57,7 @@ def _params(n_tensors, gen):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("sr", [-1, 1234])
-def test_8bit_multi_tensor_matches_cpu(kind, sr):
+def test_8bit_multi_tensor_matches_cpu(kind, sr, kernel8):
     gen = torch.Generator().manual_seed(0)
     ps, gs = _params(40, gen)
     gs[3].view(-1)[0] = float("nan")  # one parameter skipped
@@ -178,7 +186,7 @@ VARIANTS = [(1, 0.0, 1.0, False), (2, 0.05, 0.5, False), (3, 0.0, 1.0, True), (4
     ],
     ids=str,
 )
-def test_8bit_variants_match_cpu_and_reference(kind, pdtype, gdtype):
+def test_8bit_variants_match_cpu_and_reference(kind, pdtype, gdtype, kernel8):
     """Odd sizes (partial last blocks), weight decay, gradient scaling, skip_zeros, steps 1..4, and
     stochastic rounding for bf16 parameters: the device against the CPU kernel and against the
     reference (codes and absmax bit-exact; parameters bit-exact too, stated tolerance 0)."""
@@ -271,7 +279,7 @@ def test_32bit_variants_match_cpu_and_reference(kind):
 
 
 @pytest.mark.parametrize("eight", [True, False], ids=["8bit", "32bit"])
-def test_many_tensors_split_into_launches(eight):
+def test_many_tensors_split_into_launches(eight, kernel8):
     """100 small tensors of ONE dtype pair (so one group, split into 4 launches of <= 32), an empty
     one among them, NaN/Inf gradients in the first, a middle and the last launch: the flags reach
     the right tensors across launches and dtype groups, and the rest match the CPU bit for bit."""
@@ -333,7 +341,7 @@ def test_many_tensors_split_into_launches(eight):
         assert torch.equal(_bits(out["dev"][0][i]), _bits(p0[i]))
 
 
-def test_large_tensor_grid_stride():
+def test_large_tensor_grid_stride(kernel8):
     """More quantization blocks than the grid (2^16 thread blocks): the grid-stride loops."""
     n = (1 << 16) * 256 * 2 + 333
     gen = torch.Generator().manual_seed(10)
@@ -352,7 +360,7 @@ def test_large_tensor_grid_stride():
         _assert_same(xs, ys)
 
 
-def test_maps_quantization_rule_derived_on_device():
+def test_maps_quantization_rule_derived_on_device(kernel8):
     """The kernel derives midpoints and the zero code from the map itself: a map without an exact
     0 whose smallest |c| is a tie (the first index wins, as on CPU), used on all-zero blocks (zero
     code) and ordinary ones, for both states."""
@@ -444,7 +452,7 @@ def test_nonfinite_gradient_on_device_warns_at_next_sync_point():
     assert opt.state[w]["step"] == 2
 
 
-def test_op_captured_in_cuda_graph():
+def test_op_captured_in_cuda_graph(kernel8):
     """No host synchronisation and no host-to-device copy in the op: it can be captured in a CUDA
     graph, and replays give the eager results."""
     gen = torch.Generator().manual_seed(12)

@@ -36,7 +36,8 @@ def test_bench_gpu_optim_cpu_smoke(tmp_path):
         "torch AdamW fused=True",
         "torch AdamW foreach=True",
         "lowbit AdamW8bit",
-        "lowbit 8-bit op only",
+        "lowbit 8-bit op only (one call)",
+        "lowbit 8-bit op only, block kernel",
     ):
         row = next(line for line in text.splitlines() if line.startswith(f"| {name}"))
         assert "Error" not in row and "FAILED" not in row, row

@@ -1,7 +1,8 @@
 // Fused optimizer updates, CUDA (lowbit/cuda_kernels.h): multi-tensor launches over lists of
 // parameters, bit-identical to the CPU kernels (csrc/kernels/cpu/optim*.cpp).
 //
-// 8-bit: one thread block of 256 threads per quantization block of 256 elements (the grid strides
+// 8-bit (update8_kernel; update8_warp_kernel below does the same with one warp per quantization
+// block): one thread block of 256 threads per quantization block of 256 elements (the grid strides
 // over the blocks of all tensors of the launch). Each thread decodes its element's states
 // (code[q] * absmax, one rounding, as dequantize_blockwise), runs optim_update_element in
 // registers, the block reduces the new absmax of each state (blockscale.h's policy), and each
@@ -16,6 +17,9 @@
 // value as a kernel argument (Batch, ~2.3 KB, under the 4 KB parameter limit of every architecture
 // and CUDA version: no device copy, no host-to-device memcpy, nothing to synchronise), so the op is
 // capturable in a CUDA graph. A call with more tensors is split into several launches.
+#include <cstdlib>
+#include <cstring>
+
 #include "common.cuh"
 #include "lowbit/blockscale.h"
 #include "lowbit/codebook.h"
@@ -168,6 +172,100 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
+// The same update with one WARP per quantization block (the default; update8_kernel is kept as an
+// independent second implementation, LOWBIT_OPTIM8_KERNEL=block, which the tests hold to the same
+// bits): lane x handles elements blk * 256 + x + 32 * j for j < 8 (each load instruction of a warp
+// reads 32 consecutive elements: coalesced, no alignment needed), so a thread keeps 8 elements'
+// loads in flight and the block's absmax is a warp reduction (shuffles, no __syncthreads). Work
+// item w goes to global warp w (grid-stride over warps). The max is order-independent, so the
+// absmax, and with it every code, is the one update8_kernel and the CPU compute.
+template <typename G, typename P, bool kTwo>
+__global__ void __launch_bounds__(kBlock)
+    update8_warp_kernel(const OptimScalars sc, const Batch b, const float* __restrict__ code1,
+                        const float* __restrict__ code2, const int* __restrict__ flags) {
+  constexpr int kPer = kBlock / 32;  // elements per lane
+  __shared__ float c1[256], bd1[255];
+  __shared__ float c2[kTwo ? 256 : 1], bd2[kTwo ? 255 : 1];
+  __shared__ unsigned long long zk1[kWarps], zk2[kWarps];
+  const uint8_t z1 = stage_code(code1, c1, bd1, zk1);
+  const uint8_t z2 = kTwo ? stage_code(code2, c2, bd2, zk2) : uint8_t(0);
+  // No __syncthreads below this point: warps proceed independently.
+  const int lane = threadIdx.x & 31;
+  const int64_t total = b.start[b.count];
+  const int64_t warps = int64_t(gridDim.x) * kWarps;
+  for (int64_t w = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5); w < total; w += warps) {
+    const int t = find_tensor(b, w);  // uniform across the warp
+    const OptimTensor& d = b.t[t];
+    if (flags[d.flag] != 0) continue;  // uniform across the warp
+    const int64_t blk = w - b.start[t];
+    const int64_t first = blk * kBlock + lane;  // this lane's elements: first + 32 * j, j < kPer
+    const int64_t rem = d.n - first;            // element j exists when 32 * j < rem
+    // Per-lane base pointers, so each element's address is base + an immediate offset (a 64-bit
+    // index per element would cost two registers each); parameters are stored through
+    // store_param with the flat index, which the stochastic-rounding hash needs.
+    const G* __restrict__ g = static_cast<const G*>(d.g) + first;
+    P* __restrict__ p = static_cast<P*>(d.p);
+    uint8_t* __restrict__ q1 = static_cast<uint8_t*>(d.state1) + first;
+    uint8_t* __restrict__ q2 = kTwo ? static_cast<uint8_t*>(d.state2) + first : nullptr;
+    const float a1 = d.absmax1[blk];
+    const float a2 = kTwo ? d.absmax2[blk] : 0.0f;
+    OptimScalars s = sc;
+    s.seed = d.seed;
+    float m[kPer], v[kPer];
+    float mx1 = 0.0f, mx2 = 0.0f;
+    bool bad1 = false, bad2 = false;
+    // Two halves of kPer / 2 elements: loads of a half are issued together, then its updates;
+    // only the new states of the first half stay live through the second (bounded registers,
+    // no spills around the IEEE division's slow-path call).
+#pragma unroll
+    for (int h = 0; h < kPer; h += kPer / 2) {
+      float gv[kPer / 2], pv[kPer / 2];
+      uint8_t k1[kPer / 2], k2[kPer / 2];
+#pragma unroll
+      for (int j = 0; j < kPer / 2; ++j) {
+        const int e = 32 * (h + j);
+        gv[j] = pv[j] = 0.0f;
+        k1[j] = k2[j] = 0;
+        if (e < rem) {
+          gv[j] = to_float(g[e]);
+          pv[j] = to_float(p[first + e]);
+          k1[j] = q1[e];
+          if (kTwo) k2[j] = q2[e];
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kPer / 2; ++j) {
+        const int e = 32 * (h + j);
+        float& mj = m[h + j];
+        float& vj = v[h + j];
+        mj = vj = 0.0f;
+        if (e < rem) {
+          mj = __fmul_rn(c1[k1[j]], a1);
+          if (kTwo) vj = __fmul_rn(c2[k2[j]], a2);
+          optim_update_element(s, gv[j], pv[j], mj, vj);
+          store_param(s, p, first + e, pv[j]);
+          absmax_fold(mj, mx1, bad1);
+          if (kTwo) absmax_fold(vj, mx2, bad2);
+        }
+      }
+    }
+    // The warp's max and non-finite flag; the shuffles also order every lane's read of
+    // absmax[blk] above before lane 0's write of the new value below.
+    const BlockScale s1 = make_block_scale(warp_max(mx1), warp_any(bad1));
+    if (lane == 0) d.absmax1[blk] = s1.absmax;
+#pragma unroll
+    for (int j = 0; j < kPer; ++j)
+      if (32 * j < rem) q1[32 * j] = code_of(m[j], s1, bd1, z1);
+    if (kTwo) {
+      const BlockScale s2 = make_block_scale(warp_max(mx2), warp_any(bad2));
+      if (lane == 0) d.absmax2[blk] = s2.absmax;
+#pragma unroll
+      for (int j = 0; j < kPer; ++j)
+        if (32 * j < rem) q2[32 * j] = code_of(v[j], s2, bd2, z2);
+    }
+  }
+}
+
 // Work item w of tensor t is chunk c = w - start[t]: elements c * kChunk32 + x + k * 256 for
 // thread x and k < kUnroll32. All loads of a chunk are issued before the first store.
 template <typename G, typename P>
@@ -279,16 +377,26 @@ cudaError_t optimizer_update_8bit_blockwise(const OptimScalars& s, FloatType gt,
                                             const float* code1, const float* code2,
                                             const int* flags, cudaStream_t stream) {
   const bool two = code2 != nullptr;
+  // LOWBIT_OPTIM8_KERNEL=block selects the thread-block-per-quantization-block kernel (tests and
+  // benchmarks compare the two); anything else, or unset, the warp-per-block one.
+  const char* pick = std::getenv("LOWBIT_OPTIM8_KERNEL");
+  const bool per_block = pick != nullptr && std::strcmp(pick, "block") == 0;
   return for_batches(tensors, count, blocks_of, [&](const Batch& b, int64_t total) {
-    const unsigned grid = grid_for(total, 1, kMaxGrid);
+    // Work items per thread block: 1 (block kernel) or kWarps (warp kernel).
+    const unsigned grid = grid_for(total, per_block ? 1 : kWarps, kMaxGrid);
     dispatch_float(gt, [&](auto gtag) {
       using G = decltype(gtag);
       dispatch_float(pt, [&](auto ptag) {
         using P = decltype(ptag);
-        if (two)
+        if (per_block && two)
           update8_kernel<G, P, true><<<grid, kBlock, 0, stream>>>(s, b, code1, code2, flags);
-        else
+        else if (per_block)
           update8_kernel<G, P, false><<<grid, kBlock, 0, stream>>>(s, b, code1, nullptr, flags);
+        else if (two)
+          update8_warp_kernel<G, P, true><<<grid, kBlock, 0, stream>>>(s, b, code1, code2, flags);
+        else
+          update8_warp_kernel<G, P, false>
+              <<<grid, kBlock, 0, stream>>>(s, b, code1, nullptr, flags);
       });
     });
   });
