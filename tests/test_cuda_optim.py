@@ -341,23 +341,42 @@ def test_many_tensors_split_into_launches(eight, kernel8):
         assert torch.equal(_bits(out["dev"][0][i]), _bits(p0[i]))
 
 
-def test_large_tensor_grid_stride(kernel8):
-    """More quantization blocks than the grid (2^16 thread blocks): the grid-stride loops."""
-    n = (1 << 16) * 256 * 2 + 333
-    gen = torch.Generator().manual_seed(10)
+_LARGE_CPU = {}  # the CPU oracle of test_large_tensor_grid_stride, computed once for both kernels
+
+
+def _large_run(n, dev, seed=10):
+    gen = torch.Generator().manual_seed(seed)
     p0 = torch.randn(n, generator=gen)
     g0 = torch.randn(n, generator=gen) * 0.1
-    out = {}
-    for key, dev in (("cpu", "cpu"), ("dev", DEV)):
-        p, g = [p0.clone().to(dev)], [g0.to(dev)]
-        st = _state8([n], dev, True)
-        for step in (1, 2):
-            _run8(
-                ops.optimizer_update_8bit_blockwise, "adam", g, p, st, Q1.to(dev), Q2.to(dev), step
-            )
-        out[key] = (p, *st)
-    for xs, ys in zip(out["cpu"], out["dev"]):
+    p, g = [p0.to(dev)], [g0.to(dev)]
+    st = _state8([n], dev, True)
+    for step in (1, 2):
+        _run8(ops.optimizer_update_8bit_blockwise, "adam", g, p, st, Q1.to(dev), Q2.to(dev), step)
+    return (p, *st)
+
+
+def test_large_tensor_grid_stride(kernel8):
+    """More quantization blocks than the block kernel's grid (2^16 thread blocks, one block of 256
+    values each): its grid-stride loop, against the CPU."""
+    n = (1 << 16) * 256 * 2 + 333
+    if n not in _LARGE_CPU:
+        _LARGE_CPU[n] = _large_run(n, "cpu")
+    for xs, ys in zip(_LARGE_CPU[n], _large_run(n, DEV)):
         _assert_same(xs, ys)
+
+
+def test_warp_kernel_grid_stride_matches_block_kernel(monkeypatch):
+    """The warp kernel's grid covers 2^16 * 8 quantization blocks per pass: a tensor with more
+    (151M values) takes its grid-stride loop; the block kernel (held to the CPU above) is the
+    oracle, on the device."""
+    n = (1 << 16) * 8 * 256 + (1 << 16) * 256 + 333
+    out = {}
+    for kernel in ("block", "warp"):
+        monkeypatch.setenv("LOWBIT_OPTIM8_KERNEL", kernel)
+        out[kernel] = _large_run(n, DEV, seed=13)
+    for xs, ys in zip(out["block"], out["warp"]):
+        for x, y in zip(xs, ys):
+            assert torch.equal(x, y)
 
 
 def test_maps_quantization_rule_derived_on_device(kernel8):
