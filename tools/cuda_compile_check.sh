@@ -182,8 +182,7 @@ int main() {
       cuda::optim_nonfinite_flags(FloatType::f32, nullptr, 0, nullptr, s),
       cuda::optimizer_update_8bit_blockwise(
           make_optim_scalars(OptimKind::adam, 0.9, 0.999, 1e-8, 1, 1e-3, 0.0, 1.0, false, -1),
-          FloatType::bf16, FloatType::bf16, nullptr, 0, nullptr, nullptr, nullptr, nullptr,
-          nullptr, nullptr, nullptr, s),
+          FloatType::bf16, FloatType::bf16, nullptr, 0, nullptr, nullptr, nullptr, s),
       cuda::optimizer_update_32bit(
           make_optim_scalars(OptimKind::lion, 0.9, 0.99, 0.0, 1, 1e-4, 0.0, 1.0, false, -1),
           FloatType::f16, FloatType::f32, nullptr, 0, nullptr, s),

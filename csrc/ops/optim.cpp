@@ -163,20 +163,24 @@ void cpu_for_each_param(const OptimScalars& base, int64_t sr_seed, at::TensorLis
 namespace {
 
 // The CUDA half: one multi-tensor launch sequence per (gradient type, parameter type) pair on the
-// current stream, with no host synchronisation: a first kernel flags parameters whose gradient
-// holds NaN/Inf, the update kernels skip them, and `applied` is computed on the device from the
-// flags. The maps' midpoints and zero codes are computed on the device with ATen ops (the CPU
-// path's host_code rule: (c[i] + c[i+1]) / 2 in fp32, the first index of the smallest |c|); the
-// order of the maps is not checked here (that would synchronise every step): the optimizers pass
-// the dynamic maps, and an unsorted map gives wrong codes, never out-of-range accesses.
-void cuda_update(const OptimScalars& s, int64_t sr_seed, at::TensorList g, at::TensorList p,
-                 at::TensorList s1, at::TensorList s2, at::TensorList a1, at::TensorList a2,
-                 const at::Tensor& qmap1, const at::Tensor& qmap2, bool eight_bit,
-                 at::Tensor& applied) {
+// current stream, with no host synchronisation and no host-to-device copy (the descriptors travel
+// as kernel arguments, optim.cu), so a step can be captured in a CUDA graph: a first kernel flags
+// parameters whose gradient holds NaN/Inf in one int32 flags array of the call (each descriptor
+// carries its own index into it, whatever its dtype group), the update kernels skip them, and the
+// returned `applied` is computed on the device from the flags. The maps' quantization rule
+// (midpoints, zero code) is derived inside the 8-bit kernel from the maps themselves, exactly as
+// host_code does on the CPU; the order of the maps is not checked here (that would synchronise
+// every step): the optimizers pass the dynamic maps, and an unsorted map gives wrong codes, never
+// out-of-range accesses.
+at::Tensor cuda_update(const OptimScalars& s, int64_t sr_seed, at::TensorList g, at::TensorList p,
+                       at::TensorList s1, at::TensorList s2, at::TensorList a1, at::TensorList a2,
+                       const at::Tensor& qmap1, const at::Tensor& qmap2, bool eight_bit) {
   const size_t np = p.size();
+  // The stream of the device the caller's guard has made current (p[0]'s).
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   at::Tensor flags = at::zeros({int64_t(np)}, p[0].options().dtype(at::kInt));
-  std::vector<at::Tensor> grads(np);
+  int* fp = flags.data_ptr<int>();
+  std::vector<at::Tensor> grads(np);  // keeps contiguous copies alive until the launches
   std::vector<cuda::OptimTensor> desc(np);
   for (size_t i = 0; i < np; ++i) {
     grads[i] = g[i].contiguous();
@@ -188,53 +192,37 @@ void cuda_update(const OptimScalars& s, int64_t sr_seed, at::TensorList g, at::T
     d.absmax1 = a1.empty() ? nullptr : a1[i].data_ptr<float>();
     d.absmax2 = a2.empty() ? nullptr : a2[i].data_ptr<float>();
     d.n = p[i].numel();
+    // The same per-tensor seed as the CPU path (seed_for of the tensor's index in the op's list),
+    // so stochastic rounding draws the same bits on both devices.
     d.seed = uint32_t(seed_for(sr_seed, i));
+    d.flag = int(i);
   }
   OptimScalars sc = s;
   sc.stochastic = sr_seed >= 0;
-  at::Tensor b1, z1, b2, z2;
-  if (eight_bit) {
-    b1 = (qmap1.slice(0, 0, 255) + qmap1.slice(0, 1, 256)) / 2.0;
-    z1 = qmap1.abs().argmin().reshape({1});
-    if (qmap2.defined()) {
-      b2 = (qmap2.slice(0, 0, 255) + qmap2.slice(0, 1, 256)) / 2.0;
-      z2 = qmap2.abs().argmin().reshape({1});
-    }
-  }
   // Tensors of one dtype pair go to one call (kernels are compiled per pair).
-  std::vector<std::vector<size_t>> groups;
+  std::vector<std::vector<cuda::OptimTensor>> groups;
   std::vector<std::pair<at::ScalarType, at::ScalarType>> keys;
   for (size_t i = 0; i < np; ++i) {
     const auto key = std::make_pair(grads[i].scalar_type(), p[i].scalar_type());
     size_t k = 0;
     while (k < keys.size() && keys[k] != key) ++k;
     if (k == keys.size()) keys.push_back(key), groups.emplace_back();
-    groups[k].push_back(i);
+    groups[k].push_back(desc[i]);
   }
   for (size_t k = 0; k < keys.size(); ++k) {
-    std::vector<cuda::OptimTensor> part;
-    for (size_t i : groups[k]) part.push_back(desc[i]);
-    // The kernels index flags from the first tensor of each launch: give each group its own view.
-    at::Tensor gflags = at::zeros({int64_t(part.size())}, flags.options());
-    int* gf = gflags.data_ptr<int>();
+    const std::vector<cuda::OptimTensor>& part = groups[k];
     const FloatType gt = float_type(keys[k].first), pt = float_type(keys[k].second);
-    C10_CUDA_CHECK(cuda::optim_nonfinite_flags(gt, part.data(), int(part.size()), gf, stream));
+    C10_CUDA_CHECK(cuda::optim_nonfinite_flags(gt, part.data(), int(part.size()), fp, stream));
     if (eight_bit) {
       C10_CUDA_CHECK(cuda::optimizer_update_8bit_blockwise(
-          sc, gt, pt, part.data(), int(part.size()), qmap1.data_ptr<float>(), b1.data_ptr<float>(),
-          z1.data_ptr<int64_t>(), qmap2.defined() ? qmap2.data_ptr<float>() : nullptr,
-          b2.defined() ? b2.data_ptr<float>() : nullptr,
-          z2.defined() ? z2.data_ptr<int64_t>() : nullptr, gf, stream));
+          sc, gt, pt, part.data(), int(part.size()), qmap1.data_ptr<float>(),
+          qmap2.defined() ? qmap2.data_ptr<float>() : nullptr, fp, stream));
     } else {
       C10_CUDA_CHECK(
-          cuda::optimizer_update_32bit(sc, gt, pt, part.data(), int(part.size()), gf, stream));
+          cuda::optimizer_update_32bit(sc, gt, pt, part.data(), int(part.size()), fp, stream));
     }
-    const at::Tensor idx = at::tensor(std::vector<int64_t>(groups[k].begin(), groups[k].end()),
-                                      at::TensorOptions().dtype(at::kLong))
-                               .to(flags.device(), /*non_blocking=*/true);
-    flags.index_copy_(0, idx, gflags);
   }
-  applied.copy_(flags.eq(0));
+  return flags.eq(0);
 }
 
 }  // namespace
@@ -272,16 +260,15 @@ at::Tensor optimizer_update_8bit_blockwise(
   }
   const OptimScalars base = make_optim_scalars(kind, beta1, beta2, eps, step, lr, weight_decay,
                                                gnorm_scale, skip_zeros, -1);
-  at::Tensor applied = at::ones({int64_t(np)}, p[0].options().dtype(at::kBool));
 #ifdef LOWBIT_WITH_CUDA
   if (p[0].is_cuda()) {
     const c10::cuda::CUDAGuard guard(p[0].device());
-    cuda_update(base, sr_seed, g, p, state1, state2, absmax1, absmax2, qmap1.contiguous(),
-                two ? qmap2->contiguous() : at::Tensor(), true, applied);
-    return applied;
+    return cuda_update(base, sr_seed, g, p, state1, state2, absmax1, absmax2, qmap1.contiguous(),
+                       two ? qmap2->contiguous() : at::Tensor(), true);
   }
 #endif
   TORCH_CHECK(p[0].is_cpu(), "lowbit.", op, ": no kernels for device ", p[0].device());
+  at::Tensor applied = at::ones({int64_t(np)}, p[0].options().dtype(at::kBool));
   const at::Tensor q1 = qmap1.contiguous();
   const HostCode h1 = host_code(op, "qmap1", q1);
   at::Tensor q2;
@@ -331,16 +318,15 @@ at::Tensor optimizer_update_32bit(c10::string_view optimizer_name, at::TensorLis
   }
   const OptimScalars base = make_optim_scalars(kind, beta1, beta2, eps, step, lr, weight_decay,
                                                gnorm_scale, skip_zeros, -1);
-  at::Tensor applied = at::ones({int64_t(np)}, p[0].options().dtype(at::kBool));
 #ifdef LOWBIT_WITH_CUDA
   if (p[0].is_cuda()) {
     const c10::cuda::CUDAGuard guard(p[0].device());
-    cuda_update(base, sr_seed, g, p, state1, state2, {}, {}, at::Tensor(), at::Tensor(), false,
-                applied);
-    return applied;
+    return cuda_update(base, sr_seed, g, p, state1, state2, {}, {}, at::Tensor(), at::Tensor(),
+                       false);
   }
 #endif
   TORCH_CHECK(p[0].is_cpu(), "lowbit.", op, ": no kernels for device ", p[0].device());
+  at::Tensor applied = at::ones({int64_t(np)}, p[0].options().dtype(at::kBool));
   cpu_for_each_param(
       base, sr_seed, g, applied, [&](size_t i, const OptimScalars& s, const at::Tensor& gi) {
         const FloatType gt = float_type(gi.scalar_type()), pt = float_type(p[i].scalar_type());

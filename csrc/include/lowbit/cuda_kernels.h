@@ -192,21 +192,25 @@ struct OptimTensor {
   float* absmax2;  // 8-bit, two-state optimizers
   int64_t n;
   uint32_t seed;  // stochastic rounding seed of this tensor (used when s.stochastic)
+  // Index of this tensor's entry in the flags array. The host groups the parameters of one op
+  // call by dtype pair, so a launch's tensors are not a contiguous run of the op's list: each
+  // carries its own index into the one flags array of the call (no per-group copy, no gather).
+  int flag;
 };
 constexpr int kOptimMaxTensors = 32;
 
-// flags[t] (int32, zeroed by the caller) becomes 1 when tensors[t].g holds NaN or +-Inf.
+// flags[t.flag] (int32, zeroed by the caller) becomes 1 when t.g holds NaN or +-Inf.
 cudaError_t optim_nonfinite_flags(FloatType gt, const OptimTensor* tensors, int count, int* flags,
                                   cudaStream_t stream);
 // 8-bit blockwise states, blocks of 256: tensors whose flag is set are left untouched. code1/2:
-// the 256-entry maps, bound1/2 their 255 fp32 midpoints ((c[i] + c[i+1]) / 2), zero1/2 the index
-// of the entry nearest 0 (int64 [1]), all in device memory (computed on the device by the caller:
-// no host synchronisation per step). code2/bound2/zero2 are null for one-state optimizers.
+// the 256-entry maps (fp32, device memory, sorted ascending: an unsorted map gives wrong codes,
+// never an out-of-range access). Each thread block derives the quantization rule from the map
+// itself (midpoints (c[i] + c[i+1]) / 2 in fp32, zero code = first index of the smallest |c|, as
+// the CPU path's host_code), so a call needs no preparation kernels and no host synchronisation.
+// code2 is null for one-state optimizers.
 cudaError_t optimizer_update_8bit_blockwise(const OptimScalars& s, FloatType gt, FloatType pt,
                                             const OptimTensor* tensors, int count,
-                                            const float* code1, const float* bound1,
-                                            const int64_t* zero1, const float* code2,
-                                            const float* bound2, const int64_t* zero2,
+                                            const float* code1, const float* code2,
                                             const int* flags, cudaStream_t stream);
 // fp32 states.
 cudaError_t optimizer_update_32bit(const OptimScalars& s, FloatType gt, FloatType pt,

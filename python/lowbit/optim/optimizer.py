@@ -17,7 +17,11 @@ State of a parameter p (bitsandbytes' keys, so checkpoints move between the two 
 Parameters with fewer than min_8bit_size elements keep fp32 states (as in bitsandbytes).
 
 Gradients holding NaN or Inf: the parameter is left alone for that step (parameter, states and
-step count unchanged) and a RuntimeWarning names it. Other parameters are updated as usual.
+step count unchanged) and a RuntimeWarning names it. Other parameters are updated as usual. On CUDA
+the check runs on the device and step() does not wait for it (no host synchronisation per step):
+the flags are copied back asynchronously and read at the start of the next step() or in
+state_dict() / load_state_dict(), which is when the warning is raised and the step count of a
+skipped parameter is taken back (before any further update uses it).
 """
 
 from __future__ import annotations
@@ -269,6 +273,8 @@ class Optimizer8bit(torch.optim.Optimizer):
         # run is reproducible under torch.manual_seed without consuming random numbers per step.
         self._sr_base = int(torch.randint(0, 2**31 - 1, (1,)).item()) if stochastic_rounding else -1
         self._sr_calls = 0
+        # CUDA: the `applied` flags of the last step, on their way to the host (_defer_skipped).
+        self._pending_skipped = None
 
     # ---- configuration -------------------------------------------------------------------------
 
@@ -376,6 +382,9 @@ class Optimizer8bit(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # The previous step's non-finite flags first: a skipped parameter's step count is taken
+        # back before this step increments it.
+        self._resolve_skipped()
         if not self.initialized:
             self.check_overrides()
             self.initialized = True
@@ -459,31 +468,65 @@ class Optimizer8bit(torch.optim.Optimizer):
                     **common,
                 )
             results.append((items, applied))
-        # One device-to-host read per step: which parameters had non-finite gradients.
         if results:
-            flags = torch.cat([a for _, a in results]).cpu()
-            if not bool(flags.all()):
-                k = 0
-                for items, _applied in results:
-                    for gi, pi, p, state in items:
-                        if not bool(flags[k]):
-                            state["step"] -= 1
-                            warnings.warn(
-                                f"lowbit.optim.{type(self).__name__}: the gradient of parameter "
-                                f"{pi} of param_groups[{gi}] (shape {list(p.shape)}, "
-                                f"{p.dtype}) holds NaN or Inf; its update was skipped (parameter, "
-                                "optimizer state and step count unchanged)",
-                                RuntimeWarning,
-                                stacklevel=2,
-                            )
-                        k += 1
+            self._defer_skipped(results)
         return loss
+
+    def _defer_skipped(self, results) -> None:
+        """Start the read-back of the ops' `applied` flags. CPU flags are read at once. CUDA flags
+        go to pinned host memory with a non-blocking copy on the op's stream, and an event marks
+        their arrival: step() returns without waiting for the GPU (a synchronisation per step would
+        stall the host for the whole update and serialise the next forward pass behind it), and
+        the flags are read at the next step() or state_dict() (_resolve_skipped). Flags of several
+        devices are copied one tensor at a time (torch.cat cannot mix devices)."""
+        pending, events = [], {}
+        for items, applied in results:
+            if applied.is_cuda:
+                host = applied.to("cpu", non_blocking=True)  # pinned output, stream-ordered
+                events[applied.device] = None
+                pending.append((items, host))
+            else:
+                pending.append((items, applied))
+        for dev in events:
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(dev))
+            events[dev] = ev
+        self._pending_skipped = (pending, list(events.values()))
+        if not events:
+            self._resolve_skipped()
+
+    def _resolve_skipped(self) -> None:
+        """Read the flags of the last step (waiting for their copies only, not for later work):
+        warn about each parameter whose gradient held NaN/Inf and take back its step count."""
+        pending = getattr(self, "_pending_skipped", None)
+        if pending is None:
+            return
+        self._pending_skipped = None
+        results, events = pending
+        for ev in events:
+            ev.synchronize()
+        for items, flags in results:
+            if bool(flags.all()):
+                continue
+            for k, (gi, pi, p, state) in enumerate(items):
+                if bool(flags[k]):
+                    continue
+                state["step"] -= 1
+                warnings.warn(
+                    f"lowbit.optim.{type(self).__name__}: the gradient of parameter "
+                    f"{pi} of param_groups[{gi}] (shape {list(p.shape)}, "
+                    f"{p.dtype}) holds NaN or Inf; its update was skipped (parameter, "
+                    "optimizer state and step count unchanged)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
 
     # ---- state dict ----------------------------------------------------------------------------
 
     def state_dict(self):
         """torch's state dict with bitsandbytes' layout: the quantization tensors of each state
         nested under '__bnb_optimizer_quant_state__' (bitsandbytes loads it as is)."""
+        self._resolve_skipped()  # step counts of parameters skipped on CUDA, taken back
         sd = super().state_dict()
         sd["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in sd["state"].items()}
         for st in sd["state"].values():
@@ -501,6 +544,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         dtype (uint8 codes, fp32 values) and move to the parameter's device.
         """
         name = type(self).__name__
+        self._resolve_skipped()  # warn about the last step now; its states are being replaced
         state_dict = deepcopy(state_dict)
         if (
             not isinstance(state_dict, dict)
