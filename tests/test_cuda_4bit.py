@@ -186,6 +186,25 @@ def test_gemv_split_k(monkeypatch, N, K):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("M", range(1, GEMV_MAX_M + 1))
+def test_gemv_every_instantiation(monkeypatch, dtype, M):
+    """Every SIMT GEMV kernel the launcher can pick at this M: rows MT = 1/2/4/8 with M - MT
+    idle rows, warps per column group 1/2/4/8 and (M = 1) columns 1/2/4, i.e. vectors per column
+    per step U = 4/2/1. K = 4160 is 130 16-byte vectors per row (not a multiple of 32 * U: idle
+    lanes and idle split-K warps in the last step); N = 33 leaves a partial column group."""
+    N, K = 33, 4160
+    packed, absmax, nested, W = weight(N, K, 64, "fp4")
+    A = torch.randn(M, K).to(dtype)
+    forces = [f"gemv:{w}:{c}" for w in (1, 2, 4, 8) for c in ((1, 2, 4) if M == 1 else (2,))]
+    for f in forces:
+        force(monkeypatch, f)
+        try:
+            check(run(A.cuda(), packed, absmax, nested, N, K, 64, "fp4"), A, W)
+        except AssertionError as e:
+            raise AssertionError(f"LOWBIT_GEMM4_FORCE={f}: {e}") from e
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("M", [1, 16, 2048])
 def test_generic_k(dtype, M):
     """K not a multiple of 32 (rows start mid-vector, or mid-byte for odd K): the generic kernel."""
