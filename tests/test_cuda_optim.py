@@ -515,3 +515,55 @@ def test_op_captured_in_cuda_graph(kernel8):
     assert applied.cpu().tolist() == [True] * len(sizes)
     for xs, ys in zip(eager, (p, *st)):
         _assert_same(xs, ys)
+
+
+def _nan_bit_patterns(t):
+    """The distinct bit patterns of the NaN elements of t."""
+    t = t.detach().cpu()
+    return set(_bits(t)[t.float().isnan()].tolist())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_nan_parameters_and_states_get_the_cpu_nan_bits(kind, dtype, kernel8):
+    """NaN parameters and states with finite gradients: a block whose absmax is NaN (its state
+    overflowed at an earlier step), a NaN parameter, and 0/0 with eps = 0 (zero gradient and zero
+    states). A CUDA operation returns the canonical NaN 0x7fffffff; the CPU kernels (and the
+    reference) keep the quieted NaN operand or make the default NaN 0xffc00000, so without
+    optim.cu's update_element the device stored other NaN bits than the CPU (8-bit parameters,
+    32-bit parameters and states)."""
+    gen = torch.Generator().manual_seed(14)
+    two = kind == "adam"
+    n = 1300
+    p0 = torch.randn(n, generator=gen).to(dtype)
+    g0 = (torch.randn(n, generator=gen) * 0.1).to(dtype)
+    p0[1100] = float("nan")
+    g0[700] = 0.0
+    q1_0 = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen)
+    q2_0 = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen)
+    q1_0[700] = int(Q1.abs().argmin())  # decodes to 0
+    q2_0[700] = int(Q2.abs().argmin())
+    a1_0, a2_0 = torch.rand(6, generator=gen), torch.rand(6, generator=gen)
+    a1_0[1] = float("nan")
+    a2_0[3] = float("nan")
+    f1_0, f2_0 = torch.randn(n, generator=gen), torch.rand(n, generator=gen)
+    f1_0[5] = float("nan")
+    f1_0[700] = f2_0[700] = 0.0
+    out = {}
+    for key, dev in (("cpu", "cpu"), ("dev", DEV)):
+        p8, p32 = [p0.clone().to(dev)], [p0.clone().to(dev)]
+        g = [g0.to(dev)]
+        st = (
+            [q1_0.clone().to(dev)],
+            [q2_0.clone().to(dev)] if two else [],
+            [a1_0.clone().to(dev)],
+            [a2_0.clone().to(dev)] if two else [],
+        )
+        q2 = Q2.to(dev) if two else None
+        _run8(ops.optimizer_update_8bit_blockwise, kind, g, p8, st, Q1.to(dev), q2, 3, eps=0.0)
+        f1, f2 = [f1_0.clone().to(dev)], ([f2_0.clone().to(dev)] if two else [])
+        ops.optimizer_update_32bit(kind, g, p32, f1, f2, 0.9, 0.99, 0.0, 3, 1e-2)
+        out[key] = (p8, *st, p32, f1, f2)
+    assert _nan_bit_patterns(out["cpu"][0][0])  # the case is exercised: NaN parameters
+    for xs, ys in zip(out["cpu"], out["dev"]):
+        _assert_same(xs, ys)

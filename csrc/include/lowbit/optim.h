@@ -105,41 +105,54 @@ LOWBIT_HD float sqrt_rn(float a) {
 #endif
 }
 
-// sign(x) in {-1, 0, +1} (0 for +-0; NaN never reaches here: non-finite gradients skip the step).
+// sign(x) in {-1, 0, +1} (0 for +-0, and for NaN: the gradient is finite, but a state can be NaN
+// after an overflow; every device gives 0).
 LOWBIT_HD float sign_f(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f); }
+
+// The arithmetic of optim_update_element: one rounding per operation. The CUDA kernels also
+// instantiate it with a policy that gives x86's NaN bits (optim.cu, CpuNanArith): a CUDA operation
+// with a NaN result returns the canonical NaN 0x7fffffff, the CPU the quieted NaN operand (the
+// first one) or the default NaN 0xffc00000, and a NaN parameter or fp32 state is stored as is.
+struct RoundedArith {
+  static LOWBIT_HD float mul(float a, float b) { return mul_rn(a, b); }
+  static LOWBIT_HD float add(float a, float b) { return add_rn(a, b); }
+  static LOWBIT_HD float div(float a, float b) { return div_rn(a, b); }
+  static LOWBIT_HD float sqrt(float a) { return sqrt_rn(a); }
+};
 
 // One element: g (already in fp32), the parameter p and the states m (state1) and v (state2) in
 // fp32, updated in place. v is untouched by the one-state optimizers.
+template <typename A = RoundedArith>
 LOWBIT_HD void optim_update_element(const OptimScalars& s, float g_in, float& p, float& m,
                                     float& v) {
   if (s.skip_zeros && g_in == 0.0f) return;
-  float g = mul_rn(g_in, s.gnorm_scale);
+  float g = A::mul(g_in, s.gnorm_scale);
   switch (s.kind) {
     case OptimKind::adam: {
-      m = add_rn(mul_rn(m, s.beta1), mul_rn(g, s.one_minus_beta1));
-      v = add_rn(mul_rn(v, s.beta2), mul_rn(mul_rn(s.one_minus_beta2, g), g));
-      const float denom = add_rn(div_rn(sqrt_rn(v), s.correction2), s.eps);
-      if (s.weight_decay > 0.0f) p = mul_rn(p, s.decay);
-      p = add_rn(p, mul_rn(s.step_size, div_rn(m, denom)));
+      m = A::add(A::mul(m, s.beta1), A::mul(g, s.one_minus_beta1));
+      v = A::add(A::mul(v, s.beta2), A::mul(A::mul(s.one_minus_beta2, g), g));
+      const float denom = A::add(A::div(A::sqrt(v), s.correction2), s.eps);
+      if (s.weight_decay > 0.0f) p = A::mul(p, s.decay);
+      p = A::add(p, A::mul(s.step_size, A::div(m, denom)));
       break;
     }
     case OptimKind::momentum: {
-      if (s.weight_decay > 0.0f) g = add_rn(g, mul_rn(p, s.weight_decay));
-      m = s.first_step ? g : add_rn(mul_rn(m, s.beta1), g);
-      p = add_rn(p, mul_rn(s.step_size, m));
+      if (s.weight_decay > 0.0f) g = A::add(g, A::mul(p, s.weight_decay));
+      m = s.first_step ? g : A::add(A::mul(m, s.beta1), g);
+      p = A::add(p, A::mul(s.step_size, m));
       break;
     }
     case OptimKind::rmsprop: {
-      if (s.weight_decay > 0.0f) g = add_rn(g, mul_rn(p, s.weight_decay));
-      m = add_rn(mul_rn(m, s.beta1), mul_rn(mul_rn(s.one_minus_beta1, g), g));
-      p = add_rn(p, mul_rn(s.step_size, div_rn(g, add_rn(sqrt_rn(m), s.eps))));
+      if (s.weight_decay > 0.0f) g = A::add(g, A::mul(p, s.weight_decay));
+      m = A::add(A::mul(m, s.beta1), A::mul(A::mul(s.one_minus_beta1, g), g));
+      p = A::add(p, A::mul(s.step_size, A::div(g, A::add(A::sqrt(m), s.eps))));
       break;
     }
     case OptimKind::lion: {
-      if (s.weight_decay > 0.0f) p = mul_rn(p, s.decay);
-      const float u = add_rn(mul_rn(m, s.beta1), mul_rn(g, s.one_minus_beta1));
-      p = add_rn(p, mul_rn(s.step_size, sign_f(u)));
-      m = add_rn(mul_rn(m, s.beta2), mul_rn(g, s.one_minus_beta2));
+      if (s.weight_decay > 0.0f) p = A::mul(p, s.decay);
+      const float u = A::add(A::mul(m, s.beta1), A::mul(g, s.one_minus_beta1));
+      p = A::add(p, A::mul(s.step_size, sign_f(u)));
+      m = A::add(A::mul(m, s.beta2), A::mul(g, s.one_minus_beta2));
       break;
     }
   }

@@ -114,6 +114,52 @@ __device__ __forceinline__ uint8_t stage_code(const float* __restrict__ code, fl
   return uint8_t(best & 0xffu);
 }
 
+// x86's NaN bits (common.cuh's cpu_nan rule) for optim_update_element: the quieted first NaN
+// operand, else the default NaN. Only the NaN results differ from RoundedArith.
+struct CpuNanArith {
+  static __device__ __forceinline__ float mul(float a, float b) { return mul_cpu(a, b); }
+  static __device__ __forceinline__ float add(float a, float b) { return add_cpu(a, b); }
+  static __device__ __forceinline__ float div(float a, float b) {
+    const float r = __fdiv_rn(a, b);
+    return r == r ? r : cpu_nan(a, b);
+  }
+  static __device__ __forceinline__ float sqrt(float a) {
+    const float r = __fsqrt_rn(a);
+    return r == r ? r : cpu_nan(a, a);  // sqrt(NaN): the quieted operand; sqrt(< 0): default NaN
+  }
+};
+
+struct ElementResult {
+  float p, m, v;
+};
+
+// The slow path of update_element, out of line (by value, so that the fast path's scalars and
+// values stay in registers).
+__device__ __noinline__ ElementResult update_element_cpu_nan(const OptimScalars s, float g, float p,
+                                                             float m, float v) {
+  optim_update_element<CpuNanArith>(s, g, p, m, v);
+  return {p, m, v};
+}
+
+// optim_update_element with the CPU's NaN bits. A NaN parameter or state (NaN absmax of a block
+// that overflowed at an earlier step, a NaN parameter, 0/0 with eps = 0) would otherwise get the
+// CUDA canonical NaN 0x7fffffff where the CPU kernels and the reference store 0x7fc00000 or
+// 0xffc00000 (and bf16/fp16 parameters the matching different bits), breaking bit-identity with the
+// CPU. The fast path is the plain rounded arithmetic; an element with any NaN result is recomputed
+// from its inputs with CpuNanArith (rare: three compares per element otherwise). The non-NaN
+// results of the two paths are identical (same rounded operations). Not matched: an operation
+// meeting two NaNs of different bits (a NaN parameter and 0/0 from eps = 0 in one element), whose
+// CPU result depends on the host compiler's operand order (the commutative add may be swapped).
+__device__ __forceinline__ void update_element(const OptimScalars& s, float g, float& p, float& m,
+                                               float& v) {
+  const float p0 = p, m0 = m, v0 = v;
+  optim_update_element(s, g, p, m, v);
+  if (!(p == p) || !(m == m) || !(v == v)) {
+    const ElementResult r = update_element_cpu_nan(s, g, p0, m0, v0);
+    p = r.p, m = r.m, v = r.v;
+  }
+}
+
 __device__ __forceinline__ uint8_t code_of(float x, const BlockScale& s, const float* bound,
                                            uint8_t zero_code) {
   if (s.mode == BlockMode::zero || s.mode == BlockMode::nonfinite) return zero_code;
@@ -149,14 +195,15 @@ __global__ void __launch_bounds__(kBlock)
     uint8_t* q2 = static_cast<uint8_t*>(d.state2);
     float m = 0.0f, v = 0.0f;
     if (active) {
-      m = __fmul_rn(c1[q1[i]], d.absmax1[blk]);
-      if (kTwo) v = __fmul_rn(c2[q2[i]], d.absmax2[blk]);
+      // mul_cpu: a NaN block (absmax NaN) decodes to the CPU's NaN bits (see update_element).
+      m = mul_cpu(c1[q1[i]], d.absmax1[blk]);
+      if (kTwo) v = mul_cpu(c2[q2[i]], d.absmax2[blk]);
       const G* g = static_cast<const G*>(d.g);
       P* p = static_cast<P*>(d.p);
       float pv = to_float(p[i]);
       OptimScalars s = sc;
       s.seed = d.seed;
-      optim_update_element(s, to_float(g[i]), pv, m, v);
+      update_element(s, to_float(g[i]), pv, m, v);
       store_param(s, p, i, pv);
     }
     // absmax[blk] was read above by every thread; block_scale's __syncthreads orders those reads
@@ -240,9 +287,10 @@ __global__ void __launch_bounds__(kBlock)
         float& vj = v[h + j];
         mj = vj = 0.0f;
         if (e < rem) {
-          mj = __fmul_rn(c1[k1[j]], a1);
-          if (kTwo) vj = __fmul_rn(c2[k2[j]], a2);
-          optim_update_element(s, gv[j], pv[j], mj, vj);
+          // mul_cpu: a NaN block decodes to the CPU's NaN bits (see update_element).
+          mj = mul_cpu(c1[k1[j]], a1);
+          if (kTwo) vj = mul_cpu(c2[k2[j]], a2);
+          update_element(s, gv[j], pv[j], mj, vj);
           store_param(s, p, first + e, pv[j]);
           absmax_fold(mj, mx1, bad1);
           if (kTwo) absmax_fold(vj, mx2, bad2);
@@ -299,7 +347,7 @@ __global__ void __launch_bounds__(kBlock)
     for (int k = 0; k < kUnroll32; ++k) {
       const int64_t i = base + int64_t(k) * kBlock;
       if (i < n) {
-        optim_update_element(s, gv[k], pv[k], m[k], v[k]);
+        update_element(s, gv[k], pv[k], m[k], v[k]);
         store_param(s, p, i, pv[k]);
         s1[i] = m[k];
         if (s2) s2[i] = v[k];
