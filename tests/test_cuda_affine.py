@@ -468,11 +468,11 @@ def test_opcheck_cuda():
 
 # ---- gemm_affine: the affine GEMV (8-bit codes, other group sizes, misaligned data; M <= 8) ----
 # gemv_affine_kernel (affine.cu) runs every product at M <= 8 that the 4-bit tiers do not take.
-# Its fp32 sums factor each 16-element chunk as scale * (sum x * q - zero * sum x) (the 4-bit
-# gemv's form), so fp32 activations are held to REL_TOL[fp32] = 1e-5 like every other tier: the
-# model of the kernel's arithmetic in fp32 (the PR's numpy model) stays below 1e-6 with 8-bit
-# codes and fractional zeros near 128. A chunk that crosses a group boundary (group sizes that are
-# not a multiple of 16) decodes each weight exactly as the CPU does.
+# Its fp32 sums take each 16-element chunk inside one group as scale * sum x * (q - zero) (the
+# CPU's decode with the scale moved out of the sum), so fp32 activations are held to REL_TOL[fp32]
+# = 1e-5 like every other tier, also where the 4-bit gemv's scale * (sum x q - zero * sum x) would
+# cancel (test_affine_gemv_8bit_cancellation). A chunk that crosses a group boundary (group sizes
+# that are not a multiple of 16) decodes each weight exactly as the CPU does.
 
 AG_SHAPES = [
     (201, 512, 128),  # odd N (a partial column pair), GPTQ/AWQ group 128
@@ -502,6 +502,21 @@ def test_affine_gemv_8bit(M, N, K, g, dtype):
         )
         if dtype != torch.float32:
             check(gemm(A.cuda(), packed, N, K, scales, zeros, 8, g, bias), A, W, bias)
+
+
+@pytest.mark.parametrize("M", [1, 4])
+def test_affine_gemv_8bit_cancellation(M):
+    """8-bit codes 250..255 around fractional zeros 252.5 and positive fp32 activations: each
+    weight (q - zero) * scale is small next to q * scale, so a sum formed as sum x q - zero * sum x
+    cancels (relative error ~2e-5 in an fp32 model); the kernel's sum x * (q - zero) stays within
+    the fp32 tolerance."""
+    N, K, g = 64, 4096, 128
+    packed = torch.randint(250, 256, (N * K,), dtype=torch.uint8)
+    scales = torch.rand(N * K // g) * 0.1 + 1e-3
+    zeros = torch.full((N * K // g,), 252.5)
+    W = R.decode_affine(packed, scales, zeros, 8, g, (N, K))
+    A = torch.rand(M, K)
+    check(gemm(A.cuda(), packed, N, K, scales, zeros, 8, g), A, W)
 
 
 @pytest.mark.parametrize("tier", ["gemv:1", "gemv:2", "affgemv:4", "affgemv:8", "dequant"])

@@ -250,10 +250,16 @@ __global__ void __launch_bounds__(kAffThreads)
 //     multiply-high division (FastDiv32, K < 2^31). A chunk of 16 elements (two pieces, k0c a
 //     multiple of 16) inside one group, always so when gs % 16 == 0 and otherwise when its
 //     offset in the group r = k0c - gs * (k0c / gs) has r + (its valid elements) <= gs, reads
-//     s, z once and adds s * (sum x * q - z * sum x) (the 4-bit gemv's form, fp32; an exact
-//     (q - z) * s per weight would cost a multiply more). A chunk that crosses a group boundary
-//     decodes each weight as the CPU does, (float(q) - zero) * scale with two roundings, for
-//     s = 1, z = 0. A NaN scale makes the chunk's sum NaN and a zero scale a zero, as on the CPU.
+//     s, z once and adds s * sum x * (q - z): the CPU's decode (float(q) - zero) * scale with the
+//     scale moved out of the 16-term sum (a multiply per chunk instead of one per weight). Not
+//     the 4-bit gemv's s * (sum x * q - z * sum x), nor q * s + (-z * s) per weight: with 8-bit
+//     codes both cancel (sum x * q and z * sum x near 255 * sum x, their difference small when
+//     q ~ z), and on codes 250..255 with zeros 252.5 and positive activations they miss the
+//     fp32 tolerance of the tests (relative error 2.4e-5 > 1e-5 in an fp32 model of the sums),
+//     where q - z (exact for integer zeros, one rounding for fractional ones) stays at 1e-7. It
+//     also drops the per-row sum x (MT adds per element). A chunk that crosses a group boundary
+//     decodes each weight in full, as the CPU does, for s = 1. A NaN scale makes the chunk's sum
+//     NaN and a zero scale a zero (finite x), as on the CPU.
 //   * The fp32 bias is added to the sum before the one rounding to T, as on the CPU.
 constexpr int kAgWarps = 8;
 constexpr int kAgCols = 2;      // columns per warp group
@@ -398,13 +404,11 @@ __device__ __forceinline__ void gemv_affine_body(const T* __restrict__ a, int mr
             s[c] = __ldg(g.scales + gi), z[c] = __ldg(g.zeros + gi);
           }
         }
-        float part[kAgCols][MT], xs[MT];
+        float part[kAgCols][MT];
 #pragma unroll
         for (int c = 0; c < kAgCols; ++c)
 #pragma unroll
           for (int m = 0; m < MT; ++m) part[c][m] = 0.0f;
-#pragma unroll
-        for (int m = 0; m < MT; ++m) xs[m] = 0.0f;
 #pragma unroll
         for (int p2 = 0; p2 < 2; ++p2) {
           const int p = 2 * h + p2;        // piece of the vector
@@ -423,15 +427,16 @@ __device__ __forceinline__ void gemv_affine_body(const T* __restrict__ a, int mr
                   if (kp + i < K) x[m][i] = ag_widen(a[m * K + kp + i]);
               }
             }
-#pragma unroll
-            for (int i = 0; i < 8; ++i) xs[m] += x[m][i];
           }
 #pragma unroll
           for (int c = 0; c < kAgCols; ++c) {
             float w[8];
 #pragma unroll
             for (int i = 0; i < 8; ++i) w[i] = ag_code<BITS>(wv[u][c], p, i);
-            if (mixed[c]) {  // the chunk crosses a group boundary: each weight decoded in full
+            if (!mixed[c]) {
+#pragma unroll
+              for (int i = 0; i < 8; ++i) w[i] = __fsub_rn(w[i], z[c]);  // q - z, one rounding
+            } else {  // the chunk crosses a group boundary: each weight decoded in full
               const int64_t j = j0 + c;
 #pragma unroll
               for (int i = 0; i < 8; ++i) {
@@ -452,7 +457,7 @@ __device__ __forceinline__ void gemv_affine_body(const T* __restrict__ a, int mr
 #pragma unroll
         for (int c = 0; c < kAgCols; ++c)
 #pragma unroll
-          for (int m = 0; m < MT; ++m) acc[c][m] += s[c] * (part[c][m] - z[c] * xs[m]);
+          for (int m = 0; m < MT; ++m) acc[c][m] += s[c] * part[c][m];
       }
     }
   }
@@ -497,12 +502,12 @@ __device__ __forceinline__ void gemv_affine_body(const T* __restrict__ a, int mr
   }
 }
 
-// Two entry points, the body's only difference the register bound. Left to ptxas, some
-// instantiations got 80 registers and spilled 4-12 bytes (4-bit at M = 2, the narrow-load path at
-// M = 1); at least two blocks per SM (<= 128 registers) compiles them without a spill. 8-bit fp32
-// at M = 3..4 spilled 4 bytes at 128 registers on sm_90 and gets the whole register file (one
-// block per SM). The others keep ptxas's choice (8-bit M = 1: 64 registers, four blocks of 8
-// warps per SM).
+// Three entry points, the body's only difference the register bound. Left to ptxas, the two-row
+// instantiations and the narrow-load path at M = 1 got 80 registers and spilled 4-12 bytes (sm_80
+// or sm_90); at least two blocks per SM (<= 128 registers) compiles them without a spill. 8-bit
+// fp32 at M = 3..4 spilled 4 bytes at 128 registers on sm_90 and gets the whole register file
+// (one block per SM). The others keep ptxas's choice (8-bit M = 1: 64 / 80 registers on sm_80 /
+// sm_90, three or four blocks of 8 warps per SM).
 template <typename T, int BITS, int MT, int KSPLIT, bool kVec>
 __global__ void __launch_bounds__(kAgWarps * 32)
     gemv_affine_kernel(const T* __restrict__ a, int mr, AgArgs g, T* __restrict__ out) {
@@ -527,7 +532,7 @@ cudaError_t ag_launch(const T* a, int64_t M, const AgArgs& g, T* out, cudaStream
   if constexpr (MT == 4 && BITS == 8 && kVec && std::is_same_v<T, float>)
     gemv_affine_kernel_1block<T, BITS, MT, KSPLIT, kVec>
         <<<unsigned(blocks), kAgWarps * 32, 0, stream>>>(a, int(M), g, out);
-  else if constexpr (MT <= 2 && (BITS == 4 || !kVec))
+  else if constexpr (MT == 2 || (MT == 1 && !kVec))
     gemv_affine_kernel_2blocks<T, BITS, MT, KSPLIT, kVec>
         <<<unsigned(blocks), kAgWarps * 32, 0, stream>>>(a, int(M), g, out);
   else
