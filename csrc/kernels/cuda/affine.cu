@@ -502,10 +502,10 @@ __device__ __forceinline__ void gemv_affine_body(const T* __restrict__ a, int mr
   }
 }
 
-// Three entry points, the body's only difference the register bound. Left to ptxas, the two-row
-// instantiations and the narrow-load path at M = 1 got 80 registers and spilled 4-12 bytes (sm_80
-// or sm_90); at least two blocks per SM (<= 128 registers) compiles them without a spill. 8-bit
-// fp32 at M = 3..4 spilled 4 bytes at 128 registers on sm_90 and gets the whole register file
+// Three entry points, the body's only difference the register bound. Left to ptxas, instantiations
+// at M <= 2 got 64 or 80 registers and some spilled 4-12 bytes (which ones moved with every edit,
+// on sm_80 or sm_90); at least two blocks per SM (<= 128 registers) compiles them without a spill.
+// 8-bit fp32 at M = 3..4 spilled 4 bytes at 128 registers on sm_90 and gets the whole register file
 // (one block per SM). The others keep ptxas's choice (8-bit M = 1: 64 / 80 registers on sm_80 /
 // sm_90, three or four blocks of 8 warps per SM).
 template <typename T, int BITS, int MT, int KSPLIT, bool kVec>
@@ -532,7 +532,7 @@ cudaError_t ag_launch(const T* a, int64_t M, const AgArgs& g, T* out, cudaStream
   if constexpr (MT == 4 && BITS == 8 && kVec && std::is_same_v<T, float>)
     gemv_affine_kernel_1block<T, BITS, MT, KSPLIT, kVec>
         <<<unsigned(blocks), kAgWarps * 32, 0, stream>>>(a, int(M), g, out);
-  else if constexpr (MT == 2 || (MT == 1 && !kVec))
+  else if constexpr (MT == 2 || (MT == 1 && !(BITS == 8 && kVec)))
     gemv_affine_kernel_2blocks<T, BITS, MT, KSPLIT, kVec>
         <<<unsigned(blocks), kAgWarps * 32, 0, stream>>>(a, int(M), g, out);
   else
