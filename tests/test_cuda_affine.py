@@ -5,9 +5,10 @@ CPU op is the same, tests/test_ops_affine.py). dequantize_affine: bit for bit wi
 every output dtype, NaN groups included (the CUDA kernel writes the CPU's NaN bits).
 
 gemm_affine picks a tier in C++ (cuda::plan_gemm_affine: plan_gemm_4bit's table for 4-bit codes in
-groups of a multiple of 32, dequantize + cuBLAS for 8-bit codes, other group sizes and wherever the
-4-bit table says "generic"); LOWBIT_GEMM4_FORCE pins a tier as for NF4 ("generic" runs dequantize +
-cuBLAS here). Reference: the weight decoded exactly (reference.decode_affine) times A in float64,
+groups of a multiple of 32; for 8-bit codes, other group sizes and wherever the 4-bit table says
+"generic" (misaligned data), the affine GEMV at M <= 8 and dequantize + cuBLAS above);
+LOWBIT_GEMM4_FORCE pins a tier as for NF4 ("generic" runs dequantize + cuBLAS here, "affgemv[:W]"
+the affine GEMV). Reference: the weight decoded exactly (reference.decode_affine) times A in float64,
 plus the bias. Tolerances on the relative Frobenius error ||out - ref|| / ||ref||, as in
 tests/test_cuda_4bit.py: fp32 activations 1e-5 (fp32 sums in any order; the GEMV subtracts
 zero * sum(x) per 32-element vector, cuBLAS fp32 with TF32 off, torch's default); fp16 2e-3 and
@@ -230,8 +231,8 @@ def test_fractional_zeros_fp32_bias(monkeypatch, tier, dtype, M):
     [(8, 96, 512, 128), (8, 33, 4096, 32), (8, 19, 70, 70), (4, 64, 512, 16), (4, 19, 100, 50)],
 )
 def test_other_formats(dtype, M, bits, N, K, g):
-    """8-bit codes and group sizes the fast kernels do not take (16, 50, odd K): dequantize +
-    cuBLAS, with and without a bias."""
+    """8-bit codes and group sizes the 4-bit tiers do not take (16, 50, odd K): the affine GEMV at
+    M = 1, dequantize + cuBLAS above, with and without a bias."""
     for fractional in (False, True):
         packed, scales, zeros = weight(N, K, bits, g, fractional_zeros=fractional)
         W = R.decode_affine(packed, scales, zeros, bits, g, (N, K))
@@ -258,7 +259,8 @@ def test_table_thresholds(monkeypatch, dtype, M):
 @pytest.mark.parametrize("M", [1, 16, 2048])
 def test_non_contiguous_and_misaligned(bits, dtype, M):
     """A strided A (the op makes it contiguous), a 3-D A, and a misaligned packed weight (the fast
-    tiers need 16-byte aligned data: dequantize + cuBLAS runs)."""
+    tiers need 16-byte aligned data: the affine GEMV's narrow-load path at M = 1, dequantize + cuBLAS
+    above)."""
     N, K, g = 96, 256, 64
     packed, scales, zeros = weight(N, K, bits, g)
     W = R.decode_affine(packed, scales, zeros, bits, g, (N, K))
@@ -462,6 +464,209 @@ def test_opcheck_cuda():
     ]  # fmt: skip
     for op, args in cases:
         torch.library.opcheck(op, args)
+
+
+# ---- gemm_affine: the affine GEMV (8-bit codes, other group sizes, misaligned data; M <= 8) ----
+# gemv_affine_kernel (affine.cu) runs every product at M <= 8 that the 4-bit tiers do not take.
+# Its fp32 sums take each 16-element chunk inside one group as scale * sum x * (q - zero) (the
+# CPU's decode with the scale moved out of the sum), so fp32 activations are held to REL_TOL[fp32]
+# = 1e-5 like every other tier, also where the 4-bit gemv's scale * (sum x q - zero * sum x) would
+# cancel (test_affine_gemv_8bit_cancellation). A chunk that crosses a group boundary (group sizes
+# that are not a multiple of 16) decodes each weight exactly as the CPU does.
+
+AG_SHAPES = [
+    (201, 512, 128),  # odd N (a partial column pair), GPTQ/AWQ group 128
+    (33, 4096, 32),  # long K, small N: split K inside the block
+    (257, 1024, 1024),  # per channel (group = K)
+    (75, 1008, 48),  # GPTQ group 48: not a multiple of 32 (FastDiv32 by 48)
+    (64, 480, 24),  # group 24: chunks that cross a group boundary (aligned vector path)
+    (19, 70, 70),  # K % 16 != 0: the narrow-load path, a partial last chunk
+    (13, 100, 20),  # K % 16 != 0 and chunks across groups
+]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("N,K,g", AG_SHAPES)
+@pytest.mark.parametrize("M", range(1, 9))
+def test_affine_gemv_8bit(M, N, K, g, dtype):
+    """8-bit codes at M = 1..8 (each MT instantiation with idle rows), integer and fractional
+    zeros, without a bias, with a bias of A's dtype and with an fp32 bias."""
+    for fractional in (False, True):
+        packed, scales, zeros = weight(N, K, 8, g, fractional_zeros=fractional)
+        W = R.decode_affine(packed, scales, zeros, 8, g, (N, K))
+        A = torch.randn(M, K).to(dtype)
+        bias = torch.randn(N)
+        check(gemm(A.cuda(), packed, N, K, scales, zeros, 8, g), A, W)
+        check(
+            gemm(A.cuda(), packed, N, K, scales, zeros, 8, g, bias.to(dtype)), A, W, bias.to(dtype)
+        )
+        if dtype != torch.float32:
+            check(gemm(A.cuda(), packed, N, K, scales, zeros, 8, g, bias), A, W, bias)
+
+
+@pytest.mark.parametrize("M", [1, 4])
+def test_affine_gemv_8bit_cancellation(M):
+    """8-bit codes 250..255 around fractional zeros 252.5 and positive fp32 activations: each
+    weight (q - zero) * scale is small next to q * scale, so a sum formed as sum x q - zero * sum x
+    cancels (relative error ~2e-5 in an fp32 model); the kernel's sum x * (q - zero) stays within
+    the fp32 tolerance."""
+    N, K, g = 64, 4096, 128
+    packed = torch.randint(250, 256, (N * K,), dtype=torch.uint8)
+    scales = torch.rand(N * K // g) * 0.1 + 1e-3
+    zeros = torch.full((N * K // g,), 252.5)
+    W = R.decode_affine(packed, scales, zeros, 8, g, (N, K))
+    A = torch.rand(M, K)
+    check(gemm(A.cuda(), packed, N, K, scales, zeros, 8, g), A, W)
+
+
+@pytest.mark.parametrize("tier", ["gemv:1", "gemv:2", "affgemv:4", "affgemv:8", "dequant"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("M", [1, 3, 8])
+def test_affine_gemv_8bit_splits(monkeypatch, tier, dtype, M):
+    """Each split of K inside the block (1, 2, 4, 8 warps per column pair), against the dequantize
+    + cuBLAS tier on the same inputs and the reference."""
+    N, K, g = 40, 4096, 128
+    packed, scales, zeros = weight(N, K, 8, g, fractional_zeros=True)
+    W = R.decode_affine(packed, scales, zeros, 8, g, (N, K))
+    A = torch.randn(M, K).to(dtype)
+    bias = torch.randn(N)
+    force(monkeypatch, tier)
+    check(gemm(A.cuda(), packed, N, K, scales, zeros, 8, g, bias), A, W, bias)
+
+
+@pytest.mark.parametrize("tier", [None, "affgemv", "affgemv:8"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("M", [1, 2, 5, 8])
+@pytest.mark.parametrize(
+    "N,K,g",
+    [
+        (96, 512, 16),  # 4-bit group 16: two groups per 16-byte vector
+        (75, 960, 48),  # group 48: each vector's two 16-element chunks may lie in two groups
+        (19, 100, 50),  # K % 32 != 0: the narrow-load path, chunks across groups
+        (7, 99, 33),  # odd K: rows start in the middle of a byte
+        (130, 1024, 128),  # the 4-bit tiers' shape, pinned to the affine GEMV ("affgemv")
+    ],
+)
+def test_affine_gemv_4bit(monkeypatch, tier, dtype, M, N, K, g):
+    """4-bit codes in groups the 4-bit tiers do not take run the affine GEMV at M <= 8 (and a
+    multiple-of-32 group through it when pinned), with a bias, fractional zeros."""
+    force(monkeypatch, tier)
+    packed, scales, zeros = weight(N, K, 4, g, fractional_zeros=True)
+    W = R.decode_affine(packed, scales, zeros, 4, g, (N, K))
+    A = torch.randn(M, K).to(dtype)
+    bias = torch.randn(N)
+    check(gemm(A.cuda(), packed, N, K, scales, zeros, 4, g), A, W)
+    check(gemm(A.cuda(), packed, N, K, scales, zeros, 4, g, bias), A, W, bias)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("M", [1, 4, 7])
+@pytest.mark.parametrize("offset", [1, 4, 8])
+def test_affine_gemv_misaligned(bits, dtype, M, offset):
+    """A packed weight that starts `offset` bytes past a 16-byte boundary, an A one element past it:
+    the narrow-load path (never a misaligned vector load, which would raise a CUDA error), equal to
+    the aligned call within fp32 rounding and to the reference."""
+    N, K, g = 72, 512, 64
+    packed, scales, zeros = weight(N, K, bits, g, fractional_zeros=True)
+    W = R.decode_affine(packed, scales, zeros, bits, g, (N, K))
+    A = torch.randn(M, K).to(dtype)
+    bias = torch.randn(N)
+    flat = torch.zeros(packed.numel() + offset, dtype=torch.uint8, device="cuda")
+    flat[offset:] = packed.cuda()
+    pm = flat[offset:]
+    assert pm.data_ptr() % 16 != 0 and pm.is_contiguous()
+    fa = torch.zeros(M * K + 1, dtype=dtype, device="cuda")
+    fa[1:] = A.reshape(-1).cuda()
+    am = fa[1:].view(M, K)
+    assert am.data_ptr() % 16 != 0 and am.is_contiguous()
+    aligned = gemm(A.cuda(), packed, N, K, scales, zeros, bits, g, bias)
+    for a_, p_ in ((am, packed.cuda()), (A.cuda(), pm), (am, pm)):
+        got = gemm(a_, p_, N, K, scales, zeros, bits, g, bias)
+        check(got, A, W, bias)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(got, aligned, rtol=tol, atol=tol)
+
+
+def test_affine_gemv_special_groups():
+    """8-bit, M = 1 and 5: a zero-scale row gives exact zeros, a NaN-scale row NaN, the rest
+    finite (as the CPU product does); and a group of 24 (chunks across groups) the same."""
+    for g in (128, 24):
+        N, K = 16, 384
+        packed, scales, zeros = weight(N, K, 8, g)
+        per_row = K // g
+        scales[3 * per_row : 4 * per_row] = 0.0
+        scales[5 * per_row] = float("nan")
+        for M in (1, 5):
+            A = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
+            out = gemm(A, packed, N, K, scales, zeros, 8, g).float().cpu()
+            assert (out[:, 3] == 0).all(), g
+            assert out[:, 5].isnan().all(), g
+            others = torch.cat([out[:, :5], out[:, 6:]], 1)
+            assert not others.isnan().any(), g
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_affine_gemv_allocates_only_the_output(monkeypatch, bits):
+    """At M <= 8 the 8-bit product (and 4-bit in group 48) no longer dequantizes the weight: the
+    peak memory of the call stays far below the N x K workspace the dequantize tier allocates
+    (which this test also sees, as a check that the measure works)."""
+    N, K = 2048, 4096
+    g = 128 if bits == 8 else 48
+    packed, scales, zeros = cuda(*weight(N, K, bits, g))
+    A = torch.randn(1, K, dtype=torch.bfloat16, device="cuda")
+    workspace = N * K * 2
+
+    def peak(tier):
+        force(monkeypatch, tier)
+        ops.gemm_affine(A, packed, [N, K], scales, zeros, bits, g)  # warm-up (cuBLAS handle)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        ops.gemm_affine(A, packed, [N, K], scales, zeros, bits, g)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    assert peak("dequant") >= workspace
+    assert peak(None) < workspace // 16
+
+
+def test_affine_gemv_cuda_graph():
+    """The affine GEMV records into a CUDA graph (current stream, no sync, no allocation) at each
+    M = 1..8 and for the narrow-load path; replays on new inputs equal eager calls bit for bit
+    (one kernel, a fixed summation order)."""
+    N, K, g = 136, 1024, 48
+    packed, s, z = cuda(*weight(N, K, 8, g, fractional_zeros=True))
+    W = R.decode_affine(packed.cpu(), s.cpu(), z.cpu(), 8, g, (N, K))
+    flat = torch.zeros(packed.numel() + 3, dtype=torch.uint8, device="cuda")
+    flat[3:] = packed
+    pm = flat[3:]  # misaligned: the narrow-load path
+    bias = torch.randn(N, device="cuda")
+    xs = [torch.randn(M, K, device="cuda").to(dt) for M in range(1, 9) for dt in FLOAT_DTYPES]
+
+    def run():
+        outs = [ops.gemm_affine(x, packed, [N, K], s, z, 8, g, bias) for x in xs]
+        outs.append(ops.gemm_affine(xs[0], pm, [N, K], s, z, 8, g, bias))
+        return outs
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    for _ in range(2):
+        for x in xs:
+            x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = run()
+        for got, want in zip(captured, eager):
+            assert torch.equal(got, want)
+        for got, x in zip(captured, xs + [xs[0]]):
+            check(got, x, W, bias)
 
 
 # ---- LinearAffine on CUDA ----------------------------------------------------------------------

@@ -166,8 +166,8 @@ int main() {
       cuda::dequantize_affine(nullptr, nullptr, nullptr, 8, 128, 0, FloatType::f16, nullptr, s),
       cuda::gemm_affine(cuda::plan_gemm_affine(FloatType::bf16, 0, 0, 0, 4, 128, true, true, 90,
                                                132, ""),
-                        FloatType::bf16, nullptr, 0, 0, nullptr, nullptr, nullptr, 128, nullptr,
-                        nullptr, 0, nullptr, s),
+                        FloatType::bf16, nullptr, 0, 0, nullptr, nullptr, nullptr, 128, 4,
+                        nullptr, nullptr, 0, nullptr, s),
       cuda::int8_outlier_columns(FloatType::f32, nullptr, 0, 0, 6.0f, nullptr, s),
       cuda::int8_vectorwise_quant(FloatType::f32, nullptr, 0, 0, 6.0f, nullptr, nullptr, nullptr,
                                   s),
@@ -253,8 +253,9 @@ int main() {
   if (cuda::plan_gemm_4bit(FloatType::bf16, 1, 4096, 4096, true, true, 90, 132, "gemv:8:4")
           .config != (8 | 4 << 4))
     ++bad;
-  // The affine product: the 4-bit table for 4-bit codes in groups of a multiple of 32, dequantize
-  // + cuBLAS for 8-bit codes, other group sizes and wherever the 4-bit table says "generic".
+  // The affine product: the 4-bit table for 4-bit codes in groups of a multiple of 32; for 8-bit
+  // codes, other group sizes and wherever the 4-bit table says "generic", the affine GEMV at
+  // M <= 8 (tier gemv) and dequantize + cuBLAS above.
   struct AffCase {
     FloatType t;
     int64_t M, N, K;
@@ -269,9 +270,16 @@ int main() {
       {FloatType::f16, 16, 4096, 11008, 4, 11008, "", Gemm4Tier::mma},
       {FloatType::bf16, 64, 4096, 4032, 4, 96, "", Gemm4Tier::mma},
       {FloatType::bf16, 4096, 4096, 4096, 4, 128, "", Gemm4Tier::dequant_gemm},
-      {FloatType::bf16, 1, 4096, 4096, 8, 128, "", Gemm4Tier::dequant_gemm},
-      {FloatType::bf16, 1, 4096, 4096, 4, 16, "", Gemm4Tier::dequant_gemm},
-      {FloatType::bf16, 1, 64, 100, 4, 100, "", Gemm4Tier::dequant_gemm},
+      {FloatType::bf16, 1, 4096, 4096, 8, 128, "", Gemm4Tier::gemv},  // the affine GEMV
+      {FloatType::f32, 8, 11008, 4096, 8, 4096, "", Gemm4Tier::gemv},
+      {FloatType::f16, 9, 4096, 4096, 8, 128, "", Gemm4Tier::dequant_gemm},
+      {FloatType::bf16, 1, 4096, 4096, 8, 128, "dequant", Gemm4Tier::dequant_gemm},
+      {FloatType::bf16, 1, 4096, 4096, 8, 128, "generic", Gemm4Tier::dequant_gemm},
+      {FloatType::bf16, 4, 4096, 4096, 8, 128, "mma", Gemm4Tier::gemv},
+      {FloatType::bf16, 1, 4096, 4096, 4, 16, "", Gemm4Tier::gemv},
+      {FloatType::bf16, 1, 64, 100, 4, 100, "", Gemm4Tier::gemv},
+      {FloatType::bf16, 16, 4096, 4096, 4, 48, "", Gemm4Tier::dequant_gemm},
+      {FloatType::bf16, 1, 4096, 4096, 4, 128, "affgemv", Gemm4Tier::gemv},
       {FloatType::bf16, 4, 4096, 4096, 4, 128, "generic", Gemm4Tier::dequant_gemm},
       {FloatType::bf16, 4, 4096, 4096, 4, 128, "mma", Gemm4Tier::mma},
       {FloatType::bf16, 64, 4096, 4096, 4, 128, "dequant", Gemm4Tier::dequant_gemm},

@@ -291,11 +291,12 @@ class CudaBackend final : public Backend {
   }
 
   // The tiers of gemv_4bit (cuda::plan_gemm_affine reuses plan_gemm_4bit's table and
-  // LOWBIT_GEMM4_FORCE) for 4-bit codes in groups of a multiple of 32; dequantize + cuBLAS for the
-  // rest (8-bit codes, other group sizes) and at large M. The bias is added to the fp32 sums before
-  // the one rounding to A's dtype, as on the CPU: inside the kernels (gemv, mma), and in the
-  // dequantize tier through an fp32 cuBLAS output (mm with out_dtype fp32) or addmm (fp32 A).
-  // No host synchronisation; the allocations are the caching allocator's (stream-ordered).
+  // LOWBIT_GEMM4_FORCE) for 4-bit codes in groups of a multiple of 32; for the rest (8-bit codes,
+  // other group sizes, misaligned data) the affine GEMV at M <= 8 and dequantize + cuBLAS above.
+  // The bias is added to the fp32 sums before the one rounding to A's dtype, as on the CPU: inside
+  // the kernels (gemv, mma), and in the dequantize tier through an fp32 cuBLAS output (mm with
+  // out_dtype fp32) or addmm (fp32 A). No host synchronisation; the allocations are the caching
+  // allocator's (stream-ordered).
   void gemm_affine(const at::Tensor& a2, const at::Tensor& packed, const at::Tensor& scales,
                    const at::Tensor& zeros, int64_t bits, int64_t group_size,
                    const at::Tensor& bias, at::Tensor& out) const override {
@@ -329,10 +330,11 @@ class CudaBackend final : public Backend {
     at::Tensor ws;
     if (plan.workspace_floats > 0)
       ws = at::empty({plan.workspace_floats}, a2.options().dtype(at::kFloat));
-    C10_CUDA_CHECK(cuda::gemm_affine(
-        plan, ft, a2.data_ptr(), M, K, packed.data_ptr<uint8_t>(), scales.data_ptr<float>(),
-        zeros.data_ptr<float>(), group_size, b32.defined() ? b32.data_ptr<float>() : nullptr,
-        out.data_ptr(), N, ws.defined() ? ws.data_ptr<float>() : nullptr, current_stream()));
+    C10_CUDA_CHECK(
+        cuda::gemm_affine(plan, ft, a2.data_ptr(), M, K, packed.data_ptr<uint8_t>(),
+                          scales.data_ptr<float>(), zeros.data_ptr<float>(), group_size, int(bits),
+                          b32.defined() ? b32.data_ptr<float>() : nullptr, out.data_ptr(), N,
+                          ws.defined() ? ws.data_ptr<float>() : nullptr, current_stream()));
   }
 };
 

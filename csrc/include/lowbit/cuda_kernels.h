@@ -235,18 +235,20 @@ cudaError_t dequantize_affine(const uint8_t* packed, const float* scales, const 
                               int bits, int64_t group_size, int64_t n, FloatType t, void* out,
                               cudaStream_t stream);
 // The product's tier: plan_gemm_4bit's choice (the same table, thresholds and LOWBIT_GEMM4_FORCE
-// spellings) for 4-bit codes with group_size % 32 == 0 (so K % 32 == 0) and N * K / 32 < 2^32;
-// dequant_gemm for everything else (8-bit codes, other group sizes) and wherever the 4-bit table
-// says "generic" (the affine format has no generic kernel: its dequantize takes any shape).
+// spellings) for 4-bit codes with group_size % 32 == 0 (so K % 32 == 0) and N * K / 32 < 2^32.
+// Everything else (8-bit codes, other group sizes, and misaligned data where the 4-bit table says
+// "generic") runs the affine GEMV (tier gemv, config flag 1 << 8: gemv_affine_kernel in affine.cu,
+// any K, group size and alignment) at M <= 8 and dequant_gemm above. Forcing "dequant" or
+// "generic" pins dequant_gemm; "affgemv[:W]" pins the affine GEMV (W warps per column) at M <= 8.
 Gemm4Plan plan_gemm_affine(FloatType t, int64_t M, int64_t N, int64_t K, int bits,
                            int64_t group_size, bool a_aligned16, bool packed_aligned16, int cc,
                            int sm_count, const char* force);
-// Runs the gemv or mma tier of `plan` for 4-bit codes (dequant_gemm is the caller's:
-// dequantize_affine + cuBLAS): out [M, N] (type t) = a [M, K] @ W^T + bias, fp32 sums, bias (fp32
-// [N] in device memory, or null) added in fp32, one rounding to t. workspace: as gemm_4bit.
+// Runs the gemv or mma tier of `plan` (dequant_gemm is the caller's: dequantize_affine + cuBLAS):
+// out [M, N] (type t) = a [M, K] @ W^T + bias, W of `bits`-bit codes, fp32 sums, bias (fp32 [N]
+// in device memory, or null) added in fp32, one rounding to t. workspace: as gemm_4bit.
 cudaError_t gemm_affine(const Gemm4Plan& plan, FloatType t, const void* a, int64_t M, int64_t K,
                         const uint8_t* packed, const float* scales, const float* zeros,
-                        int64_t group_size, const float* bias, void* out, int64_t N,
+                        int64_t group_size, int bits, const float* bias, void* out, int64_t N,
                         float* workspace, cudaStream_t stream);
 
 }  // namespace lowbit::cuda

@@ -8,6 +8,7 @@
 // in byte e >> 1, the HIGH nibble when e is even, i.e. q = (packed[e >> 1] >> ((~e & 1) << 2)) &
 // 0xF; bits 8: q = packed[e]. Decode w = (float(q) - zeros[g]) * scales[g] in fp32: a subtract and
 // a multiply, each rounded (never one FMA), then one rounding to the output type.
+#include <cstring>
 #include <type_traits>
 
 #include "common.cuh"
@@ -219,6 +220,366 @@ __global__ void __launch_bounds__(kAffThreads)
   }
 }
 
+// ---- the product at M <= 8 where the 4-bit tiers do not run ------------------------------------
+// 8-bit codes (any group size), 4-bit codes in groups that are not a multiple of 32 (or K % 32 !=
+// 0), and misaligned data: a SIMT GEMV in the shape of fourbit_gemv.cuh (before it, every such
+// call dequantized the whole weight for cuBLAS: at 8 bits and M = 1, twice the bf16 traffic).
+// Memory-bound, so every code byte is read once, 16 bytes per load, kAgU * kAgCols = 4 loads in
+// flight per lane (2 at M > 2); each decoded code serves all M rows (MT, a template parameter,
+// 1/2/4/8).
+//   * A block is kAgWarps = 8 warps, in column groups of KSPLIT warps; a group owns kAgCols = 2
+//     consecutive output features j0, j0 + 1 (W rows). Warp ks of the group reads the vectors
+//     v = 32 * ks + lane + 32 * KSPLIT * t of its rows (consecutive lanes, consecutive vectors:
+//     512 contiguous bytes per warp and load), so the KSPLIT warps split K inside the block when N
+//     alone leaves the SMs short of warps (plan_gemm_affine, the 4-bit gemv's rule); their sums are
+//     added in warp order through shared memory (deterministic), no workspace.
+//   * Vector v of row j: VE = 128 / BITS elements k0 = VE * v .. k0 + VE - 1, 16 bytes. kVec (K %
+//     VE == 0, packed and a 16-byte aligned): the bytes j * K * BITS / 8 + 16 v .. + 15, a
+//     multiple of 16 from an aligned base, one 16-byte load; 8-bit: byte b = element k0 + b;
+//     4-bit: byte b = elements k0 + 2b (HIGH nibble: the flat index j * K + k0 + 2b is even since
+//     K and k0 are) and k0 + 2b + 1 (low). !kVec (any K, any alignment): the same 16 bytes built
+//     code by code from the flat index (affine_code), 0 past the row's end, and A read element by
+//     element: never a vector load from an address that is not 16-byte aligned.
+//   * Word w of the vector (little endian) holds bytes 4w .. 4w + 3, byte b at bits [8(b & 3),
+//     8(b & 3) + 8). Piece p = elements 8p .. 8p + 7: 8-bit words 2p, 2p + 1 (element i in word 2p
+//     + i / 4, byte i % 4), 4-bit word p (element i in byte i / 2, bits 4..7 when i is even).
+//     float(q) without a conversion: the fp32 with bits 0x4B000000 | q is 2^23 + q exactly, minus
+//     2^23 leaves q (8-bit: one PRMT builds the word, __byte_perm selector 0x7440 | b takes byte b
+//     of the code word, then byte 0 (0x00) twice and byte 3 (0x4B) of 0x4B000000).
+//   * Groups: g(j, k) = (j * K + k) / gs = j * (K / gs) + k / gs (gs divides K), k / gs a 32-bit
+//     multiply-high division (FastDiv32, K < 2^31). A chunk of 16 elements (two pieces, k0c a
+//     multiple of 16) inside one group, always so when gs % 16 == 0 and otherwise when its
+//     offset in the group r = k0c - gs * (k0c / gs) has r + (its valid elements) <= gs, reads
+//     s, z once and adds s * sum x * (q - z): the CPU's decode (float(q) - zero) * scale with the
+//     scale moved out of the 16-term sum (a multiply per chunk instead of one per weight). Not
+//     the 4-bit gemv's s * (sum x * q - z * sum x), nor q * s + (-z * s) per weight: with 8-bit
+//     codes both cancel (sum x * q and z * sum x near 255 * sum x, their difference small when
+//     q ~ z), and on codes 250..255 with zeros 252.5 and positive activations they miss the
+//     fp32 tolerance of the tests (relative error 2.4e-5 > 1e-5 in an fp32 model of the sums),
+//     where q - z (exact for integer zeros, one rounding for fractional ones) stays at 1e-7. It
+//     also drops the per-row sum x (MT adds per element). A chunk that crosses a group boundary
+//     decodes each weight in full, as the CPU does, for s = 1. A NaN scale makes the chunk's sum
+//     NaN and a zero scale a zero (finite x), as on the CPU.
+//   * The fp32 bias is added to the sum before the one rounding to T, as on the CPU.
+constexpr int kAgWarps = 8;
+constexpr int kAgCols = 2;      // columns per warp group
+constexpr int kAgOwn = 1 << 8;  // Gemm4Plan::config: this kernel, not the 4-bit family's gemv
+constexpr int kAgMaxSplit = 8;
+
+// Eight consecutive elements of T at a 16-byte aligned address, widened to fp32 (exact). 16-bit:
+// word w holds element 2w in its low half.
+__device__ __forceinline__ void ag_load_x8(const float* p, float* x) {
+  const float4 u = __ldg(reinterpret_cast<const float4*>(p));
+  const float4 v = __ldg(reinterpret_cast<const float4*>(p + 4));
+  x[0] = u.x, x[1] = u.y, x[2] = u.z, x[3] = u.w, x[4] = v.x, x[5] = v.y, x[6] = v.z, x[7] = v.w;
+}
+template <typename T16>
+__device__ __forceinline__ void ag_load_x8(const T16* p, float* x) {
+  const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    x[2 * i] = widen(T16{uint16_t(w[i] & 0xFFFFu)});
+    x[2 * i + 1] = widen(T16{uint16_t(w[i] >> 16)});
+  }
+}
+__device__ __forceinline__ float ag_widen(float v) { return v; }
+template <typename T16>
+__device__ __forceinline__ float ag_widen(T16 v) {
+  return widen(v);
+}
+
+__device__ __forceinline__ uint32_t ag_word(const uint4& v, int w) {
+  return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w;
+}
+
+// float(code) of element i (0..7) of piece p of vector v (the layout above); i, p compile-time.
+template <int BITS>
+__device__ __forceinline__ float ag_code(const uint4& v, int p, int i) {
+  if constexpr (BITS == 8) {
+    const uint32_t w = ag_word(v, 2 * p + (i >> 2));
+    return __fsub_rn(__uint_as_float(__byte_perm(w, 0x4B000000u, 0x7440u | (i & 3))), 8388608.0f);
+  } else {
+    const uint32_t w = ag_word(v, p);
+    const int sh = 8 * (i >> 1) + ((i & 1) ? 0 : 4);
+    return __fsub_rn(__uint_as_float(0x4B000000u | ((w >> sh) & 15u)), 8388608.0f);
+  }
+}
+
+// The 16 code bytes of vector v of row j in the vector layout, from any alignment and any K.
+template <int BITS>
+__device__ __forceinline__ uint4 ag_gather(const uint8_t* __restrict__ packed, int64_t j, int64_t K,
+                                           int64_t k0) {
+  uint32_t w[4] = {0u, 0u, 0u, 0u};
+  const int64_t e0 = j * K + k0;
+#pragma unroll
+  for (int b = 0; b < 16; ++b) {
+    uint32_t byte;
+    if constexpr (BITS == 8) {
+      byte = k0 + b < K ? uint32_t(__ldg(packed + e0 + b)) : 0u;
+    } else {
+      const uint32_t hi = k0 + 2 * b < K ? uint32_t(affine_code(packed, 4, e0 + 2 * b)) : 0u;
+      const uint32_t lo =
+          k0 + 2 * b + 1 < K ? uint32_t(affine_code(packed, 4, e0 + 2 * b + 1)) : 0u;
+      byte = (hi << 4) | lo;
+    }
+    w[b >> 2] |= byte << (8 * (b & 3));
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+struct AgArgs {
+  const uint8_t* packed;
+  const float* scales;
+  const float* zeros;
+  const float* bias;      // fp32 [N] or null
+  int64_t K, N, gs, gpr;  // gpr = K / gs, groups per row
+  FastDiv32 gdiv;         // divides by gs
+  bool gs16;              // gs % 16 == 0: every 16-element chunk lies in one group
+};
+
+template <typename T, int BITS, int MT, int KSPLIT, bool kVec>
+__device__ __forceinline__ void gemv_affine_body(const T* __restrict__ a, int mr, const AgArgs& g,
+                                                 T* __restrict__ out) {
+  constexpr int VE = 128 / BITS;    // elements per 16-byte vector
+  constexpr int kChunks = VE / 16;  // 16-element chunks per vector
+  constexpr int kGroups = kAgWarps / KSPLIT;
+  // Vectors per column loaded before the first is used: 4 loads in flight per lane at M <= 2, 2
+  // at M > 2 (more arithmetic per byte, and 4 would push the 4-row instantiations past 128
+  // registers).
+  constexpr int kAgU = MT <= 2 ? 2 : 1;
+  __shared__ float red[KSPLIT > 1 ? kAgWarps : 1][kAgCols * MT];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int cg = warp / KSPLIT, ks = warp % KSPLIT;
+  const int64_t K = g.K, N = g.N;
+  const int64_t j0 = (int64_t(blockIdx.x) * kGroups + cg) * kAgCols;
+  const int64_t nvec = (K + VE - 1) / VE;
+  const int64_t row_bytes = K * BITS / 8;  // kVec only (K % VE == 0)
+
+  float acc[kAgCols][MT];
+#pragma unroll
+  for (int c = 0; c < kAgCols; ++c)
+#pragma unroll
+    for (int m = 0; m < MT; ++m) acc[c][m] = 0.0f;
+
+  for (int64_t v0 = int64_t(ks) * 32 + lane; v0 < nvec; v0 += int64_t(32) * KSPLIT * kAgU) {
+    uint4 wv[kAgU][kAgCols];
+#pragma unroll
+    for (int u = 0; u < kAgU; ++u) {
+      const int64_t v = v0 + int64_t(u) * 32 * KSPLIT;
+#pragma unroll
+      for (int c = 0; c < kAgCols; ++c) {
+        const int64_t j = j0 + c;
+        wv[u][c] = make_uint4(0u, 0u, 0u, 0u);
+        if (v < nvec && j < N) {
+          if constexpr (kVec)
+            wv[u][c] = ldg_stream16(g.packed + j * row_bytes + v * 16);
+          else
+            wv[u][c] = ag_gather<BITS>(g.packed, j, K, v * VE);
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kAgU; ++u) {
+      const int64_t v = v0 + int64_t(u) * 32 * KSPLIT;
+      if (v >= nvec) break;  // later u are further along K
+#pragma unroll
+      for (int h = 0; h < kChunks; ++h) {
+        const int64_t kc = v * VE + 16 * h;  // the chunk's first element
+        if (!kVec && kc >= K) break;
+        const int nvalid = K - kc < 16 ? int(K - kc) : 16;
+        float s[kAgCols], z[kAgCols];
+        bool mixed[kAgCols];
+        const uint32_t kq = g.gdiv.div(uint32_t(kc));  // kc's group within the row
+#pragma unroll
+        for (int c = 0; c < kAgCols; ++c) {
+          const int64_t j = j0 + c;
+          s[c] = 0.0f, z[c] = 0.0f, mixed[c] = false;
+          if (j >= N) continue;
+          mixed[c] = !g.gs16 && int64_t(uint32_t(kc) - kq * uint32_t(g.gs)) + nvalid > g.gs;
+          if (mixed[c]) {
+            s[c] = 1.0f;
+          } else {
+            const int64_t gi = j * g.gpr + kq;
+            s[c] = __ldg(g.scales + gi), z[c] = __ldg(g.zeros + gi);
+          }
+        }
+        float part[kAgCols][MT];
+#pragma unroll
+        for (int c = 0; c < kAgCols; ++c)
+#pragma unroll
+          for (int m = 0; m < MT; ++m) part[c][m] = 0.0f;
+#pragma unroll
+        for (int p2 = 0; p2 < 2; ++p2) {
+          const int p = 2 * h + p2;        // piece of the vector
+          const int64_t kp = kc + 8 * p2;  // its first element
+          float x[MT][8];
+#pragma unroll
+          for (int m = 0; m < MT; ++m) {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) x[m][i] = 0.0f;
+            if (m < mr) {
+              if constexpr (kVec) {
+                ag_load_x8(a + m * K + kp, x[m]);
+              } else {
+#pragma unroll
+                for (int i = 0; i < 8; ++i)
+                  if (kp + i < K) x[m][i] = ag_widen(a[m * K + kp + i]);
+              }
+            }
+          }
+#pragma unroll
+          for (int c = 0; c < kAgCols; ++c) {
+            float w[8];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) w[i] = ag_code<BITS>(wv[u][c], p, i);
+            if (!mixed[c]) {
+#pragma unroll
+              for (int i = 0; i < 8; ++i) w[i] = __fsub_rn(w[i], z[c]);  // q - z, one rounding
+            } else {  // the chunk crosses a group boundary: each weight decoded in full
+              const int64_t j = j0 + c;
+#pragma unroll
+              for (int i = 0; i < 8; ++i) {
+                if (kp + i < K) {
+                  const int64_t gi = j * g.gpr + g.gdiv.div(uint32_t(kp + i));
+                  w[i] = __fmul_rn(__fsub_rn(w[i], __ldg(g.zeros + gi)), __ldg(g.scales + gi));
+                } else {
+                  w[i] = 0.0f;
+                }
+              }
+            }
+#pragma unroll
+            for (int m = 0; m < MT; ++m)
+#pragma unroll
+              for (int i = 0; i < 8; ++i) part[c][m] += x[m][i] * w[i];
+          }
+        }
+#pragma unroll
+        for (int c = 0; c < kAgCols; ++c)
+#pragma unroll
+          for (int m = 0; m < MT; ++m) acc[c][m] += s[c] * part[c][m];
+      }
+    }
+  }
+
+#pragma unroll
+  for (int c = 0; c < kAgCols; ++c)
+#pragma unroll
+    for (int m = 0; m < MT; ++m) acc[c][m] = warp_sum(acc[c][m]);
+
+  auto finish = [&](int64_t j, int m, float sum) {
+    const float v = g.bias != nullptr ? __fadd_rn(sum, __ldg(g.bias + j)) : sum;
+    store_f(out, m * N + j, v);
+  };
+  if constexpr (KSPLIT == 1) {
+    if (lane == 0) {
+#pragma unroll
+      for (int c = 0; c < kAgCols; ++c)
+#pragma unroll
+        for (int m = 0; m < MT; ++m)
+          if (m < mr && j0 + c < N) finish(j0 + c, m, acc[c][m]);
+    }
+  } else {
+    if (lane == 0) {
+#pragma unroll
+      for (int c = 0; c < kAgCols; ++c)
+#pragma unroll
+        for (int m = 0; m < MT; ++m) red[warp][c * MT + m] = acc[c][m];
+    }
+    __syncthreads();
+    // Thread t < kGroups * kAgCols * MT finishes one (group, column, row): the KSPLIT partial sums
+    // in warp order.
+    const int t = threadIdx.x;
+    if (t < kGroups * kAgCols * MT) {
+      const int gi = t / (kAgCols * MT), i = t % (kAgCols * MT);
+      const int c = i / MT, m = i % MT;
+      float sum = 0.0f;
+#pragma unroll
+      for (int w = 0; w < KSPLIT; ++w) sum += red[gi * KSPLIT + w][i];
+      const int64_t j = (int64_t(blockIdx.x) * kGroups + gi) * kAgCols + c;
+      if (m < mr && j < N) finish(j, m, sum);
+    }
+  }
+}
+
+// Three entry points, the body's only difference the register bound. Left to ptxas, instantiations
+// at M <= 2 got 64 or 80 registers and some spilled 4-12 bytes (which ones moved with every edit,
+// on sm_80 or sm_90); at least two blocks per SM (<= 128 registers) compiles them without a spill.
+// 8-bit fp32 at M = 3..4 spilled 4 bytes at 128 registers on sm_90 and gets the whole register file
+// (one block per SM). The others keep ptxas's choice (8-bit M = 1: 64 / 80 registers on sm_80 /
+// sm_90, three or four blocks of 8 warps per SM).
+template <typename T, int BITS, int MT, int KSPLIT, bool kVec>
+__global__ void __launch_bounds__(kAgWarps * 32)
+    gemv_affine_kernel(const T* __restrict__ a, int mr, AgArgs g, T* __restrict__ out) {
+  gemv_affine_body<T, BITS, MT, KSPLIT, kVec>(a, mr, g, out);
+}
+template <typename T, int BITS, int MT, int KSPLIT, bool kVec>
+__global__ void __launch_bounds__(kAgWarps * 32, 2)
+    gemv_affine_kernel_2blocks(const T* __restrict__ a, int mr, AgArgs g, T* __restrict__ out) {
+  gemv_affine_body<T, BITS, MT, KSPLIT, kVec>(a, mr, g, out);
+}
+
+template <typename T, int BITS, int MT, int KSPLIT, bool kVec>
+__global__ void __launch_bounds__(kAgWarps * 32, 1)
+    gemv_affine_kernel_1block(const T* __restrict__ a, int mr, AgArgs g, T* __restrict__ out) {
+  gemv_affine_body<T, BITS, MT, KSPLIT, kVec>(a, mr, g, out);
+}
+
+template <typename T, int BITS, int MT, int KSPLIT, bool kVec>
+cudaError_t ag_launch(const T* a, int64_t M, const AgArgs& g, T* out, cudaStream_t stream) {
+  const int64_t blocks = div_up(g.N, (kAgWarps / KSPLIT) * kAgCols);
+  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  if constexpr (MT == 4 && BITS == 8 && kVec && std::is_same_v<T, float>)
+    gemv_affine_kernel_1block<T, BITS, MT, KSPLIT, kVec>
+        <<<unsigned(blocks), kAgWarps * 32, 0, stream>>>(a, int(M), g, out);
+  else if constexpr (MT == 2 || (MT == 1 && !(BITS == 8 && kVec)))
+    gemv_affine_kernel_2blocks<T, BITS, MT, KSPLIT, kVec>
+        <<<unsigned(blocks), kAgWarps * 32, 0, stream>>>(a, int(M), g, out);
+  else
+    gemv_affine_kernel<T, BITS, MT, KSPLIT, kVec>
+        <<<unsigned(blocks), kAgWarps * 32, 0, stream>>>(a, int(M), g, out);
+  return cudaGetLastError();
+}
+
+template <typename T, int BITS, int MT, bool kVec>
+cudaError_t ag_launch_ks(const T* a, int64_t M, const AgArgs& g, T* out, int ks,
+                         cudaStream_t stream) {
+  if constexpr (!kVec) {  // the rare narrow-load path: two splits, to keep the build small
+    if (ks >= 4) return ag_launch<T, BITS, MT, 4, kVec>(a, M, g, out, stream);
+    return ag_launch<T, BITS, MT, 1, kVec>(a, M, g, out, stream);
+  } else {
+    switch (ks) {
+      case 1:
+        return ag_launch<T, BITS, MT, 1, kVec>(a, M, g, out, stream);
+      case 2:
+        return ag_launch<T, BITS, MT, 2, kVec>(a, M, g, out, stream);
+      case 4:
+        return ag_launch<T, BITS, MT, 4, kVec>(a, M, g, out, stream);
+      default:
+        return ag_launch<T, BITS, MT, 8, kVec>(a, M, g, out, stream);
+    }
+  }
+}
+
+// Rows held in registers: MT = 1, 2, 4 or 8 >= M (rows m >= M idle); the narrow-load path only
+// 1 or 8 (build size; it is the fallback for misaligned data and K % 16 != 0).
+template <typename T, int BITS, bool kVec>
+cudaError_t ag_launch_m(const T* a, int64_t M, const AgArgs& g, T* out, int ks,
+                        cudaStream_t stream) {
+  if (M == 1) return ag_launch_ks<T, BITS, 1, kVec>(a, M, g, out, ks, stream);
+  if constexpr (kVec) {
+    if (M == 2) return ag_launch_ks<T, BITS, 2, kVec>(a, M, g, out, ks, stream);
+    if (M <= 4) return ag_launch_ks<T, BITS, 4, kVec>(a, M, g, out, ks, stream);
+  }
+  return ag_launch_ks<T, BITS, 8, kVec>(a, M, g, out, ks, stream);
+}
+
+// Shapes the kernel takes: M <= 8 (rows in registers), K < 2^31 (32-bit group division).
+bool affine_gemv_ok(int64_t M, int64_t N, int64_t K, int64_t group_size) {
+  return M >= 1 && M <= 8 && N >= 1 && K > 0 && K < (int64_t(1) << 31) && group_size > 0 &&
+         group_size <= K;
+}
+
 // The fast tiers need 32-element vectors inside one group, and the vector index as 32 bits.
 bool affine_fast_ok(int bits, int64_t group_size, int64_t N, int64_t K) {
   return bits == 4 && group_size > 0 && group_size % 32 == 0 && K % 32 == 0 &&
@@ -277,21 +638,77 @@ Gemm4Plan plan_gemm_affine(FloatType t, int64_t M, int64_t N, int64_t K, int bit
                            int sm_count, const char* force) {
   Gemm4Plan p;
   p.tier = Gemm4Tier::dequant_gemm;
-  if (!affine_fast_ok(bits, group_size, N, K)) return p;
-  p = plan_gemm_4bit(t, M, N, K, a_aligned16, packed_aligned16, cc, sm_count, force);
-  // The affine format has no generic kernel: its dequantize kernel takes any shape and alignment,
-  // so every case the 4-bit table sends to "generic" runs dequantize + cuBLAS.
-  if (p.tier == Gemm4Tier::generic) p = Gemm4Plan{Gemm4Tier::dequant_gemm, 0, 1, 0};
+  if (sm_count < 1) sm_count = 1;
+  const bool forced = force != nullptr && force[0] != 0;
+  // "dequant" and "generic" pin dequantize + cuBLAS (the affine format's stand-in for the generic
+  // kernel); "affgemv[:W]" pins gemv_affine_kernel (also for shapes the 4-bit tiers take, so tests
+  // can compare the two); "gemv:W" sets its warps per column as it does for the 4-bit gemv.
+  const bool want_dequant =
+      forced && (std::strncmp(force, "dequant", 7) == 0 || std::strncmp(force, "generic", 7) == 0);
+  const bool want_own = forced && std::strncmp(force, "affgemv", 7) == 0;
+  if (affine_fast_ok(bits, group_size, N, K) && !want_own) {
+    p = plan_gemm_4bit(t, M, N, K, a_aligned16, packed_aligned16, cc, sm_count, force);
+    if (p.tier != Gemm4Tier::generic) return p;
+    // Misaligned A or packed data: gemv_affine_kernel (its narrow-load path) at M <= 8, else
+    // dequantize + cuBLAS (the dequantize kernel takes any alignment).
+    p = Gemm4Plan{Gemm4Tier::dequant_gemm, 0, 1, 0};
+  }
+  if (want_dequant || !affine_gemv_ok(M, N, K, group_size)) return p;
+  // Warps per column group, the 4-bit gemv's rule (plan_gemm_4bit): split K inside the block while
+  // the column groups leave the SMs short of 48 warps each and every warp keeps >= 2 vectors per
+  // lane.
+  const int ve = 128 / bits;
+  const int64_t groups = div_up(N, kAgCols), nvec = div_up(K, ve);
+  int ks = 1;
+  while (ks < kAgMaxSplit && groups * ks < int64_t(48) * sm_count && nvec / (32 * ks * 2) >= 2)
+    ks *= 2;
+  if (forced) {  // "gemv:W" or "affgemv:W"
+    const char* c = std::strchr(force, ':');
+    const int w = c != nullptr ? c[1] - '0' : 0;
+    if (w == 1 || w == 2 || w == 4 || w == 8) ks = w;
+  }
+  p = Gemm4Plan{Gemm4Tier::gemv, ks | (kAgCols << 4) | kAgOwn, 1, 0};
   return p;
 }
 
 cudaError_t gemm_affine(const Gemm4Plan& plan, FloatType t, const void* a, int64_t M, int64_t K,
                         const uint8_t* packed, const float* scales, const float* zeros,
-                        int64_t group_size, const float* bias, void* out, int64_t N,
+                        int64_t group_size, int bits, const float* bias, void* out, int64_t N,
                         float* workspace, cudaStream_t stream) {
   if (M <= 0 || N <= 0) return cudaSuccess;
+  if (bits != 4 && bits != 8) return cudaErrorInvalidValue;
+  if (plan.tier == Gemm4Tier::gemv && (plan.config & kAgOwn) != 0) {
+    if (!affine_gemv_ok(M, N, K, group_size) || K % group_size != 0) return cudaErrorInvalidValue;
+    AgArgs g{packed,
+             scales,
+             zeros,
+             bias,
+             K,
+             N,
+             group_size,
+             K / group_size,
+             FastDiv32::make(uint32_t(group_size)),
+             group_size % 16 == 0};
+    const int ks = plan.config & 15;
+    // The vector path only where every 16-byte load it makes is aligned (see the kernel).
+    const bool vec = K % (128 / bits) == 0 && reinterpret_cast<uintptr_t>(packed) % 16 == 0 &&
+                     reinterpret_cast<uintptr_t>(a) % 16 == 0;
+    cudaError_t err = cudaErrorInvalidValue;
+    dispatch_float(t, [&](auto tag) {
+      using T = decltype(tag);
+      const T* ap = static_cast<const T*>(a);
+      T* ot = static_cast<T*>(out);
+      if (bits == 8)
+        err = vec ? ag_launch_m<T, 8, true>(ap, M, g, ot, ks, stream)
+                  : ag_launch_m<T, 8, false>(ap, M, g, ot, ks, stream);
+      else
+        err = vec ? ag_launch_m<T, 4, true>(ap, M, g, ot, ks, stream)
+                  : ag_launch_m<T, 4, false>(ap, M, g, ot, ks, stream);
+    });
+    return err;
+  }
   if (plan.tier != Gemm4Tier::gemv && plan.tier != Gemm4Tier::mma) return cudaErrorInvalidValue;
-  if (!affine_fast_ok(4, group_size, N, K)) return cudaErrorInvalidValue;
+  if (!affine_fast_ok(bits, group_size, N, K)) return cudaErrorInvalidValue;
   const AffinePolicy pol{scales, zeros, bias, FastDiv32::make(uint32_t(group_size / 32))};
   cudaError_t err = cudaErrorInvalidValue;
   dispatch_float(t, [&](auto tag) {
