@@ -21,8 +21,8 @@
 // AffinePolicy (below): the affine format of issue #13, w = (q - zero[g]) * scale[g], with
 // kHasZero (the kernels subtract z only then, so the code-table formats pay nothing for it) and an
 // fp32 bias added in the epilogue (kHasBias). 8-bit affine codes need another load stage (one code
-// per byte) and are not covered by these kernels (affine.cu has its own GEMV for them at M <= 8, and dequantizes
-// them for cuBLAS above).
+// per byte) and are not covered by these kernels: affine.cu has its own GEMV for them at M <= 8 and
+// dequantizes them for cuBLAS above.
 #pragma once
 
 #include <cstdint>
