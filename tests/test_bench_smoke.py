@@ -92,7 +92,7 @@ def test_cuda_bench_renders_every_row_on_cpu():
     want += [
         f"int4 g128 asym M={m} {n}x{k} (bf16)" for n, k in plan.affine_shapes for m in [1, *plan.ms]
     ]
-    want += ["int8 g128 asym M=1 128x256 (bf16)"]
+    want += [f"int8 g128 asym M={m} 128x256 (bf16)" for m in (1, 8, 16)]
     quant = ["NF4 quantize fp32", "NF4 dequantize fp32 (out=)", "NF4 dequantize bf16 (out=)"]
     quant += ["NF4 quantize bf16", "8-bit quantize fp32", "8-bit dequantize fp32 (out=)"]
     want += [f"{q}, 0 MiB" for q in quant]

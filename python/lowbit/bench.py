@@ -759,26 +759,28 @@ def bench_cuda_affine(rows, timer, shapes, ms, device):
 
 
 def bench_cuda_affine8(rows, timer, shape, device):
-    """The affine 8-bit codes (GPTQ / compressed-tensors int8 weights) at M = 1: information only
-    (8-bit codes are half of bf16's bytes, so no 4-bit bar applies)."""
+    """The affine 8-bit codes (GPTQ / compressed-tensors int8 weights) at M = 1 and 8 (the affine
+    GEMV's range) and 16 (dequantize + cuBLAS): information only (8-bit codes are half of bf16's
+    bytes, so no 4-bit bar applies)."""
     g = AFFINE_GROUP
     N, K = shape
     W = torch.randn(N, K, device=device, dtype=torch.bfloat16)
     packed, scales, zeros = ops.quantize_affine(W, 8, g, False)
-    x = torch.randn(1, K, device=device, dtype=torch.bfloat16)
-    base = timer(lambda: F.linear(x, W))
-    t = timer(lambda: ops.gemm_affine(x, packed, [N, K], scales, zeros, 8, g))
-    rows.append(
-        Row(
-            f"int8 g{g} asym M=1 {N}x{K} (bf16)",
-            1e3 * t,
-            "bf16 F.linear",
-            1e3 * base,
-            None,
-            "8-bit codes, information only",
-            bw=_affine_bytes(packed, scales, zeros, x, N) / t,
+    for M in (1, 8, 16):
+        x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
+        base = timer(lambda x=x: F.linear(x, W))
+        t = timer(lambda x=x: ops.gemm_affine(x, packed, [N, K], scales, zeros, 8, g))
+        rows.append(
+            Row(
+                f"int8 g{g} asym M={M} {N}x{K} (bf16)",
+                1e3 * t,
+                "bf16 F.linear",
+                1e3 * base,
+                None,
+                "8-bit codes, information only",
+                bw=_affine_bytes(packed, scales, zeros, x, N) / t if M == 1 else None,
+            )
         )
-    )
 
 
 def bench_cuda_tiers(lines, timer, shapes, ms, device, affine: bool = False):
