@@ -364,8 +364,10 @@ class Optimizer8bit(torch.optim.Optimizer):
         filled = vec[: min(step, 100)] if step < 100 else vec
         vals = torch.sort(filled).values
         k = min(len(vals) - 1, (percentile * len(vals)) // 100)
-        clip = math.sqrt(float(vals[k]))
-        current = math.sqrt(float(vec[step % 100]))
+        # One device-to-host copy for both norms (the scale is a kernel argument, so one sync per
+        # parameter is needed; bitsandbytes has the same one).
+        clip_sq, current_sq = torch.stack((vals[k], vec[step % 100])).tolist()
+        clip, current = math.sqrt(clip_sq), math.sqrt(current_sq)
         return clip / current if current > clip else 1.0
 
     def _sr_seed(self) -> int:
