@@ -40,6 +40,9 @@ def collect() -> dict:
 
     versions = {name: _version(name) for name in PACKAGES}
     versions["lowbit"] = lowbit.__version__
+    # torch's own string: PyPI's CUDA wheels carry the build ("+cu130") only there, not in their
+    # package metadata, and a bug report needs it.
+    versions["torch"] = torch.__version__
     versions["python"] = platform.python_version()
     return {
         "versions": versions,
