@@ -20,6 +20,7 @@ An unknown directive fails the test rather than skipping the block.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 import shlex
@@ -48,9 +49,9 @@ _FIXTURE = re.compile(r"^fixture\s+(\S+)\s+at\s+(\S+)$")
 _SKIP = re.compile(r"^skip\s+\((.+)\)$")
 
 
-def _blocks() -> list:
-    """pytest params, one per python block: (line, code, fixtures {path: kind}, skip reason)."""
-    text = README.read_text(encoding="utf-8")
+def _blocks(text: str) -> list:
+    """pytest params, one per python block: (line, code, fixtures {path: kind}, skip reason,
+    unknown directives)."""
     params = []
     for m in _FENCE.finditer(text):
         line = text.count("\n", 0, m.start()) + 1
@@ -71,13 +72,36 @@ def _blocks() -> list:
     return params
 
 
-BLOCKS = _blocks()
+BLOCKS = _blocks(README.read_text(encoding="utf-8"))
 
 
 def test_the_readme_has_the_blocks_this_test_expects():
     # A fence this test failed to recognise would silently leave an example untested.
     text = README.read_text(encoding="utf-8")
     assert len(BLOCKS) == text.count("\n```python\n") >= 7
+
+
+def test_directives_are_read_as_documented():
+    text = (
+        "Intro\n\n```python\nplain()\n```\n\n"
+        "<!-- readme-test: skip (needs a CUDA device; runs on the lent GPU machine) -->\n"
+        "```python\ngpu()\n```\n"
+        "<!-- readme-test: fixture tiny-llama at path/to/a -->\n"
+        "<!-- readme-test: fixture tiny-llama-gptq at path/to/b -->\n"
+        "```python\nboth()\n```\n"
+        "<!-- readme-test: skip (typo) -->\n\n```python\nnot_skipped()\n```\n"
+        "<!-- readme-test: skipp (typo) -->\n```python\nunknown()\n```\n"
+        "```bash\nnot_python\n```\n"
+    )
+    got = [p.values for p in _blocks(text)]
+    assert [(code, fixtures, skip, errors) for _, code, fixtures, skip, errors in got] == [
+        ("plain()\n", {}, None, []),
+        ("gpu()\n", {}, CUDA_REASON, []),
+        ("both()\n", {"path/to/a": "tiny-llama", "path/to/b": "tiny-llama-gptq"}, None, []),
+        ("not_skipped()\n", {}, None, []),  # a blank line detaches the comment
+        ("unknown()\n", {}, None, ["skipp (typo)"]),
+    ]
+    assert [line for line, *_ in got] == [3, 8, 13, 18, 22]
 
 
 # ---- fixtures the blocks name -------------------------------------------------------------------
@@ -232,3 +256,81 @@ def test_readme_env_command_says_what_the_readme_promises():
     for fmt in ("gptq", "awq", "compressed-tensors", "hqq"):
         assert re.search(rf"^\s+{fmt}\s", out, re.M), (fmt, out)
     assert "format libraries" in out and "hqq" in out.split("format libraries")[1], out
+
+
+# ---- names and paths the prose points to --------------------------------------------------------
+
+_NAME = re.compile(r"`[^`]*?\b((?:torch\.ops\.)?lowbit(?:\.[A-Za-z_]\w*)+)")
+_REFERENCE_NAME = re.compile(r"`(reference\.[A-Za-z_]\w*)")
+# repository paths; `lowbit/...` is the package's path, under python/
+_PATH = re.compile(
+    r"(?<![\w./])((?:tests|benchmarks|tools|csrc|python|lowbit|\.ci)/[\w./*-]*[\w*/])"
+)
+
+_RESOLVE = """
+import importlib, sys
+import torch, lowbit
+
+bad = []
+for name in sys.argv[1:]:
+    try:
+        eval(name)  # reachable after `import lowbit`
+        continue
+    except AttributeError:
+        pass
+    parts = name.split(".")
+    # Otherwise the user imports a public submodule first (`import lowbit.integrations.peft`);
+    # a private one (lowbit._x) that the README names must be reachable without that.
+    for i in range(len(parts), 1, -1):
+        module = ".".join(parts[:i])
+        if any(p.startswith("_") for p in parts[1:i]):
+            continue
+        try:
+            obj = importlib.import_module(module)
+        except ImportError:
+            continue
+        try:
+            for p in parts[i:]:
+                obj = getattr(obj, p)
+        except AttributeError:
+            continue
+        break
+    else:
+        bad.append(name)
+print("\\n".join(bad))
+"""
+
+
+def test_readme_names_exist():
+    text = README.read_text("utf-8")
+    names = set(_NAME.findall(text)) | {"lowbit." + n for n in _REFERENCE_NAME.findall(text)}
+    assert len(names) >= 15, names
+    proc = subprocess.run(
+        [sys.executable, "-c", _RESOLVE, *sorted(names)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        env=_env(),
+        cwd=Path(__file__).parent,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "", f"names in README.md that do not resolve:\n{proc.stdout}"
+
+
+def test_readme_paths_exist():
+    root = README.parent
+    paths = set(_PATH.findall(README.read_text("utf-8")))
+    assert len(paths) >= 20, paths
+
+    def exists(path: str) -> bool:
+        if path.startswith("lowbit/"):
+            path = "python/" + path
+        if (root / path).exists():
+            return True
+        # a pattern, as shell globs or git pathspecs (where `*` also matches `/`) read it
+        top = root / path.split("/")[0]
+        files = (f.relative_to(root).as_posix() for f in top.rglob("*"))
+        return any(fnmatch.fnmatch(f, path) for f in files)
+
+    missing = [p for p in sorted(paths) if not exists(p)]
+    assert not missing, f"paths in README.md that are not in the repository: {missing}"
