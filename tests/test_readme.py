@@ -141,7 +141,8 @@ def _env() -> dict:
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     env.update(TOKENIZERS_PARALLELISM="false", PYTHONDONTWRITEBYTECODE="1")
-    env.pop("PYTHONPATH", None)  # the installed lowbit, as a user has it
+    # PYTHONPATH stays: tools/gpu_run.sh may put lowbit (a plain CMake build) and its baselines
+    # there. The scratch working directory and the script's own directory hold no lowbit sources.
     return env
 
 
