@@ -27,6 +27,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -122,21 +123,6 @@ def _tiny_llama_gptq(path: Path) -> None:
 FIXTURE_WRITERS = {"tiny-llama": _tiny_llama, "tiny-llama-gptq": _tiny_llama_gptq}
 
 
-@pytest.fixture(scope="module")
-def fixture_dirs(tmp_path_factory):
-    """Each fixture kind written once per module (lazily), then copied where a block wants it."""
-    root = tmp_path_factory.mktemp("readme-fixtures")
-    made = {}
-
-    def get(kind: str) -> Path:
-        if kind not in made:
-            made[kind] = root / kind
-            FIXTURE_WRITERS[kind](made[kind])
-        return made[kind]
-
-    return get
-
-
 def _env() -> dict:
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
@@ -146,19 +132,29 @@ def _env() -> dict:
     return env
 
 
-@pytest.mark.parametrize("line, code, fixtures, skip, errors", BLOCKS)
-def test_readme_block_runs(line, code, fixtures, skip, errors, fixture_dirs, tmp_path):
-    assert not errors, f"README.md:{line}: unknown readme-test directive(s) {errors}"
+def _problem(fixtures, skip, errors) -> str | None:
+    if errors:
+        return f"unknown readme-test directive(s) {errors}"
     unknown = set(fixtures.values()) - set(FIXTURE_WRITERS)
-    assert not unknown, f"README.md:{line}: unknown fixture(s) {unknown}"
-    if skip is not None and not (skip == CUDA_REASON and torch.cuda.is_available()):
-        pytest.skip(skip)
-    scratch = tmp_path / "scratch"
+    if unknown:
+        return f"unknown fixture(s) {sorted(unknown)}"
+    bad = [p for p in fixtures if Path(p).is_absolute() or ".." in Path(p).parts]
+    if bad:
+        return f"fixture paths must stay inside the scratch directory: {bad}"
+    return None
+
+
+def _skipped(skip) -> bool:
+    return skip is not None and not (skip == CUDA_REASON and torch.cuda.is_available())
+
+
+def _run_block(line: int, code: str, fixtures: dict, made: dict, tmp: Path):
+    """(exit status, stderr) of one block run as a script from an empty scratch directory."""
+    scratch = tmp / "scratch"
     scratch.mkdir()
     for rel, kind in fixtures.items():
-        assert not Path(rel).is_absolute() and ".." not in Path(rel).parts, rel
-        shutil.copytree(fixture_dirs(kind), scratch / rel)
-    script = tmp_path / f"readme_line_{line}.py"
+        shutil.copytree(made[kind], scratch / rel)
+    script = tmp / f"readme_line_{line}.py"
     script.write_text(code, encoding="utf-8")
     try:
         proc = subprocess.run(
@@ -170,12 +166,44 @@ def test_readme_block_runs(line, code, fixtures, skip, errors, fixture_dirs, tmp
             timeout=TIMEOUT_S,
         )
     except subprocess.TimeoutExpired:
-        pytest.fail(f"README.md:{line}: the block ran longer than {TIMEOUT_S} s")
-    assert proc.returncode == 0, (
-        f"README.md:{line}: the block failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+        return None, f"the block ran longer than {TIMEOUT_S} s"
+    return proc.returncode, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def block_runs(tmp_path_factory):
+    """Every runnable block, started together two at a time (this suite's machine has 2 cores, and
+    each block spends most of its time importing), each in its own scratch directory; the tests
+    below wait for their own block. The fixtures the blocks name are written first, once each."""
+    runnable = [
+        p.values for p in BLOCKS if _problem(*p.values[2:]) is None and not _skipped(p.values[3])
+    ]
+    root = tmp_path_factory.mktemp("readme-fixtures")
+    made = {}
+    for kind in sorted({k for _, _, fixtures, _, _ in runnable for k in fixtures.values()}):
+        made[kind] = root / kind
+        FIXTURE_WRITERS[kind](made[kind])
+    pool = ThreadPoolExecutor(max_workers=2)
+    futures = {
+        line: pool.submit(_run_block, line, code, fixtures, made, tmp_path_factory.mktemp("block"))
+        for line, code, fixtures, _, _ in runnable
+    }
+    yield futures
+    pool.shutdown(cancel_futures=True)
+
+
+@pytest.mark.parametrize("line, code, fixtures, skip, errors", BLOCKS)
+def test_readme_block_runs(line, code, fixtures, skip, errors, block_runs):
+    problem = _problem(fixtures, skip, errors)
+    assert problem is None, f"README.md:{line}: {problem}"
+    if _skipped(skip):
+        pytest.skip(skip)
+    returncode, stderr = block_runs[line].result()
+    assert returncode == 0, (
+        f"README.md:{line}: the block failed (exit {returncode}):\n{stderr[-4000:]}"
     )
     for text in FORBIDDEN_STDERR:
-        assert text not in proc.stderr, f"README.md:{line}: stderr says {text!r}:\n{proc.stderr}"
+        assert text not in stderr, f"README.md:{line}: stderr says {text!r}:\n{stderr}"
 
 
 # ---- command lines ------------------------------------------------------------------------------
