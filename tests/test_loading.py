@@ -436,3 +436,22 @@ def test_loads_bitsandbytes_checkpoint(tmp_path, kind):
             w = bnb.functional.dequantize_4bit(theirs.weight.data, theirs.weight.quant_state)
             assert torch.equal(ours.dequantize(torch.float32), w), name
     assert model(tokens()).logits.isfinite().all()
+
+
+def test_checkpoint_dtype_read_without_the_deprecated_alias(tmp_path, monkeypatch):
+    # Transformers 5 keeps `config.torch_dtype` as a property that logs a deprecation on every
+    # read; the saved dtype (config.json "dtype", or a legacy "torch_dtype") comes from `dtype`.
+    from transformers import AutoConfig, PretrainedConfig
+
+    from lowbit.loading.pretrained import _resolve_dtype
+
+    def no_read(self):
+        raise AssertionError("read the deprecated config.torch_dtype")
+
+    monkeypatch.setattr(PretrainedConfig, "torch_dtype", property(no_read))
+    for saved, expected in (({"torch_dtype": "bfloat16"}, torch.bfloat16), ({}, None)):
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **saved}))
+        config = AutoConfig.from_pretrained(tmp_path)
+        assert _resolve_dtype(None, config) == expected
+        assert _resolve_dtype("auto", config) == expected
+    assert _resolve_dtype("float16", config) == torch.float16

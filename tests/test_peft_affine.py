@@ -330,3 +330,27 @@ def test_lora_on_cuda(checkpoints, ids):
     layer = merged.get_submodule("model.layers.0.self_attn.q_proj")
     assert isinstance(layer, LinearAffine) and layer.packed.device.type == "cuda"
     assert _rel(_logits(merged, ids), logits) < 0.1
+
+
+def test_importing_the_peft_integration_first_registers_without_a_warning():
+    # `import lowbit.integrations.peft` before PEFT: its own `import peft...` fires lowbit's
+    # import hook while the module is half-initialised. That used to warn "could not register"
+    # (the module's last line installs the dispatcher anyway); it must be silent and installed.
+    import subprocess
+    import sys
+
+    code = (
+        "import lowbit.integrations.peft\n"
+        "from peft.tuners import tuners_utils\n"
+        "from peft.tuners.lora.model import LoraModel\n"
+        "assert LoraModel._create_new_module._lowbit_affine\n"
+        "assert tuners_utils._maybe_include_all_linear_layers._lowbit_affine\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "could not register" not in proc.stderr, proc.stderr

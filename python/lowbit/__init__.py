@@ -4,6 +4,7 @@ import torch  # noqa: F401  (the ops library links against torch's shared librar
 
 from lowbit import (
     _C,  # noqa: F401  (registers torch.ops.lowbit.*)
+    _native,  # noqa: F401  (lowbit._native.cpu_isa() / cpu_gemv_mode(), named in the README)
     _ops,  # noqa: F401  (fake kernels and autograd)
 )
 

@@ -72,8 +72,9 @@ def _add_inspect(sub) -> None:
         "inspect",
         help="per-layer formats, sizes and error statistics of a checkpoint",
         description="List every weight of a checkpoint directory with its format "
-        "(int8/nf4/fp4/float), shape and bytes. With --reference, compare each quantized weight "
-        "to the original; without it, summarise the stored scales.",
+        "(int8/nf4/fp4/float, or the GPTQ/AWQ/compressed-tensors/HQQ layers decoded by lowbit's "
+        "readers), shape, bytes and bits per weight. With --reference, compare each quantized "
+        "weight to the original; without it, summarise the stored scales.",
     )
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--reference", metavar="SRC", help="the unquantized checkpoint")
@@ -81,7 +82,13 @@ def _add_inspect(sub) -> None:
 
 
 def _add_env(sub) -> None:
-    p = sub.add_parser("env", help="versions, CPU features and CUDA status for bug reports")
+    p = sub.add_parser(
+        "env",
+        help="versions, CPU features and CUDA status for bug reports",
+        description="Print the versions of lowbit and its dependencies, the CPU features and the "
+        "CPU kernels in use (LOWBIT_CPU_ISA forces one), the CUDA status, the checkpoint formats "
+        "lowbit reads and which of those formats' own libraries happen to be installed.",
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
@@ -95,7 +102,11 @@ def _add_bench(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lowbit", description="lowbit: int8, NF4 and FP4 quantization.")
+    parser = _Parser(
+        prog="lowbit",
+        description="lowbit: low-bit weight quantization for PyTorch (LLM.int8(), NF4/FP4; "
+        "GPTQ, AWQ, compressed-tensors and HQQ checkpoints).",
+    )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in (_add_demo, _add_quantize, _add_inspect, _add_env, _add_bench):

@@ -34,6 +34,11 @@ def register_transformers() -> None:
 
 def register_peft() -> None:
     """Make PEFT's LoRA dispatcher wrap LinearAffine layers (idempotent)."""
+    module = sys.modules.get(f"{__name__}.peft")
+    if module is not None and not hasattr(module, "install"):
+        # `import lowbit.integrations.peft` with PEFT not yet imported: that module's own imports
+        # of peft fired the hook while it is half-initialised; its body ends with install().
+        return
     from lowbit.integrations import peft
 
     peft.install()

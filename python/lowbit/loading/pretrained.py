@@ -30,7 +30,14 @@ logger = logging.getLogger("lowbit")
 def _resolve_dtype(torch_dtype, hf_config) -> torch.dtype | None:
     """None / "auto": the checkpoint's dtype (config.json "dtype" / "torch_dtype" when given)."""
     if torch_dtype is None or torch_dtype == "auto":
-        saved = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        saved = getattr(hf_config, "dtype", None)
+        # Transformers >= 4.56 reads config.json's "torch_dtype" into `dtype` and keeps
+        # `torch_dtype` only as a property that logs a deprecation warning on every read: read it
+        # only where it is still a plain attribute (older Transformers).
+        if saved is None and not isinstance(
+            getattr(type(hf_config), "torch_dtype", None), property
+        ):
+            saved = getattr(hf_config, "torch_dtype", None)
         torch_dtype = saved
         if torch_dtype is None:
             return None
