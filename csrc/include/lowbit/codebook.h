@@ -39,10 +39,10 @@ constexpr float kNF4Code[16] = {-1.0f,
 
 // FP4 (E2M1 as in bitsandbytes), by nibble value: bit 3 is the sign, the magnitude table is
 // [0, 0.0625, 8, 12, 4, 6, 2, 3] / 12.
-constexpr float kFP4Code[16] = {0.0f / 12,  0.0625f / 12, 8.0f / 12,  12.0f / 12,
-                                4.0f / 12,  6.0f / 12,    2.0f / 12,  3.0f / 12,
+constexpr float kFP4Code[16] = {0.0f / 12,  0.0625f / 12,  8.0f / 12,  12.0f / 12,
+                                4.0f / 12,  6.0f / 12,     2.0f / 12,  3.0f / 12,
                                 -0.0f / 12, -0.0625f / 12, -8.0f / 12, -12.0f / 12,
-                                -4.0f / 12, -6.0f / 12,   -2.0f / 12, -3.0f / 12};
+                                -4.0f / 12, -6.0f / 12,    -2.0f / 12, -3.0f / 12};
 
 enum class QuantType4 : int { nf4 = 0, fp4 = 1 };
 
