@@ -150,11 +150,21 @@ class CpuBackend final : public Backend {
     }
     const FloatType t = float_type(a2.scalar_type());
     const void* ap = a2.data_ptr();
-    const uint8_t* mp = col_mask.defined() ? col_mask.data_ptr<uint8_t>() : nullptr;
+    // The kernels zero masked columns with a byte loop over all K columns of every row; the mask
+    // has few set columns (usually none), so they are listed once here and zeroed per row after
+    // the kernel instead: the same codes, since col_mask changes only codes, not row_stats.
+    std::vector<int64_t> cols;
+    if (col_mask.defined()) {
+      const uint8_t* mp = col_mask.data_ptr<uint8_t>();
+      for (int64_t c = 0; c < K; ++c)
+        if (mp[c]) cols.push_back(c);
+    }
     int8_t* qp = q.data_ptr<int8_t>();
     float* sp = stats.data_ptr<float>();
     at::parallel_for(0, rows, grain_for(K), [&](int64_t r0, int64_t r1) {
-      cpu::int8_vectorwise_quant(t, ap, rows, K, threshold, mp, qp, sp, r0, r1);
+      cpu::int8_vectorwise_quant(t, ap, rows, K, threshold, nullptr, qp, sp, r0, r1);
+      for (int64_t r = r0; r < r1; ++r)
+        for (const int64_t c : cols) qp[r * K + c] = 0;
     });
   }
 
@@ -174,8 +184,15 @@ class CpuBackend final : public Backend {
     const int8_t* ap = a2.data_ptr<int8_t>();
     const int8_t* bp = b.data_ptr<int8_t>();
     int32_t* cp = c2.data_ptr<int32_t>();
-    at::parallel_for(0, N, grain_for(K * std::max<int64_t>(M, 1), 65536),
-                     [&](int64_t n0, int64_t n1) { cpu::int8_gemm(ap, bp, cp, M, N, K, n0, n1); });
+    // Work items of kCols columns: the AVX-512 kernel packs B in panels of 32 columns (16-column
+    // vectors), so ranges that start at multiples of 64 leave no partial panel inside the range
+    // except at N's end; at N = 384 the two threads get 3 items each.
+    constexpr int64_t kCols = 64;
+    const int64_t items = ceil_div(N, kCols);
+    at::parallel_for(0, items, grain_for(kCols * K * std::max<int64_t>(M, 1), 65536),
+                     [&](int64_t i0, int64_t i1) {
+                       cpu::int8_gemm(ap, bp, cp, M, N, K, i0 * kCols, std::min(N, i1 * kCols));
+                     });
   }
 
   void int8_mm_dequant(const at::Tensor& c2, const at::Tensor& row_stats,
