@@ -27,13 +27,18 @@
 // 0. Packing is a 16 x 16 transpose of 32-bit words (16 rows of B by 64 bytes of k) per 16
 // vectors: ~6 instructions per packed vector, against M vpdpbusd that use it.
 //
-// The dot-product (inner-product) kernel, small M (decode, M = 1): each zmm accumulator holds
-// 16 partial sums along k of ONE C element, B rows are read straight from the weight (no
+// The dot-product (inner-product) kernel, M < packed_min_m (decode, M = 1): each zmm accumulator
+// holds 16 partial sums along k of ONE C element, B rows are read straight from the weight (no
 // packing: it streams weights at bandwidth), and each C element ends with a 16-lane horizontal
-// reduction; tiles of 4 x 4 accumulators, blocks of A rows outside, tiles of B rows inside. At
-// M = 128 its reductions and loads made it 0.8x bf16 F.linear; the packed kernel is ~2x it there.
+// reduction; tiles of 4 x 4 accumulators, blocks of A rows outside, tiles of B rows inside.
 //
-// Measured on a 2-vCPU Zen 4 guest (BENCHMARKS.md, 2026-12-01): see the section there.
+// Measured on a 2-vCPU Zen 4 guest (BENCHMARKS.md, "int8 GEMM on AVX-512 VNNI", 2026-12-01;
+// benchmarks/bench_int8_gemm_cpu.py, the kernels forced in one process): the packed kernel
+// does 128 x 4096 x 4096 in 10.5 ms on one thread, 204 G int8 multiply-adds/s (one zmm vpdpbusd
+// per cycle, 64 multiply-adds, at ~3.2 GHz; bf16 torch.matmul: 102 G/s), 1.9-2.3x bf16
+// torch.matmul at M = 16..512 and 2.4-2.9x the dot kernel at M = 64..512. Crossover: at M = 1..3
+// the dot kernel is 1.2-2.5x faster (no packing; the 3-row tile streams B once), from M = 4 the
+// packed one (1.07-1.2x at M = 4, 1.5x at M = 8), hence packed_min_m = 4.
 #include <immintrin.h>
 
 #include <algorithm>
