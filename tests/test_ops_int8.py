@@ -311,3 +311,24 @@ def test_int8_linear_same_result_from_either_kernel(M):
     assert torch.equal(packed, dot)
     ref = reference.int8_linear(A, W, SCB, bias, 6.0).float()
     torch.testing.assert_close(packed.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().mean().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int8_linear_many_outlier_columns_across_row_blocks(dtype):
+    # The CPU op adds the outlier columns' product per block of rows (65536 // N rows each) into
+    # the dequantized fp32 rows: several blocks and threads, N not a multiple of 8 (the tail of
+    # the vectorized update), 40 outlier columns, a bias of another dtype.
+    M, N, K = 600, 250, 96
+    cols = list(range(0, K, 96 // 40 + 1))[:40]
+    A = with_outliers(M, K, cols, "cpu", dtype, magnitude=30.0)
+    W, SCB, _ = ops.int8_vectorwise_quant(torch.randn(N, K))
+    bias = torch.randn(N)
+    out = ops.int8_linear(A, W, SCB, bias, 6.0)
+    ref = reference.int8_linear(A, W, SCB, bias, 6.0)
+    assert out.dtype == dtype and out.shape == (M, N)
+    # Only the order of the fp32 outlier sums differs from the reference (then one rounding).
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    scale = ref.float().abs().max().item()
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol * scale)
+    _, _, found = ops.int8_vectorwise_quant(A, 6.0)
+    assert found.numel() >= 30  # the outlier path really ran
