@@ -1,11 +1,15 @@
 """LLM.int8(): row quantization with outliers, int8 GEMM, dequantization and the fused layer."""
 
+import ctypes
+
 import pytest
 import torch
 
+import lowbit
 import lowbit.functional as F
 from conftest import non_contiguous
 from lowbit import reference
+from lowbit._native import cpu_isa
 
 ops = torch.ops.lowbit
 
@@ -190,3 +194,141 @@ def test_int8_double_quant():
     assert torch.equal(q_row, ops.int8_vectorwise_quant(A)[0])
     assert torch.equal(q_col, ops.int8_vectorwise_quant(A.t().contiguous())[0].t())
     assert s_row.shape == (20,) and s_col.shape == (30,)
+
+
+# ---- the CPU GEMM kernels by M: packed (outer-product) and dot-product -------------------------
+#
+# On AVX-512 VNNI the int8 GEMM packs B into the VNNI layout and runs an outer-product
+# micro-kernel from some M on, and the dot-product kernel below it (avx512_int8_gemm.cpp). The
+# test hook lowbit_cpu_int8_gemm_packed_min_m moves that threshold, so each kernel is checked on
+# every shape whatever the default; the AVX2 and generic kernels are checked against these same
+# products per ISA in tests/test_cpu_isa.py (LOWBIT_CPU_ISA).
+
+
+def _packed_min_m_hook():
+    try:
+        fn = ctypes.CDLL(lowbit._C.__file__).lowbit_cpu_int8_gemm_packed_min_m
+    except AttributeError:  # a build without x86 kernels
+        return None
+    fn.restype = ctypes.c_int64
+    fn.argtypes = [ctypes.c_int64]
+    return fn
+
+
+@pytest.fixture(params=["packed", "dot"])
+def int8_kernel(request):
+    hook = _packed_min_m_hook()
+    if hook is None or cpu_isa() != "avx512":
+        pytest.skip(
+            f"the packed / dot-product int8 GEMM kernels are AVX-512 VNNI ones; this process "
+            f"runs the {cpu_isa()} kernels (covered per ISA in tests/test_cpu_isa.py)"
+        )
+    previous = hook(1 if request.param == "packed" else 1 << 62)
+    try:
+        yield request.param
+    finally:
+        hook(previous)
+
+
+def exact_product(A, B):
+    # float64 holds every partial sum exactly (|C| < 2**31 < 2**53) and multiplies through BLAS:
+    # far faster than the int64 reference on the large cases, and just as exact.
+    return (A.double() @ B.double().t()).to(torch.int32)
+
+
+def test_packed_min_m_hook_round_trips():
+    hook = _packed_min_m_hook()
+    if hook is None:
+        pytest.skip("a build without x86 kernels has no AVX-512 int8 GEMM")
+    default = hook(-1)
+    assert default >= 1
+    assert hook(7) == default and hook(-1) == 7
+    assert hook(default) == 7 and hook(-1) == default
+
+
+@pytest.mark.parametrize("M", [5, 33, 128, 257])
+@pytest.mark.parametrize("K", [1, 3, 4, 63, 64, 65, 384, 4099])
+def test_int8_gemm_kernels_exact_on_edges(int8_kernel, M, K):
+    # Every M edge of the 8-row micro-tile (and of the 4-row dot tiles), N edges of the 16-column
+    # vectors and 32-column panels, K tails of the 4-byte k-steps and 64-byte loads.
+    A = torch.randint(-128, 128, (M, K), dtype=torch.int8)
+    for N in [1, 15, 16, 17, 33, 384]:
+        B = torch.randint(-128, 128, (N, K), dtype=torch.int8)
+        C = ops.int8_linear_matmul(A, B)
+        assert C.dtype == torch.int32 and C.shape == (M, N)
+        assert torch.equal(C, exact_product(A, B)), (int8_kernel, M, N, K)
+
+
+@pytest.mark.parametrize("a_value", [-128, 127])
+@pytest.mark.parametrize("b_value", [-128, 127])
+@pytest.mark.parametrize("K", [4099, 131071])
+def test_int8_gemm_kernels_extreme_values(int8_kernel, a_value, b_value, K):
+    # The biased sums (b + 128) * a reach 255 * 128 * K, far past int32 at K = 131071: they wrap,
+    # and the correction brings C back exactly.
+    M, N = 9, 35
+    A = torch.full((M, K), a_value, dtype=torch.int8)
+    B = torch.full((N, K), b_value, dtype=torch.int8)
+    A[3, ::2] = -a_value - 1 if a_value == 127 else 127  # mixed rows too
+    B[20, 1::3] = -128
+    C = ops.int8_linear_matmul(A, B)
+    assert torch.equal(C, exact_product(A, B))
+    assert C[0, 0].item() == a_value * b_value * K
+
+
+def test_int8_gemm_kernels_non_contiguous_and_leading_dims(int8_kernel):
+    A = torch.randint(-128, 128, (3, 43, 200), dtype=torch.int8)
+    B = torch.randint(-128, 128, (70, 200), dtype=torch.int8)
+    want = exact_product(A.reshape(-1, 200), B).reshape(3, 43, 70)
+    assert torch.equal(ops.int8_linear_matmul(non_contiguous(A), B), want)
+    assert torch.equal(ops.int8_linear_matmul(A, non_contiguous(B)), want)
+    B_t = B.t().contiguous().t()  # column-major view of the same values
+    assert torch.equal(
+        ops.int8_linear_matmul(A.transpose(0, 1).contiguous().transpose(0, 1), B_t), want
+    )
+    out = torch.empty(3, 70, 43, dtype=torch.int32).transpose(1, 2)  # non-contiguous out=
+    ops.int8_linear_matmul.out(A, B, out=out)
+    assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("M", [128, 257, 512])
+def test_int8_linear_same_result_from_either_kernel(M):
+    # The whole op on prefill sizes (outlier columns, bias, bf16): the kernels give the same int32
+    # product, so the layer output is bit-identical; and it stays close to the reference.
+    hook = _packed_min_m_hook()
+    if hook is None or cpu_isa() != "avx512":
+        pytest.skip(f"needs the AVX-512 int8 GEMM kernels; this process runs {cpu_isa()}")
+    K, N = 384, 1536
+    A = with_outliers(M, K, [5, 200], "cpu", torch.bfloat16)
+    W, SCB, _ = ops.int8_vectorwise_quant(torch.randn(N, K))
+    bias = torch.randn(N).to(torch.bfloat16)
+    previous = hook(1)
+    try:
+        packed = ops.int8_linear(A, W, SCB, bias, 6.0)
+        hook(1 << 62)
+        dot = ops.int8_linear(A, W, SCB, bias, 6.0)
+    finally:
+        hook(previous)
+    assert torch.equal(packed, dot)
+    ref = reference.int8_linear(A, W, SCB, bias, 6.0).float()
+    torch.testing.assert_close(packed.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().mean().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int8_linear_many_outlier_columns_across_row_blocks(dtype):
+    # The CPU op adds the outlier columns' product per block of rows (65536 // N rows each) into
+    # the dequantized fp32 rows: several blocks and threads, N not a multiple of 8 (the tail of
+    # the vectorized update), 40 outlier columns, a bias of another dtype.
+    M, N, K = 600, 250, 96
+    cols = list(range(0, K, 96 // 40 + 1))[:40]
+    A = with_outliers(M, K, cols, "cpu", dtype, magnitude=30.0)
+    W, SCB, _ = ops.int8_vectorwise_quant(torch.randn(N, K))
+    bias = torch.randn(N)
+    out = ops.int8_linear(A, W, SCB, bias, 6.0)
+    ref = reference.int8_linear(A, W, SCB, bias, 6.0)
+    assert out.dtype == dtype and out.shape == (M, N)
+    # Only the order of the fp32 outlier sums differs from the reference (then one rounding).
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    scale = ref.float().abs().max().item()
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol * scale)
+    _, _, found = ops.int8_vectorwise_quant(A, 6.0)
+    assert found.numel() >= 30  # the outlier path really ran

@@ -98,8 +98,8 @@ class Backend {
   // The whole LLM.int8() forward in one backend call: the int8_linear op's result [M, N] (a2's
   // dtype) for a2 [M, K] (contiguous, K > 0), w [N, K] (contiguous), w_scale fp32 [N]
   // (contiguous), bias [N] (contiguous) or undefined. An undefined result: the backend has no fused
-  // path and the op composes it from the functions above (the CPU does, so its result stays
-  // exactly as it was).
+  // path and the op composes it from the functions above (CUDA and the CPU both have one; the
+  // CPU's adds the outlier product per row block, cpu_backend.cpp).
   virtual at::Tensor int8_linear(const at::Tensor& /*a2*/, const at::Tensor& /*w*/,
                                  const at::Tensor& /*w_scale*/, const at::Tensor& /*bias*/,
                                  float /*threshold*/) const {

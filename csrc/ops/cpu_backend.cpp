@@ -45,6 +45,58 @@ void prefer_huge_pages(void* data, int64_t bytes) {
 #endif
 }
 
+// The indices of the set entries of a uint8 mask (undefined: none). Outlier columns are few
+// (usually none), so per-column work is cheaper from this list than from a scan of the mask.
+std::vector<int64_t> set_columns(const at::Tensor& mask) {
+  std::vector<int64_t> cols;
+  if (mask.defined()) {
+    const uint8_t* mp = mask.data_ptr<uint8_t>();
+    for (int64_t c = 0, K = mask.numel(); c < K; ++c)
+      if (mp[c]) cols.push_back(c);
+  }
+  return cols;
+}
+
+// Row quantization of a2 [rows, K] with the columns `cols` zeroed. The kernels' own col_mask
+// zeroes with a byte loop over all K columns of every row (it tripled the op's time at K = 384
+// with no outlier at all); zeroing the listed columns per row after the kernel gives the same
+// codes (col_mask changes only codes, never row_stats).
+void quant_rows(const at::Tensor& a2, float threshold, const std::vector<int64_t>& cols,
+                at::Tensor& q, at::Tensor& stats) {
+  const int64_t rows = a2.size(0), K = a2.size(1);
+  if (K == 0) {  // empty rows: scale 0, no codes (and no kernel call on null data pointers)
+    stats.zero_();
+    return;
+  }
+  const FloatType t = float_type(a2.scalar_type());
+  const void* ap = a2.data_ptr();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = stats.data_ptr<float>();
+  at::parallel_for(0, rows, grain_for(K), [&](int64_t r0, int64_t r1) {
+    cpu::int8_vectorwise_quant(t, ap, rows, K, threshold, nullptr, qp, sp, r0, r1);
+    for (int64_t r = r0; r < r1; ++r)
+      for (const int64_t c : cols) qp[r * K + c] = 0;
+  });
+}
+
+// t[n] += sum_j a[j] * w[j * N + n] for n < N, in ascending j (the outlier columns' product for
+// one output row, whose N floats stay in L1 across the nc passes). Blocks of 8 columns that the
+// compiler vectorizes (its -O2 cost model vectorizes only loops of a known trip count, and needs
+// the restrict), then the tail. Separate multiply and add (no FMA) in the same order for every
+// element: any vector width and thread split rounds alike. (Keeping a block of 8 sums in a local
+// array across the j loop instead went through the stack: 2x slower. An AVX2 clone gained ~15%.)
+void add_outlier_product(const float* __restrict a, const float* __restrict w, int64_t nc,
+                         float* __restrict t, int64_t N) {
+  for (int64_t j = 0; j < nc; ++j) {
+    const float aj = a[j];
+    const float* __restrict wj = w + j * N;
+    int64_t n = 0;
+    for (; n + 8 <= N; n += 8)
+      for (int u = 0; u < 8; ++u) t[n + u] = t[n + u] + aj * wj[n + u];
+    for (; n < N; ++n) t[n] = t[n] + aj * wj[n];
+  }
+}
+
 class CpuBackend final : public Backend {
  public:
   void quantize_blockwise(const char* op, const at::Tensor& a, const at::Tensor& code,
@@ -143,19 +195,7 @@ class CpuBackend final : public Backend {
 
   void int8_vectorwise_quant(const at::Tensor& a2, float threshold, const at::Tensor& col_mask,
                              at::Tensor& q, at::Tensor& stats) const override {
-    const int64_t rows = a2.size(0), K = a2.size(1);
-    if (K == 0) {  // empty rows: scale 0, no codes (and no kernel call on null data pointers)
-      stats.zero_();
-      return;
-    }
-    const FloatType t = float_type(a2.scalar_type());
-    const void* ap = a2.data_ptr();
-    const uint8_t* mp = col_mask.defined() ? col_mask.data_ptr<uint8_t>() : nullptr;
-    int8_t* qp = q.data_ptr<int8_t>();
-    float* sp = stats.data_ptr<float>();
-    at::parallel_for(0, rows, grain_for(K), [&](int64_t r0, int64_t r1) {
-      cpu::int8_vectorwise_quant(t, ap, rows, K, threshold, mp, qp, sp, r0, r1);
-    });
+    quant_rows(a2, threshold, set_columns(col_mask), q, stats);
   }
 
   void int8_vectorwise_dequant(const at::Tensor& q2, const at::Tensor& stats,
@@ -174,8 +214,15 @@ class CpuBackend final : public Backend {
     const int8_t* ap = a2.data_ptr<int8_t>();
     const int8_t* bp = b.data_ptr<int8_t>();
     int32_t* cp = c2.data_ptr<int32_t>();
-    at::parallel_for(0, N, grain_for(K * std::max<int64_t>(M, 1), 65536),
-                     [&](int64_t n0, int64_t n1) { cpu::int8_gemm(ap, bp, cp, M, N, K, n0, n1); });
+    // Work items of kCols columns: the AVX-512 kernel packs B in panels of 32 columns (16-column
+    // vectors), so ranges that start at multiples of 64 leave no partial panel inside the range
+    // except at N's end; at N = 384 the two threads get 3 items each.
+    constexpr int64_t kCols = 64;
+    const int64_t items = ceil_div(N, kCols);
+    at::parallel_for(0, items, grain_for(kCols * K * std::max<int64_t>(M, 1), 65536),
+                     [&](int64_t i0, int64_t i1) {
+                       cpu::int8_gemm(ap, bp, cp, M, N, K, i0 * kCols, std::min(N, i1 * kCols));
+                     });
   }
 
   void int8_mm_dequant(const at::Tensor& c2, const at::Tensor& row_stats,
@@ -192,6 +239,68 @@ class CpuBackend final : public Backend {
     at::parallel_for(0, rows, grain_for(N), [&](int64_t r0, int64_t r1) {
       cpu::int8_mm_dequant(cp, rp, colp, bt, bp, N, ot, op_, r0, r1);
     });
+  }
+
+  // The whole LLM.int8() forward (the int8_linear op on the CPU): outlier columns, row
+  // quantization, the int8 GEMM and one epilogue pass. Without outliers the epilogue is
+  // int8_mm_dequant straight into a2's dtype. With them, per block of rows: dequantize into fp32
+  // (the output itself when it is fp32, else a block buffer that stays in cache), add the outlier
+  // columns' fp32 product column by column (a rank-few update: BLAS addmm at k = 2..8 ran at a
+  // third of memory speed and cost a separate pass over the output, plus one more to round it),
+  // then round the block to a2's dtype.
+  at::Tensor int8_linear(const at::Tensor& a2, const at::Tensor& w, const at::Tensor& w_scale,
+                         const at::Tensor& bias, float threshold) const override {
+    const int64_t M = a2.size(0), K = a2.size(1), N = w.size(0);
+    std::vector<int64_t> cols;
+    if (threshold > 0.0f) {
+      at::Tensor mask = at::empty({K}, a2.options().dtype(at::kByte));
+      int8_outlier_columns(a2, threshold, mask);
+      cols = set_columns(mask);
+    }
+    at::Tensor q = at::empty({M, K}, a2.options().dtype(at::kChar));
+    at::Tensor row_stats = at::empty({M}, a2.options().dtype(at::kFloat));
+    quant_rows(a2, threshold, cols, q, row_stats);
+    at::Tensor c = at::empty({M, N}, a2.options().dtype(at::kInt));
+    int8_gemm(q, w, c);
+    at::Tensor out = at::empty({M, N}, a2.options());
+    if (cols.empty()) {
+      int8_mm_dequant(c, row_stats, w_scale, bias, out);
+      return out;
+    }
+    const int64_t nc = int64_t(cols.size());
+    const at::Tensor idx = at::tensor(cols, a2.options().dtype(at::kLong));
+    // a_out [M, nc]: the outlier activations; w_out [nc, N]: their weight columns dequantized,
+    // w * (scale / 127) in fp32 as reference.int8_weight_dequant.
+    const at::Tensor a_out = a2.index_select(1, idx).to(at::kFloat).contiguous();
+    const at::Tensor w_out = (w.index_select(1, idx).to(at::kFloat) *
+                              (w_scale.to(at::kFloat).reshape({N, 1}) * (1.0f / 127.0f)))
+                                 .t()
+                                 .contiguous();
+    const int32_t* cp = c.data_ptr<int32_t>();
+    const float* rp = row_stats.data_ptr<float>();
+    const float* colp = w_scale.data_ptr<float>();
+    const void* bp = bias.defined() ? bias.data_ptr() : nullptr;
+    const FloatType bt = bias.defined() ? float_type(bias.scalar_type()) : FloatType::f32;
+    const float* ao = a_out.data_ptr<float>();
+    const float* wo = w_out.data_ptr<float>();
+    const bool f32_out = out.scalar_type() == at::kFloat;
+    // Rows per block: ~256 KiB of fp32, L2-resident between the passes, and few enough blocks
+    // that the per-call cost of the ATen copy (~5 us) stays small.
+    const int64_t block = std::max<int64_t>(1, 65536 / N);
+    at::parallel_for(0, M, std::max(block, grain_for(N)), [&](int64_t r0, int64_t r1) {
+      std::vector<float> buf(f32_out ? 0 : size_t(std::min(block, r1 - r0) * N));
+      for (int64_t b0 = r0; b0 < r1; b0 += block) {
+        const int64_t rows = std::min(block, r1 - b0);
+        float* t = f32_out ? out.data_ptr<float>() + b0 * N : buf.data();
+        cpu::int8_mm_dequant(cp + b0 * N, rp + b0, colp, bt, bp, N, FloatType::f32, t, 0, rows);
+        for (int64_t r = 0; r < rows; ++r)
+          add_outlier_product(ao + (b0 + r) * nc, wo, nc, t + r * N, N);
+        if (!f32_out)
+          out.narrow(0, b0, rows)
+              .copy_(at::from_blob(t, {rows, N}, a2.options().dtype(at::kFloat)));
+      }
+    });
+    return out;
   }
 
   // ---- affine 4/8-bit (issue #13) ----

@@ -144,7 +144,9 @@ at::Tensor int8_linear(const at::Tensor& A, const at::Tensor& W, const at::Tenso
   const at::Tensor a2 = A.contiguous().reshape({M, K});
   const at::Tensor w = W.contiguous();
   if (K > 0) {
-    // CUDA: three launches, no host synchronisation (cuda_backend.cpp); the CPU returns undefined.
+    // CUDA: three launches, no host synchronisation (cuda_backend.cpp); the CPU: one pass per
+    // step and the outlier product fused into the dequantization (cpu_backend.cpp). The
+    // composition below serves K = 0 and any backend without a fused path.
     const at::Tensor fused =
         backend.int8_linear(a2, w, W_scale.contiguous(),
                             bias_t.defined() ? bias_t.contiguous() : bias_t, float(threshold));

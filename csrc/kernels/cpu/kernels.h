@@ -58,9 +58,19 @@ namespace avx512 {
 void gemm_4bit(const float* a, int64_t M, int64_t K, const uint8_t* packed,
                const BlockAbsmax& scales, const float* code16, int64_t blocksize, float* out,
                int64_t N, int64_t n_begin, int64_t n_end, float* row_scratch);
+// M >= packed_min_m: the packed outer-product kernel; smaller M: the dot-product kernel.
 void int8_gemm(const int8_t* A, const int8_t* B, int32_t* C, int64_t M, int64_t N, int64_t K,
                int64_t n_begin, int64_t n_end);
 }  // namespace avx512
 #endif
 
 }  // namespace lowbit::cpu
+
+#if defined(LOWBIT_CPU_X86)
+// Test and benchmark hook (Python's ctypes, tests/test_ops_int8.py): sets the smallest M at which
+// the AVX-512 int8 GEMM takes its packed kernel (1: always; a huge value: never) when m >= 0 and
+// returns the previous value; m < 0 only returns the current one. Process-wide; not for
+// production use.
+extern "C" __attribute__((visibility("default"))) int64_t
+lowbit_cpu_int8_gemm_packed_min_m(int64_t m);
+#endif
