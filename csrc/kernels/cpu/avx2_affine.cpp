@@ -267,7 +267,12 @@ inline Sums8 dot_codes8(const Codes8& w, const int16_t* a) {
   return {_mm256_add_epi32(md(0), md(1)), _mm256_add_epi32(md(2), md(3))};
 }
 
-// RT weight rows against MT activation rows from m0 (as rows_tile above).
+// RT weight rows against MT activation rows from m0: per chunk, one weight row at a time (its
+// 4 widened code vectors and its group's z and s) against the MT activation rows, whose chunk data
+// (128 bytes of int16 codes, 64 of lane sums) the first row brings into L1 and the others reuse:
+// with int16 activations the loop is bound by the L2 -> L1 traffic of the activations (~200 bytes
+// per 64 products), which RT = 4 cuts by 4. acc += T * (s * xs) per chunk (no per-group
+// accumulators: 16 registers hold RT x MT = 8 accumulators and one row's codes).
 template <int RT, int MT, bool kHalf>
 void rows_tile8(const Acts8& x, const AffineWeight& w, const int64_t* rows, int64_t m0, float* out,
                 int64_t N) {
@@ -283,65 +288,32 @@ void rows_tile8(const Acts8& x, const AffineWeight& w, const int64_t* rows, int6
 #pragma GCC unroll 4
     for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_setzero_ps();
   }
-  if constexpr (!kHalf) {
-    const int64_t cpg = w.group_size / 64;
-    for (int64_t kg = 0; kg < x.groups; ++kg) {
-      __m256 accg[RT][MT], zv[RT];
+  for (int64_t c = 0; c < x.chunks; ++c) {
+    const int32_t g_lo = x.half_group[2 * c], g_hi = x.half_group[2 * c + 1];
 #pragma GCC unroll 4
-      for (int r = 0; r < RT; ++r) {
-        zv[r] = _mm256_broadcast_ss(zrow[r] + kg);
-#pragma GCC unroll 4
-        for (int m = 0; m < MT; ++m) accg[r][m] = _mm256_setzero_ps();
-      }
-      for (int64_t c = kg * cpg; c < (kg + 1) * cpg; ++c) {
-        Codes8 ch[RT];
-#pragma GCC unroll 4
-        for (int r = 0; r < RT; ++r) ch[r] = load_codes8(wp[r] + 64 * c);
-#pragma GCC unroll 4
-        for (int m = 0; m < MT; ++m) {
-          const int64_t am = m0 + m, at = am * x.chunks + c;
-          const __m256 xs = _mm256_broadcast_ss(x.scale + at);
-          const __m256 X = _mm256_add_ps(_mm256_loadu_ps(x.xsum + 16 * at),
-                                         _mm256_loadu_ps(x.xsum + 16 * at + 8));  // exact
-#pragma GCC unroll 4
-          for (int r = 0; r < RT; ++r) {
-            const Sums8 d = dot_codes8(ch[r], x.q + am * K + 64 * c);
-            const __m256 t =
-                _mm256_fnmadd_ps(zv[r], X, _mm256_cvtepi32_ps(_mm256_add_epi32(d.lo, d.hi)));
-            accg[r][m] = _mm256_fmadd_ps(t, xs, accg[r][m]);
-          }
-        }
-      }
-#pragma GCC unroll 4
-      for (int r = 0; r < RT; ++r) {
-        const __m256 sv = _mm256_broadcast_ss(srow[r] + kg);
-#pragma GCC unroll 4
-        for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_fmadd_ps(accg[r][m], sv, acc[r][m]);
-      }
-    }
-  } else {
-    for (int64_t c = 0; c < x.chunks; ++c) {
-      Codes8 ch[RT];
-      const int32_t g_lo = x.half_group[2 * c], g_hi = x.half_group[2 * c + 1];
-#pragma GCC unroll 4
-      for (int r = 0; r < RT; ++r) ch[r] = load_codes8(wp[r] + 64 * c);
+    for (int r = 0; r < RT; ++r) {
+      const Codes8 ch = load_codes8(wp[r] + 64 * c);
+      const __m256 s_lo = _mm256_broadcast_ss(srow[r] + g_lo);
+      const __m256 z_lo = _mm256_broadcast_ss(zrow[r] + g_lo);
 #pragma GCC unroll 4
       for (int m = 0; m < MT; ++m) {
         const int64_t am = m0 + m, at = am * x.chunks + c;
         const __m256 xs = _mm256_broadcast_ss(x.scale + at);
-        const __m256 X_lo = _mm256_loadu_ps(x.xsum + 16 * at);
-        const __m256 X_hi = _mm256_loadu_ps(x.xsum + 16 * at + 8);
-#pragma GCC unroll 4
-        for (int r = 0; r < RT; ++r) {
-          const Sums8 d = dot_codes8(ch[r], x.q + am * K + 64 * c);
+        const Sums8 d = dot_codes8(ch, x.q + am * K + 64 * c);
+        if constexpr (kHalf) {
           const __m256 t_lo =
-              _mm256_fnmadd_ps(_mm256_broadcast_ss(zrow[r] + g_lo), X_lo, _mm256_cvtepi32_ps(d.lo));
+              _mm256_fnmadd_ps(z_lo, _mm256_loadu_ps(x.xsum + 16 * at), _mm256_cvtepi32_ps(d.lo));
           const __m256 t_hi =
-              _mm256_fnmadd_ps(_mm256_broadcast_ss(zrow[r] + g_hi), X_hi, _mm256_cvtepi32_ps(d.hi));
-          acc[r][m] = _mm256_fmadd_ps(t_lo, _mm256_mul_ps(_mm256_broadcast_ss(srow[r] + g_lo), xs),
-                                      acc[r][m]);
+              _mm256_fnmadd_ps(_mm256_broadcast_ss(zrow[r] + g_hi),
+                               _mm256_loadu_ps(x.xsum + 16 * at + 8), _mm256_cvtepi32_ps(d.hi));
+          acc[r][m] = _mm256_fmadd_ps(t_lo, _mm256_mul_ps(s_lo, xs), acc[r][m]);
           acc[r][m] = _mm256_fmadd_ps(t_hi, _mm256_mul_ps(_mm256_broadcast_ss(srow[r] + g_hi), xs),
                                       acc[r][m]);
+        } else {
+          // lo + hi lane sums, precomputed (exact)
+          const __m256 t = _mm256_fnmadd_ps(z_lo, _mm256_loadu_ps(x.xsum + 16 * at),
+                                            _mm256_cvtepi32_ps(_mm256_add_epi32(d.lo, d.hi)));
+          acc[r][m] = _mm256_fmadd_ps(t, _mm256_mul_ps(s_lo, xs), acc[r][m]);
         }
       }
     }
@@ -352,20 +324,35 @@ void rows_tile8(const Acts8& x, const AffineWeight& w, const int64_t* rows, int6
     for (int m = 0; m < MT; ++m) out[(m0 + m) * N + rows[r]] = simd::hsum(acc[r][m]);
 }
 
+// M = 1: schedule_q8_rows (two row streams). M > 1: tiles of 4 weight rows x 2 activation rows,
+// then the last N % 4 rows one at a time.
 template <bool kHalf>
 void q8_rows8(const Acts8& x, int64_t M, const AffineWeight& w, float* out, int64_t N,
               int64_t n_begin, int64_t n_end) {
-  schedule_q8_rows(M, n_begin, n_end, [&](auto rt, auto mt, const int64_t* rows, int64_t m0) {
+  auto tile = [&](auto rt, auto mt, const int64_t* rows, int64_t m0) {
     rows_tile8<decltype(rt)::value, decltype(mt)::value, kHalf>(x, w, rows, m0, out, N);
-  });
+  };
+  if (M == 1) return schedule_q8_rows(1, n_begin, n_end, tile);
+  auto m_tiles = [&](auto rt, const int64_t* rows) {
+    int64_t m = 0;
+    for (; m + 2 <= M; m += 2) tile(rt, std::integral_constant<int, 2>{}, rows, m);
+    for (; m < M; ++m) tile(rt, std::integral_constant<int, 1>{}, rows, m);
+  };
+  int64_t j = n_begin;
+  for (; j + 4 <= n_end; j += 4) {
+    const int64_t rows[4] = {j, j + 1, j + 2, j + 3};
+    m_tiles(std::integral_constant<int, 4>{}, rows);
+  }
+  for (; j < n_end; ++j) m_tiles(std::integral_constant<int, 1>{}, &j);
 }
 
 void gemm_affine8_q8(const int8_t* q, const float* q_scales, int64_t M, int64_t K,
                      const AffineWeight& w, float* out, int64_t N, int64_t n_begin, int64_t n_end) {
   const int64_t chunks = K / kQ8Chunk, groups = K / w.group_size;
+  const bool half = w.group_size % 64 != 0;
   // Element order (quantize_activations_q8 stores element 2u of a chunk at byte u, 2u + 1 at
-  // byte 32 + u), widened to int16, and the lane sums X (lo: elements 16i + 2l, + 1 for i = 0, 1;
-  // hi: i = 2, 3).
+  // byte 32 + u), widened to int16, and the lane sums X per chunk: kHalf, [lo | hi] (lo: elements
+  // 16i + 2l, + 1 for i = 0, 1; hi: i = 2, 3); otherwise lo + hi in the first 8.
   std::vector<int16_t> xq(static_cast<size_t>(M * K));
   std::vector<float> xsum(static_cast<size_t>(M * chunks * 16), 0.0f);
   for (int64_t m = 0; m < M; ++m)
@@ -376,16 +363,16 @@ void gemm_affine8_q8(const int8_t* q, const float* q_scales, int64_t M, int64_t 
       for (int e = 0; e < 64; ++e) {
         const int8_t v = src[(e & 1) * 32 + (e >> 1)];
         dst[e] = v;
-        X[8 * (e / 32) + (e % 16) / 2] += float(v);  // exact: |X| <= 4 * 127
+        X[(half ? 8 * (e / 32) : 0) + (e % 16) / 2] += float(v);  // exact: |X| <= 8 * 127
       }
     }
   std::vector<int32_t> half_group(static_cast<size_t>(2 * chunks));
   for (int64_t h = 0; h < 2 * chunks; ++h) half_group[h] = int32_t(32 * h / w.group_size);
   const Acts8 x{xq.data(), q_scales, xsum.data(), half_group.data(), K, chunks, groups};
-  if (w.group_size % 64 == 0)
-    q8_rows8<false>(x, M, w, out, N, n_begin, n_end);
-  else
+  if (half)
     q8_rows8<true>(x, M, w, out, N, n_begin, n_end);
+  else
+    q8_rows8<false>(x, M, w, out, N, n_begin, n_end);
 }
 
 }  // namespace

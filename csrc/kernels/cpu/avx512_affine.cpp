@@ -290,6 +290,14 @@ inline Sums8 dot_block8(const Block8& w, const int8_t* a) {
                           _mm512_loadu_si512(a + 192));
   return {lo, hi};
 }
+// lo + hi in one chain of 4 vpdpbusd (group_size % 64 == 0): no second zeroed accumulator, no add.
+inline __m512i dot_block8_all(const Block8& w, const int8_t* a) {
+  __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w.w[0], _mm512_loadu_si512(a));
+#pragma GCC unroll 4
+  for (int i = 1; i < 4; ++i)
+    acc = _mm512_dpbusd_epi32(acc, w.w[i], _mm512_loadu_si512(a + 64 * i));
+  return acc;
+}
 
 // Per-lane scale or zero of one weight row over block b: the block's groups (masked load, never
 // past the row) spread over the lanes; lanes of missing chunks get 0.
@@ -300,41 +308,39 @@ inline __m512 lane_values(const float* row, const Acts8& x, int64_t b, int half)
 }
 
 // One block of the lane path (any group_size % 32 == 0 and the K tail): RT rows x MT activation
-// rows, acc += T * (s * xs) per lane.
+// rows, acc += T * (s * xs) per lane. One weight row at a time (its transposed block, z and s in
+// 6-8 registers) against the MT activation rows, whose block data (384-448 bytes each) the first
+// row brings into L1 and the others reuse: with RT = 4 the activations cross from L2 once per 4
+// weight rows (at M = 32 they are 200 KiB, read once per weight row with RT = 1).
 template <int RT, int MT, bool kHalf, bool kWhole>
 inline void lane_block8(const Acts8& x, const uint8_t* const* wp, const float* const* srow,
                         const float* const* zrow, int64_t m0, int64_t b, __m512 (&acc)[RT][MT]) {
-  Block8 blk[RT];
-  __m512 s_lo[RT], z_lo[RT], s_hi[RT], z_hi[RT];
-#pragma GCC unroll 4
-  for (int r = 0; r < RT; ++r) {
-    blk[r] = load_block8<kWhole>(wp[r] + 256 * b, x.tail_chunks);
-    s_lo[r] = lane_values(srow[r], x, b, 0);
-    z_lo[r] = lane_values(zrow[r], x, b, 0);
-    if constexpr (kHalf) {
-      s_hi[r] = lane_values(srow[r], x, b, 1);
-      z_hi[r] = lane_values(zrow[r], x, b, 1);
-    }
-  }
   constexpr int H = kHalf ? 2 : 1;
 #pragma GCC unroll 4
-  for (int m = 0; m < MT; ++m) {
-    const int64_t at = (m0 + m) * x.blocks + b;
-    const __m512 xs = _mm512_loadu_ps(x.xs + 16 * at);
-    const __m512 X_lo = _mm512_loadu_ps(x.xsum + 16 * (H * at));
+  for (int r = 0; r < RT; ++r) {
+    const Block8 blk = load_block8<kWhole>(wp[r] + 256 * b, x.tail_chunks);
+    const __m512 s_lo = lane_values(srow[r], x, b, 0), z_lo = lane_values(zrow[r], x, b, 0);
+    __m512 s_hi = s_lo, z_hi = z_lo;
+    if constexpr (kHalf) {
+      s_hi = lane_values(srow[r], x, b, 1);
+      z_hi = lane_values(zrow[r], x, b, 1);
+    }
 #pragma GCC unroll 4
-    for (int r = 0; r < RT; ++r) {
-      const Sums8 d = dot_block8(blk[r], x.q + 256 * at);
+    for (int m = 0; m < MT; ++m) {
+      const int64_t at = (m0 + m) * x.blocks + b;
+      const __m512 xs = _mm512_loadu_ps(x.xs + 16 * at);
+      const __m512 X_lo = _mm512_loadu_ps(x.xsum + 16 * (H * at));
       if constexpr (kHalf) {
+        const Sums8 d = dot_block8(blk, x.q + 256 * at);
         const __m512 X_hi = _mm512_loadu_ps(x.xsum + 16 * (H * at + 1));
-        const __m512 t_lo = _mm512_fnmadd_ps(z_lo[r], X_lo, _mm512_cvtepi32_ps(d.lo));
-        const __m512 t_hi = _mm512_fnmadd_ps(z_hi[r], X_hi, _mm512_cvtepi32_ps(d.hi));
-        acc[r][m] = _mm512_fmadd_ps(t_lo, _mm512_mul_ps(s_lo[r], xs), acc[r][m]);
-        acc[r][m] = _mm512_fmadd_ps(t_hi, _mm512_mul_ps(s_hi[r], xs), acc[r][m]);
+        const __m512 t_lo = _mm512_fnmadd_ps(z_lo, X_lo, _mm512_cvtepi32_ps(d.lo));
+        const __m512 t_hi = _mm512_fnmadd_ps(z_hi, X_hi, _mm512_cvtepi32_ps(d.hi));
+        acc[r][m] = _mm512_fmadd_ps(t_lo, _mm512_mul_ps(s_lo, xs), acc[r][m]);
+        acc[r][m] = _mm512_fmadd_ps(t_hi, _mm512_mul_ps(s_hi, xs), acc[r][m]);
       } else {
         const __m512 t =
-            _mm512_fnmadd_ps(z_lo[r], X_lo, _mm512_cvtepi32_ps(_mm512_add_epi32(d.lo, d.hi)));
-        acc[r][m] = _mm512_fmadd_ps(t, _mm512_mul_ps(s_lo[r], xs), acc[r][m]);
+            _mm512_fnmadd_ps(z_lo, X_lo, _mm512_cvtepi32_ps(dot_block8_all(blk, x.q + 256 * at)));
+        acc[r][m] = _mm512_fmadd_ps(t, _mm512_mul_ps(s_lo, xs), acc[r][m]);
       }
     }
   }
@@ -378,9 +384,8 @@ void rows_tile8(const Acts8& x, const AffineWeight& w, const int64_t* rows, int6
           const __m512 X = _mm512_loadu_ps(x.xsum + 16 * at);
 #pragma GCC unroll 4
           for (int r = 0; r < RT; ++r) {
-            const Sums8 d = dot_block8(blk[r], x.q + 256 * at);
-            const __m512 t =
-                _mm512_fnmadd_ps(zv[r], X, _mm512_cvtepi32_ps(_mm512_add_epi32(d.lo, d.hi)));
+            const __m512 t = _mm512_fnmadd_ps(
+                zv[r], X, _mm512_cvtepi32_ps(dot_block8_all(blk[r], x.q + 256 * at)));
             accg[r][m] = _mm512_fmadd_ps(t, xs, accg[r][m]);
           }
         }
@@ -405,12 +410,32 @@ void rows_tile8(const Acts8& x, const AffineWeight& w, const int64_t* rows, int6
     for (int m = 0; m < MT; ++m) out[(m0 + m) * N + rows[r]] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
+// M = 1: schedule_q8_rows (two row streams). M > 1: tiles of 4 weight rows x up to 4 activation
+// rows (lane path only: with 16 accumulators there is no room for per-group ones), then the last
+// N % 4 rows one at a time.
 template <int kMode>
 void q8_rows8(const Acts8& x, int64_t M, const AffineWeight& w, float* out, int64_t N,
               int64_t n_begin, int64_t n_end) {
-  schedule_q8_rows(M, n_begin, n_end, [&](auto rt, auto mt, const int64_t* rows, int64_t m0) {
+  auto tile = [&](auto rt, auto mt, const int64_t* rows, int64_t m0) {
     rows_tile8<decltype(rt)::value, decltype(mt)::value, kMode>(x, w, rows, m0, out, N);
-  });
+  };
+  if constexpr (kMode == 0) {
+    schedule_q8_rows(1, n_begin, n_end, tile);  // gemm_affine8_q8 picks kMode 0 for M = 1 only
+  } else {
+    if (M == 1) return schedule_q8_rows(1, n_begin, n_end, tile);
+    auto m_tiles = [&](auto rt, const int64_t* rows) {
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) tile(rt, std::integral_constant<int, 4>{}, rows, m);
+      for (; m + 2 <= M; m += 2) tile(rt, std::integral_constant<int, 2>{}, rows, m);
+      for (; m < M; ++m) tile(rt, std::integral_constant<int, 1>{}, rows, m);
+    };
+    int64_t j = n_begin;
+    for (; j + 4 <= n_end; j += 4) {
+      const int64_t rows[4] = {j, j + 1, j + 2, j + 3};
+      m_tiles(std::integral_constant<int, 4>{}, rows);
+    }
+    for (; j < n_end; ++j) m_tiles(std::integral_constant<int, 1>{}, &j);
+  }
 }
 
 void gemm_affine8_q8(const int8_t* q, const float* q_scales, int64_t M, int64_t K,
@@ -461,7 +486,7 @@ void gemm_affine8_q8(const int8_t* q, const float* q_scales, int64_t M, int64_t 
   }
   const Acts8 x{xq.data(),    xs.data(), xsum.data(), g_first.data(), g_mask.data(), g_lane.data(),
                 valid.data(), K,         blocks,      groups,         chunks / 4,    chunks % 4};
-  if (w.group_size % 256 == 0)
+  if (w.group_size % 256 == 0 && M == 1)
     q8_rows8<0>(x, M, w, out, N, n_begin, n_end);
   else if (!half)
     q8_rows8<1>(x, M, w, out, N, n_begin, n_end);
