@@ -217,8 +217,7 @@ void gemm_affine4_q8(const int8_t* q, const float* q_scales, const float* offset
 //      near 255 * sum x while their difference can be small (codes and zero near 255), and fp32
 //      would lose it (the 4-bit kernels above, with codes <= 15, subtract the zero term per
 //      output).
-//   2. the per-lane factor xs_c * s_g (one rounding), or, when a whole block lies in one group,
-//      xs_c per block and s_g once per group;
+//   2. the per-lane factor s_g * xs_c (one rounding);
 //   3. the fp32 sums: one FMA per block into per-lane accumulators, and the final 16-lane sum.
 // Every error is relative to sum_k |x[k]| * s_g * |q[k] - z_g| (= |x| . |w|): no cancellation.
 // reference.gemm_affine_q8 is this sum in fp64.
@@ -346,10 +345,8 @@ inline void lane_block8(const Acts8& x, const uint8_t* const* wp, const float* c
   }
 }
 
-// RT weight rows against MT activation rows from m0. kGroup (group_size % 256 == 0, so
-// K % 256 == 0): whole blocks per group, z broadcast per group, accg += T * xs per block and
-// acc += accg * s once per group. Otherwise the lane path above.
-template <int RT, int MT, int kMode>  // kMode: 0 = group, 1 = lane, 2 = lane with halves
+// RT weight rows against MT activation rows from m0 (the lane path above for every group size).
+template <int RT, int MT, bool kHalf>
 void rows_tile8(const Acts8& x, const AffineWeight& w, const int64_t* rows, int64_t m0, float* out,
                 int64_t N) {
   __m512 acc[RT][MT];
@@ -363,47 +360,10 @@ void rows_tile8(const Acts8& x, const AffineWeight& w, const int64_t* rows, int6
 #pragma GCC unroll 4
     for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_setzero_ps();
   }
-  if constexpr (kMode == 0) {
-    const int64_t bpg = w.group_size / 256;
-    for (int64_t kg = 0; kg < x.groups; ++kg) {
-      __m512 accg[RT][MT], zv[RT];
-#pragma GCC unroll 4
-      for (int r = 0; r < RT; ++r) {
-        zv[r] = _mm512_set1_ps(zrow[r][kg]);
-#pragma GCC unroll 4
-        for (int m = 0; m < MT; ++m) accg[r][m] = _mm512_setzero_ps();
-      }
-      for (int64_t b = kg * bpg; b < (kg + 1) * bpg; ++b) {
-        Block8 blk[RT];
-#pragma GCC unroll 4
-        for (int r = 0; r < RT; ++r) blk[r] = load_block8<true>(wp[r] + 256 * b, 4);
-#pragma GCC unroll 4
-        for (int m = 0; m < MT; ++m) {
-          const int64_t at = (m0 + m) * x.blocks + b;
-          const __m512 xs = _mm512_loadu_ps(x.xs + 16 * at);
-          const __m512 X = _mm512_loadu_ps(x.xsum + 16 * at);
-#pragma GCC unroll 4
-          for (int r = 0; r < RT; ++r) {
-            const __m512 t = _mm512_fnmadd_ps(
-                zv[r], X, _mm512_cvtepi32_ps(dot_block8_all(blk[r], x.q + 256 * at)));
-            accg[r][m] = _mm512_fmadd_ps(t, xs, accg[r][m]);
-          }
-        }
-      }
-#pragma GCC unroll 4
-      for (int r = 0; r < RT; ++r) {
-        const __m512 sv = _mm512_set1_ps(srow[r][kg]);
-#pragma GCC unroll 4
-        for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_fmadd_ps(accg[r][m], sv, acc[r][m]);
-      }
-    }
-  } else {
-    constexpr bool kHalf = kMode == 2;
-    for (int64_t b = 0; b < x.full_blocks; ++b)
-      lane_block8<RT, MT, kHalf, true>(x, wp, srow, zrow, m0, b, acc);
-    if (x.full_blocks < x.blocks)
-      lane_block8<RT, MT, kHalf, false>(x, wp, srow, zrow, m0, x.full_blocks, acc);
-  }
+  for (int64_t b = 0; b < x.full_blocks; ++b)
+    lane_block8<RT, MT, kHalf, true>(x, wp, srow, zrow, m0, b, acc);
+  if (x.full_blocks < x.blocks)
+    lane_block8<RT, MT, kHalf, false>(x, wp, srow, zrow, m0, x.full_blocks, acc);
 #pragma GCC unroll 4
   for (int r = 0; r < RT; ++r)
 #pragma GCC unroll 4
@@ -411,31 +371,26 @@ void rows_tile8(const Acts8& x, const AffineWeight& w, const int64_t* rows, int6
 }
 
 // M = 1: schedule_q8_rows (two row streams). M > 1: tiles of 4 weight rows x up to 4 activation
-// rows (lane path only: with 16 accumulators there is no room for per-group ones), then the last
-// N % 4 rows one at a time.
-template <int kMode>
+// rows, then the last N % 4 rows one at a time.
+template <bool kHalf>
 void q8_rows8(const Acts8& x, int64_t M, const AffineWeight& w, float* out, int64_t N,
               int64_t n_begin, int64_t n_end) {
   auto tile = [&](auto rt, auto mt, const int64_t* rows, int64_t m0) {
-    rows_tile8<decltype(rt)::value, decltype(mt)::value, kMode>(x, w, rows, m0, out, N);
+    rows_tile8<decltype(rt)::value, decltype(mt)::value, kHalf>(x, w, rows, m0, out, N);
   };
-  if constexpr (kMode == 0) {
-    schedule_q8_rows(1, n_begin, n_end, tile);  // gemm_affine8_q8 picks kMode 0 for M = 1 only
-  } else {
-    if (M == 1) return schedule_q8_rows(1, n_begin, n_end, tile);
-    auto m_tiles = [&](auto rt, const int64_t* rows) {
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) tile(rt, std::integral_constant<int, 4>{}, rows, m);
-      for (; m + 2 <= M; m += 2) tile(rt, std::integral_constant<int, 2>{}, rows, m);
-      for (; m < M; ++m) tile(rt, std::integral_constant<int, 1>{}, rows, m);
-    };
-    int64_t j = n_begin;
-    for (; j + 4 <= n_end; j += 4) {
-      const int64_t rows[4] = {j, j + 1, j + 2, j + 3};
-      m_tiles(std::integral_constant<int, 4>{}, rows);
-    }
-    for (; j < n_end; ++j) m_tiles(std::integral_constant<int, 1>{}, &j);
+  if (M == 1) return schedule_q8_rows(1, n_begin, n_end, tile);
+  auto m_tiles = [&](auto rt, const int64_t* rows) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) tile(rt, std::integral_constant<int, 4>{}, rows, m);
+    for (; m + 2 <= M; m += 2) tile(rt, std::integral_constant<int, 2>{}, rows, m);
+    for (; m < M; ++m) tile(rt, std::integral_constant<int, 1>{}, rows, m);
+  };
+  int64_t j = n_begin;
+  for (; j + 4 <= n_end; j += 4) {
+    const int64_t rows[4] = {j, j + 1, j + 2, j + 3};
+    m_tiles(std::integral_constant<int, 4>{}, rows);
   }
+  for (; j < n_end; ++j) m_tiles(std::integral_constant<int, 1>{}, &j);
 }
 
 void gemm_affine8_q8(const int8_t* q, const float* q_scales, int64_t M, int64_t K,
@@ -486,12 +441,10 @@ void gemm_affine8_q8(const int8_t* q, const float* q_scales, int64_t M, int64_t 
   }
   const Acts8 x{xq.data(),    xs.data(), xsum.data(), g_first.data(), g_mask.data(), g_lane.data(),
                 valid.data(), K,         blocks,      groups,         chunks / 4,    chunks % 4};
-  if (w.group_size % 256 == 0 && M == 1)
-    q8_rows8<0>(x, M, w, out, N, n_begin, n_end);
-  else if (!half)
-    q8_rows8<1>(x, M, w, out, N, n_begin, n_end);
+  if (half)
+    q8_rows8<true>(x, M, w, out, N, n_begin, n_end);
   else
-    q8_rows8<2>(x, M, w, out, N, n_begin, n_end);
+    q8_rows8<false>(x, M, w, out, N, n_begin, n_end);
 }
 
 }  // namespace
