@@ -456,10 +456,10 @@ def gemm_affine_q8(A, packed, shapeB, scales, zeros, bits: int, group_size: int,
         xs_c * s_g * (I_h - z_g * X_h),
     which is what this computes, in the same factored form, in fp64. Where the kernels round
     (fp32): 4-bit, the sums xs_c * s_g * I_h per output and the zero term sum_h s_g z_g xs_c X_h
-    once at the end; 8-bit, T = fma(-z_g, X, float(I)) per lane of 16 (AVX-512) or 8 (AVX2)
-    elements, one rounding, exact for integer zeros, then xs_c * s_g * T summed in fp32, so the
-    error stays relative to |x| . |w| even where I_h and z_g * X_h nearly cancel (8-bit codes and
-    zeros near 255). fp32/fp16/bf16 [..., K] finite activations."""
+    once at the end; 8-bit, T = fma(-z_g, X, float(I)) per SIMD lane of 4-16 elements, one
+    rounding, exact for integer zeros, then xs_c * s_g * T summed in fp32, so the error stays
+    relative to |x| . |w| even where I_h and z_g * X_h nearly cancel (8-bit codes and zeros near
+    255). fp32/fp16/bf16 [..., K] finite activations."""
     N, K = shapeB
     A2 = A.reshape(-1, K).float().cpu()
     M = A2.shape[0]

@@ -209,7 +209,8 @@ void gemm_affine4_q8(const int8_t* q, const float* q_scales, const float* offset
 //     y = sum_k x[k] w[k] = sum over lanes L of  xs_c(L) * s_g(L) * T_L,
 //     T_L = sum_{k in L} xq[k] * (q[k] - z_g(L)) = I_L - z_g(L) * X_L,
 //     I_L = sum_{k in L} xq[k] * q[k]   (vpdpbusd, exact in int32),  X_L = sum_{k in L} xq[k],
-// where a lane L is a set of 16 elements of one chunk inside one group (below). Where it rounds:
+// where a lane L is a set of 16 elements of one chunk inside one group (8 with kHalf, below). Where
+// it rounds:
 //   1. float(I_L) and X_L are exact (|I_L| <= 16 * 255 * 127 < 2^24), and T_L = fma(-z, X_L, I_L)
 //      is rounded ONCE, relative to |T_L| <= sum |xq| * |q - z|; for integer zeros (GPTQ,
 //      compressed-tensors) every term is an integer below 2^24 and T_L is exact. So the zero point
@@ -227,13 +228,13 @@ void gemm_affine4_q8(const int8_t* q, const float* q_scales, const float* offset
 // bytes 16i..16i+15 of chunk j, so that after the 4 vpdpbusd (W_i against the activation vector
 // A_i laid out the same way) int32 lane L = 4j + l holds chunk j's elements 16i + 4l + (0..3),
 // i = 0..3: every lane stays inside one chunk (one activation scale), 16 lanes cover 4 chunks, and
-// the fp32 work per activation row is one convert, one FMA for the zero point and one for the
-// scale per 256 codes. i = 0, 1 are the chunk's first half (elements 0..31), i = 2, 3 its second:
-// with group_size % 64 == 32 (kHalf) the two halves may lie in different groups and are kept in
-// two accumulators (lo, hi) with their own X, z and s. A last block with fewer than 4 chunks
-// (K % 256 != 0) loads zeros for the missing ones; their activations, X and xs are zeros and their
-// lanes' z and s are masked to 0, so they add exactly 0 (a NaN scale elsewhere in the row cannot
-// leak into them).
+// the fp32 work per weight row and activation row is one convert, one FMA for the zero point, one
+// multiply (s * xs) and one FMA into the accumulator per 256 codes. i = 0, 1 are the chunk's first
+// half (elements 0..31), i = 2, 3 its second: with group_size % 64 == 32 (kHalf) the two halves may
+// lie in different groups and are kept in two accumulators (lo, hi) with their own X, z and s. A
+// last block with fewer than 4 chunks (K % 256 != 0) loads zeros for the missing ones; their
+// activations, X and xs are zeros and their lanes' z and s are masked to 0, so they add exactly 0
+// (a NaN scale elsewhere in the row cannot leak into them).
 
 namespace {
 
