@@ -42,23 +42,23 @@ def _weight(N, K, bits, group_size, *, fractional_zeros=False, device="cpu"):
     return packed.to(device), scales.to(device), zeros.to(device)
 
 
-def _bound(A, W, expected, dtype):
-    """fp32 reassociation of the sums (5e-5 of the sum of |terms|) plus, for 16-bit outputs, one
-    ulp of the final rounding on either side."""
+def _bound(A, W, expected, dtype, rel=5e-5, atol=1e-6):
+    """fp32 reassociation of the sums (`rel` of the sum of |terms|: 5e-5 unless a test says
+    otherwise) plus, for 16-bit outputs, one ulp of the final rounding on either side."""
     terms = A.float().reshape(-1, A.shape[-1]).abs() @ W.float().abs().t()
-    b = 5e-5 * terms.reshape(expected.shape) + 1e-6
+    b = rel * terms.reshape(expected.shape) + atol
     if dtype != torch.float32:
         ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
         b = b + ulp * expected.float().abs()
     return b
 
 
-def _assert_product(y, A, packed, shapeB, scales, zeros, bits, g, bias=None):
+def _assert_product(y, A, packed, shapeB, scales, zeros, bits, g, bias=None, **bound_kw):
     expected = R.gemm_affine_expected(A, packed, shapeB, scales, zeros, bits, g, bias)
     W = R.decode_affine(packed, scales, zeros, bits, g, shapeB)
     assert y.dtype == A.dtype and y.shape == expected.shape
     err = (y.float() - expected.float()).abs()
-    bound = _bound(A, W, expected, A.dtype)
+    bound = _bound(A, W, expected, A.dtype, **bound_kw)
     assert torch.equal(y.isnan(), expected.isnan())
     finite = ~expected.isnan()
     assert bool((err[finite] <= bound[finite]).all()), float((err - bound)[finite].max())
@@ -280,6 +280,179 @@ def test_opcheck():
         torch.library.opcheck(op, args)
 
 
+# ---- 8-bit codes through the int8-activation kernel ---------------------------------------------
+# Up to 32 activation rows, K % 64 == 0 and group_size % 32 == 0, 8-bit codes take the int8-
+# activation kernel (cpu_kernels.h, affine section). Its zero point is applied per lane of 8-16
+# elements in one fp32 rounding (exact for integer zeros), so its distance to the fp64 model
+# (reference.gemm_affine_q8) stays within a few fp32 ulps of sum |x| * |w|, even where sum x * q
+# and zero * sum x nearly cancel: these tests hold it to 2e-6 of that sum (the 4-bit kernel, which
+# subtracts the zero term once per output, keeps the general 5e-5). The int8 rounding of the
+# activations is ~1e-3 of the product, so a result of the exact kernel fails this bound: passing
+# it shows the call took the int8 path.
+Q8_TIGHT = dict(rel=2e-6, atol=1e-7)
+INT8 = cpu_gemv_mode() == "int8"
+
+
+def _weight8(N, K, g, *, symmetric=False, fractional_zeros=False, codes=None, zero=None):
+    packed, scales, zeros = _weight(N, K, 8, g, fractional_zeros=fractional_zeros)
+    if symmetric:
+        zeros = torch.full_like(zeros, 128.0)
+    if codes is not None:
+        packed = torch.full_like(packed, codes)
+    if zero is not None:
+        zeros = torch.full_like(zeros, float(zero))
+    return packed, scales, zeros
+
+
+@pytest.mark.parametrize(
+    "N,K,g",
+    [
+        (37, 1024, 128),  # 4 blocks of 256 codes per row, two groups per block
+        (19, 4096, 4096),  # per channel
+        (23, 1024, 256),  # one group per block (group accumulators)
+        (21, 768, 64),  # four groups per block
+        (13, 640, 32),  # 32-element groups: the halves of a chunk in different groups
+        (11, 576, 96),  # group_size % 64 == 32, not a power of two
+        (9, 320, 320),  # per channel, K % 256 == 64: a one-chunk last block
+        (7, 384, 128),  # K % 256 == 128
+        (5, 448, 64),  # K % 256 == 192
+        (3, 64, 32),  # one chunk per row
+        (1, 512, 512),  # one output feature
+    ],
+)
+@pytest.mark.parametrize("M", [1, 3, 8, 17, 32])
+def test_gemm8_int8_path(N, K, g, M):
+    for symmetric, fractional in [(False, False), (True, False), (False, True)]:
+        packed, scales, zeros = _weight8(N, K, g, symmetric=symmetric, fractional_zeros=fractional)
+        A = torch.randn(M, K)
+        y = ops.gemm_affine(A, packed, [N, K], scales, zeros, 8, g)
+        assert R.cpu_gemm_affine_takes_int8(M, K, 8, g, A) == INT8
+        _assert_product(y, A, packed, (N, K), scales, zeros, 8, g, **Q8_TIGHT)
+
+
+@pytest.mark.parametrize("M", [1, 8, 17, 32])
+def test_gemm8_dtypes_bias_noncontiguous_unaligned(M, dtype):
+    """fp32/fp16/bf16 activations, a bias, strided activations and a weight whose rows do not
+    start on a 64-byte boundary (a view one byte into its storage)."""
+    N, K, g = 45, 1280, 128
+    packed, scales, zeros = _weight8(N, K, g, fractional_zeros=True)
+    A = (torch.randn(2, M, K) + 0.5).to(dtype)
+    bias = torch.randn(N).to(dtype)
+    y = ops.gemm_affine(A, packed, [N, K], scales, zeros, 8, g, bias)
+    assert y.shape == (2, M, N)
+    _assert_product(y, A, packed, (N, K), scales, zeros, 8, g, bias, **Q8_TIGHT)
+    y2 = ops.gemm_affine(non_contiguous(A), packed, [N, K], scales, zeros, 8, g, bias)
+    assert torch.equal(y, y2)
+    storage = torch.empty(N * K + 1, dtype=torch.uint8)
+    shifted = storage[1:]
+    shifted.copy_(packed)
+    assert shifted.data_ptr() % 64 != 0
+    y3 = ops.gemm_affine(A, shifted, [N, K], scales, zeros, 8, g, bias)
+    assert torch.equal(y, y3)
+
+
+@pytest.mark.parametrize("g", [32, 128, 256, 1024])
+def test_gemm8_extreme_codes_and_zeros(g):
+    """Codes and zeros at 0 and 255. Codes equal to their zero (w = 0) give exactly 0 however
+    large sum x * q and zero * sum x are; near-equal fractional zeros stay within fp32 ulps of
+    the small true result; codes 255 against zero 0 (and 0 against 255) are the largest weights."""
+    N, K = 6, 1024
+    A = torch.rand(5, K) + 1.0  # one sign: nothing in the true sum hides a cancellation error
+    for codes, zero in [(255, 255), (0, 0), (255, 0), (0, 255), (255, 254.75), (128, 127.5)]:
+        packed, scales, zeros = _weight8(N, K, g, codes=codes, zero=zero)
+        y = ops.gemm_affine(A, packed, [N, K], scales, zeros, 8, g)
+        _assert_product(y, A, packed, (N, K), scales, zeros, 8, g, **Q8_TIGHT)
+        if codes == zero:
+            assert torch.equal(y, torch.zeros_like(y))
+    # random codes with zeros 255 and 0 in alternate groups
+    packed, scales, zeros = _weight8(N, K, g)
+    zeros = torch.where(torch.arange(zeros.numel()) % 2 == 0, 255.0, 0.0)
+    packed[: K // 2] = 255
+    y = ops.gemm_affine(A, packed, [N, K], scales, zeros, 8, g)
+    _assert_product(y, A, packed, (N, K), scales, zeros, 8, g, **Q8_TIGHT)
+
+
+def test_gemm8_quantized_weights_and_error():
+    """Weights from quantize_affine (asymmetric and symmetric): the int8 path's extra error over
+    the exact product is the activations' int8 rounding only, far below int8's own error... which
+    is itself small, so the bound is relative to the product: < 1%, mean-shifted activations
+    included."""
+    N, K, g = 256, 4096, 128
+    w = torch.randn(N, K)
+    rel = lambda a, b: float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt())  # noqa: E731
+    for symmetric in (False, True):
+        packed, scales, zeros = ops.quantize_affine(w, 8, g, symmetric)
+        for shift in (0.0, 1.0):
+            A = torch.randn(4, K) + shift
+            y = ops.gemm_affine(A, packed, [N, K], scales, zeros, 8, g)
+            _assert_product(y, A, packed, (N, K), scales, zeros, 8, g, **Q8_TIGHT)
+            exact = R.gemm_affine(A, packed, (N, K), scales, zeros, 8, g)
+            assert rel(y, exact) < (0.01 if INT8 else 1e-6)
+
+
+def test_gemm8_act_order_permutation():
+    """GPTQ act-order: LinearAffine permutes the activations once (x[..., perm]) and multiplies
+    by the stored weight; with 8-bit codes that product is the int8-activation kernel's."""
+    from lowbit.nn import LinearAffine
+
+    N, K, g = 40, 1024, 128
+    W = torch.randn(N, K)
+    perm = torch.randperm(K)
+    packed, scales, zeros = ops.quantize_affine(W[:, perm].contiguous(), 8, g, False)
+    layer = LinearAffine(K, N, bias=False, bits=8, group_size=g)
+    layer.set_weight(packed, scales, zeros, 8, g, perm)
+    for M in (1, 17):
+        x = torch.randn(M, K)
+        y = layer(x)
+        _assert_product(y, x[:, perm], packed, (N, K), scales, zeros, 8, g, **Q8_TIGHT)
+        dense = x @ layer.dequantize().t()
+        assert float((y - dense).norm() / dense.norm()) < 1e-2
+
+
+def test_gemm8_fallbacks():
+    """Calls the int8 path hands to the exact kernel, which then decides the whole result (the
+    exact kernel's values, not the int8 model's: held to the same tight bound, which the int8
+    rounding of the activations would break): NaN, Inf, huge and tiny activations; a NaN weight
+    group (NaN exactly where the exact product has it); a scale so large that an fp32 partial sum
+    overflows."""
+    N, K, g = 24, 512, 64
+    packed, scales, zeros = _weight8(N, K, g, fractional_zeros=True)
+    W = R.decode_affine(packed, scales, zeros, 8, g, (N, K))
+
+    def check_exact(A, s=scales):
+        y = ops.gemm_affine(A, packed, [N, K], s, zeros, 8, g)
+        exact = R.gemm_affine(A, packed, (N, K), s, zeros, 8, g)
+        assert torch.equal(y.isnan(), exact.isnan()) and torch.equal(y.isinf(), exact.isinf())
+        ok = torch.isfinite(exact)
+        bound = _bound(A.nan_to_num(0.0, 0.0, 0.0), W.nan_to_num(0.0), exact, A.dtype, **Q8_TIGHT)
+        assert bool(((y - exact).abs()[ok] <= bound[ok]).all())
+        return y
+
+    for M in (1, 8, 32):
+        A = torch.randn(M, K)
+        A[0, 3] = float("nan")
+        y = check_exact(A)
+        assert bool(y[0].isnan().all()) and not bool(y[1:].isnan().any())
+        A = torch.randn(M, K)
+        A[M - 1, 100] = float("inf")
+        check_exact(A)
+        A = torch.randn(M, K)
+        A[0, :64] = 2.0**70  # a chunk past 2^64: the scales could overflow
+        check_exact(A)
+        A = torch.randn(M, K)
+        A[M // 2, 64:128] = 1e-40  # a chunk below 2^-100: 127 / absmax would overflow
+        check_exact(A)
+    A = torch.randn(3, K)
+    s = scales.clone()
+    s[9] = float("nan")  # row 1, second group
+    y = check_exact(A, s)
+    assert bool(y[:, 1].isnan().all()) and int(y.isnan().sum()) == 3
+    s = scales.clone()
+    s[::8] = 3e36  # first group of every row: fp32 partial sums overflow (Inf, or NaN: Inf - Inf)
+    y = check_exact(torch.randn(2, K) * 100, s)
+    assert not bool(torch.isfinite(y).any())
+
+
 # ---- bad input ---------------------------------------------------------------------------------
 
 
@@ -368,6 +541,28 @@ ISA_SCRIPT = textwrap.dedent(
                         bound = bound + 2.0**-8 * (A.float().abs() @ W.abs().t())
                     if not bool(((y.float() - e.float()).abs() <= bound).all()):
                         bad.append(f"gemm {bits} {N}x{K} g{g} M={M} {dt} {cpu_gemv_mode()}")
+    # 8-bit codes at the int8 tier's row counts: held to Q8_TIGHT (see the test module) where the
+    # int8 path runs, which the exact kernel's result would fail (so it shows the path taken).
+    tight = cpu_gemv_mode() == "int8"
+    for (N, K, g) in [(37, 1024, 128), (19, 4096, 4096), (23, 1024, 256), (21, 768, 64),
+                      (13, 640, 32), (11, 576, 96), (9, 320, 320), (5, 448, 64)]:
+        codes = torch.randint(0, 256, (N * K,), dtype=torch.uint8)
+        scales = torch.rand(N * K // g) * 0.1 + 1e-3
+        for zeros in (torch.rand(N * K // g) * 255, torch.randint(0, 256, (N * K // g,)).float()):
+            W = R.decode_affine(codes, scales, zeros, 8, g, (N, K))
+            for M in (1, 3, 8, 17, 32):
+                if R.cpu_gemm_affine_takes_int8(M, K, 8, g) != tight:
+                    bad.append(f"gemm 8 {N}x{K} g{g} M={M}: dispatch rule")
+                for dt in (torch.float32, torch.bfloat16, torch.float16):
+                    A = (torch.randn(M, K) + 0.3).to(dt)
+                    y = ops.gemm_affine(A, codes, [N, K], scales, zeros, 8, g)
+                    e = R.gemm_affine_expected(A, codes, (N, K), scales, zeros, 8, g)
+                    terms = A.float().abs() @ W.abs().t()
+                    bound = (2e-6 if tight else 5e-5) * terms + 1e-7
+                    if dt != torch.float32:
+                        bound = bound + 2.0**-7 * e.float().abs()
+                    if not bool(((y.float() - e.float()).abs() <= bound).all()):
+                        bad.append(f"gemm 8 tight {N}x{K} g{g} M={M} {dt} {cpu_gemv_mode()}")
     print("\n".join(bad))
     sys.exit(1 if bad else 0)
     """
@@ -392,7 +587,10 @@ def test_dispatch_rule_documented():
     assert R.cpu_gemm_affine_takes_int8(1, 4096, 4, 128) == int8
     assert R.cpu_gemm_affine_takes_int8(32, 4096, 4, 32) == int8
     assert not R.cpu_gemm_affine_takes_int8(33, 4096, 4, 128)
-    assert not R.cpu_gemm_affine_takes_int8(1, 4096, 8, 128)
+    assert R.cpu_gemm_affine_takes_int8(1, 4096, 8, 128) == int8
+    assert R.cpu_gemm_affine_takes_int8(32, 4160, 8, 4160) == int8  # per channel, K % 256 == 64
+    assert not R.cpu_gemm_affine_takes_int8(33, 4096, 8, 128)
+    assert not R.cpu_gemm_affine_takes_int8(1, 4096, 8, 16)
     assert R.cpu_gemm_affine_takes_int8(1, 4032, 4, 96) == int8  # 96 % 32 == 0
     assert not R.cpu_gemm_affine_takes_int8(1, 4032, 4, 48)  # half chunks straddle groups
     assert not R.cpu_gemm_affine_takes_int8(1, 100, 4, 50)

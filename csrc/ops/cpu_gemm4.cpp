@@ -167,6 +167,8 @@ namespace lowbit::ops {
 
 namespace {
 
+// The int8-activation tier for 4-bit and 8-bit codes alike (gemm_affine_q8_supported: K % 64 == 0,
+// group_size % 32 == 0); false sends the call to the BLAS or exact fp32 tier, as for NF4.
 bool q8_affine_product(const float* a, int64_t M, int64_t K, int64_t N, const cpu::AffineWeight& w,
                        float* out) {
   if (M > kQ8MaxRows || !cpu::gemv_int8_activations() ||

@@ -435,32 +435,47 @@ def gemm_affine(A, packed, shapeB, scales, zeros, bits: int, group_size: int, bi
 
 def cpu_gemm_affine_takes_int8(M: int, K: int, bits: int, group_size: int, A=None) -> bool:
     """Whether lowbit's CPU gemm_affine runs the int8-activation kernel (csrc/ops/cpu_gemm4.cpp,
-    cpu_gemm_affine): 4-bit codes, 1 <= M <= 32, K % 64 == 0, group_size % 32 == 0 (every half
-    chunk of 32 elements inside one group), LOWBIT_CPU_GEMV=int8 on a SIMD CPU, and (when A is
-    given) finite, moderate activations. A call whose int8 result holds NaN/Inf is recomputed
-    exactly; gemm_affine_expected mirrors that through the exact result."""
+    cpu_gemm_affine): 4-bit or 8-bit codes, 1 <= M <= 32, K % 64 == 0, group_size % 32 == 0
+    (every half chunk of 32 elements inside one group), LOWBIT_CPU_GEMV=int8 on a SIMD CPU, and
+    (when A is given) finite, moderate activations. A call whose int8 result holds NaN/Inf is
+    recomputed exactly; gemm_affine_expected mirrors that through the exact result."""
     from lowbit._native import cpu_gemv_mode
 
-    if not (cpu_gemv_mode() == "int8" and bits == 4 and 1 <= M <= 32 and K > 0 and K % 64 == 0):
+    if not (cpu_gemv_mode() == "int8" and bits in (4, 8) and 1 <= M <= 32):
         return False
-    if group_size % 32:
+    if not (K > 0 and K % 64 == 0 and group_size % 32 == 0):
         return False
     return A is None or _q8_activations_ok(A.reshape(M, K))
 
 
 def gemm_affine_q8(A, packed, shapeB, scales, zeros, bits: int, group_size: int, bias=None):
-    """What gemm_affine computes on AVX2 CPUs where cpu_gemm_affine_takes_int8: the activations
-    quantized to int8 per 64-element chunk (quantize_activations_q8), the weight EXACT (its codes
-    are integers already: per 32-element half chunk h in group g the kernel forms the exact integer
-    sums I = sum x_q * q and X = sum x_q and adds scale[g] * x_scale * (I - zero[g] * X)), here in
-    fp64. The kernel differs from this by fp32 rounding of the per-half-chunk scales and partial
-    sums only."""
+    """What gemm_affine computes on AVX2 / AVX-512 CPUs where cpu_gemm_affine_takes_int8: the
+    activations quantized to int8 per 64-element chunk (quantize_activations_q8: x ~ xs_c * xq),
+    the weight EXACT (its codes are integers already). Per 32-element half chunk h (chunk c, inside
+    group g) the kernels form the exact integer sums I_h = sum xq * q and X_h = sum xq, and add
+        xs_c * s_g * (I_h - z_g * X_h),
+    which is what this computes, in the same factored form, in fp64. Where the kernels round
+    (fp32): 4-bit, the sums xs_c * s_g * I_h per output and the zero term sum_h s_g z_g xs_c X_h
+    once at the end; 8-bit, T = fma(-z_g, X, float(I)) per SIMD lane of 4-16 elements, one
+    rounding, exact for integer zeros, then xs_c * s_g * T summed in fp32, so the error stays
+    relative to |x| . |w| even where I_h and z_g * X_h nearly cancel (8-bit codes and zeros near
+    255). fp32/fp16/bf16 [..., K] finite activations."""
     N, K = shapeB
     A2 = A.reshape(-1, K).float().cpu()
-    W = decode_affine(packed.cpu(), scales.cpu(), zeros.cpu(), bits, group_size, (N, K)).double()
+    M = A2.shape[0]
+    q = _affine_codes(packed.cpu(), bits, N * K).reshape(N, K // 32, 32).double()
+    gh = torch.arange(K // 32) * 32 // group_size  # group (within a row) of each half chunk
+    gpr = K // group_size
+    s = scales.cpu().double().reshape(N, gpr)[:, gh]  # [N, K / 32]
+    z = zeros.cpu().double().reshape(N, gpr)[:, gh]
     xq, xs = quantize_activations_q8(A2)
-    X = xq.double() * xs.double().repeat_interleave(64, dim=1)
-    out = X @ W.t()
+    xq = xq.double().reshape(M, K // 32, 32)
+    xs_h = xs.double().repeat_interleave(2, dim=1)  # [M, K / 32]: the chunk scale of each half
+    out = A2.new_zeros((M, N), dtype=torch.float64)
+    for h in range(K // 32):
+        Ih = xq[:, h] @ q[:, h].t()  # [M, N], exact integers
+        Xh = xq[:, h].sum(1, keepdim=True)  # [M, 1]
+        out += xs_h[:, h : h + 1] * s[:, h] * (Ih - z[:, h] * Xh)
     if bias is not None:
         out = out + bias.double().cpu()
     return out.float().reshape(*A.shape[:-1], N).to(A.dtype).to(A.device)

@@ -150,20 +150,29 @@ void dequantize_affine(const AffineWeight& w, FloatType t, void* out, int64_t g_
 void gemm_affine(const float* a, int64_t M, int64_t K, const AffineWeight& w, float* out, int64_t N,
                  int64_t n_begin, int64_t n_end, float* row_scratch);
 
-// The int8-activation product for 4-bit affine weights (small M, AVX2): the activations come from
-// quantize_activations_q8 above (int8 per 64-element chunk, two planes). The weight needs no
-// rounding at all: its codes are small unsigned integers, so per 32-element half chunk h (inside
-// one group g) the kernel forms the EXACT integer sums
-//     I_h = sum_k x_q[k] * q[k]   (vpmaddubsw: q unsigned <= 15, x_q signed, |pair| <= 3810)
-//     X_h = sum_k x_q[k]          (from quantize_activations_q8's offset sums: off_h / 64)
-// and adds  x_scale[c] * scale[g] * (I_h - zero[g] * X_h),  the zero term subtracted once per
-// output as  sum_h (scale[g] * zero[g]) * x_scale * X_h.  So the only error beyond fp32 rounding
+// The int8-activation product for 4-bit and 8-bit affine weights (small M; AVX2, and AVX-512 VNNI
+// in avx512_affine.cpp): the activations come from quantize_activations_q8 above (int8 per
+// 64-element chunk, two planes). The weight needs no rounding at all: its codes are small unsigned
+// integers, so per set of elements of one chunk inside one group g the kernel forms the EXACT
+// integer sums
+//     I = sum_k x_q[k] * q[k]   (4-bit: vpmaddubsw, q <= 15, |pair| <= 3810; 8-bit: vpdpbusd on
+//                                the raw bytes, or vpmaddwd on codes widened to int16 on AVX2)
+//     X = sum_k x_q[k]          (activation side, once per call)
+// and adds  x_scale[c] * scale[g] * (I - zero[g] * X).  4-bit: over 32-element half chunks, the
+// zero term subtracted once per output as  sum_h (scale[g] * zero[g]) * x_scale * X_h.  8-bit:
+// per SIMD lane (8-16 elements), T = fma(-zero, X, float(I)) in one rounding (exact for integer
+// zeros), so that sum x * q and zero * sum x, both near 255 * sum x, never cancel in fp32 (see
+// avx512_affine.cpp). So the only error beyond fp32 rounding
 // of the scales and partial sums is the activations' int8 rounding (1/254 of each chunk's absmax):
 // measured 0.5-0.8% relative rms of the product for Gaussian, ReLU, SiLU and mean-shifted
 // activations (1.5% with 1% of the activation columns 20x larger), i.e. 5-10% of int4 g32/g128's
 // own rms error (15-20% with those outliers); the errors add in quadrature, so the total grows by
-// < 2%. LOWBIT_CPU_GEMV=fp32 turns it off; reference.gemm_affine_q8 is the pure-torch model.
-// Shapes: bits 4, K % 64 == 0, group_size % 32 == 0 (every half chunk inside one group).
+// < 2%. 8-bit weights err ~16x less on their own (0.6% relative rms of the product at g128), so
+// there the activations' rounding is as large as the weight's: the total grows ~1.4x (0.59% ->
+// 0.84% for Gaussian activations, 0.57% -> 1.7% with those outlier columns), the price of the
+// integer product (what llama.cpp's Q8_0 x Q8_0 dot pays too). LOWBIT_CPU_GEMV=fp32 turns it off
+// (the exact product); reference.gemm_affine_q8 is the pure-torch model.
+// Shapes: bits 4 or 8, K % 64 == 0, group_size % 32 == 0 (every half chunk inside one group).
 bool gemm_affine_q8_supported(int64_t K, int bits, int64_t group_size);
 void gemm_affine_q8(const int8_t* q, const float* q_scales, const float* offsets, int64_t M,
                     int64_t K, const AffineWeight& w, float* out, int64_t N, int64_t n_begin,

@@ -145,7 +145,7 @@ void gemm_affine(const float* a, int64_t M, int64_t K, const AffineWeight& w, fl
 
 bool gemm_affine_q8_supported(int64_t K, int bits, int64_t group_size) {
 #if defined(LOWBIT_CPU_X86)
-  return bits == 4 && K > 0 && K % kQ8Chunk == 0 && group_size % 32 == 0;
+  return (bits == 4 || bits == 8) && K > 0 && K % kQ8Chunk == 0 && group_size % 32 == 0;
 #else
   (void)K, (void)bits, (void)group_size;
   return false;

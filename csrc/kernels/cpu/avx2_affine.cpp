@@ -1,5 +1,6 @@
 // Affine 4/8-bit weights, AVX2 (+FMA+F16C): dequantize, the exact fp32 product, and the small-M
-// product with int8 activations (see the affine section of lowbit/cpu_kernels.h).
+// product with int8 activations for 4-bit and 8-bit codes (see the affine section of
+// lowbit/cpu_kernels.h).
 //
 // Dequantized values are bit-identical to the generic kernels: (float(q) - zero) * scale is one
 // subtraction and one multiplication in fp32 (this unit builds with -ffp-contract=off), rounded
@@ -208,6 +209,172 @@ void q8_rows(const Acts& x, int64_t M, const AffineWeight& w, float* out, int64_
   });
 }
 
+// ---- int8-activation product (8-bit)
+// -------------------------------------------------------------
+//
+// The math and the places where it rounds are those of the AVX-512 kernel (avx512_affine.cpp,
+// 8-bit section): per lane L (a set of elements of one chunk inside one group)
+//     T_L = fma(-z_g, X_L, float(I_L)),  I_L = sum xq * q (exact int32),  X_L = sum xq (exact),
+// one rounding (none for integer zeros), then y = sum_L xs_c * s_g * T_L in fp32, so the error
+// is relative to |x| . |w| and the zero point never cancels against sum x * q.
+//
+// The integer product. vpmaddubsw (u8 x s8 -> pairs added with int16 saturation) would saturate:
+// a pair of 8-bit codes reaches 2 * 255 * 127 = 64770 > 32767. Two non-saturating forms exist:
+//   (a) split q = 16 * hi + lo into nibbles and run vpmaddubsw on each (pairs <= 3810), then widen
+//       both with vpmaddwd (by 16 and by 1) and add: 3 ops to split, 2 vpmaddubsw, 2 vpmaddwd and
+//       an add per 32 codes;
+//   (b) widen the codes to int16 (vpmovzxbw, which takes its 16 bytes straight from memory) and
+//       multiply them by int16 activations with vpmaddwd (int16 x int16 -> int32 pairs, exact):
+//       2 vpmovzxbw, 2 vpmaddwd and an add per 32 codes.
+// (b) is used: fewer instructions, and the widening is weight-side work shared by every
+// activation row of a tile; the price is activations stored as int16 (2 bytes per element, once
+// per call, cache-resident: 256 KiB at M = 32, K = 4096).
+// Lanes: code sub-block i (elements 16i..16i+15 of a chunk) gives int32 lane l = elements
+// 16i + 2l, 16i + 2l + 1; lo = sub-blocks 0 + 1 (the chunk's first half), hi = 2 + 3. With
+// group_size % 64 == 0 a chunk lies in one group and lo + hi is one lane set (8 elements per
+// lane); with group_size % 64 == 32 (kHalf) the halves keep their own z, s and X.
+
+struct Acts8 {
+  const int16_t* q;           // [M, K] activation codes in element order, widened to int16
+  const float* scale;         // [M, chunks]
+  const float* xsum;          // [M, chunks, 2, 8]: X of the lo and hi lanes
+  const int32_t* half_group;  // [2 * chunks]: group (within the row) of each half chunk
+  int64_t K, chunks, groups;
+};
+
+struct Codes8 {
+  __m256i c[4];  // sub-blocks 0..3 of a chunk, int16
+};
+
+// No software prefetch (see load_block8 in avx512_affine.cpp: the hardware prefetchers follow
+// the two 4 KiB-row streams better alone; here 19-20 GB/s with it, 21-24 without).
+inline Codes8 load_codes8(const uint8_t* p) {
+  Codes8 w;
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i)
+    w.c[i] = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * i)));
+  return w;
+}
+
+struct Sums8 {
+  __m256i lo, hi;
+};
+inline Sums8 dot_codes8(const Codes8& w, const int16_t* a) {
+  auto md = [&](int i) {
+    return _mm256_madd_epi16(w.c[i],
+                             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 16 * i)));
+  };
+  return {_mm256_add_epi32(md(0), md(1)), _mm256_add_epi32(md(2), md(3))};
+}
+
+// RT weight rows against MT activation rows from m0: per chunk, one weight row at a time (its
+// 4 widened code vectors and its group's z and s) against the MT activation rows, whose chunk data
+// (128 bytes of int16 codes, 64 of lane sums) the first row brings into L1 and the others reuse:
+// with int16 activations the loop is bound by the L2 -> L1 traffic of the activations (~200 bytes
+// per 64 products), which RT = 4 cuts by 4. acc += T * (s * xs) per chunk (no per-group
+// accumulators: 16 registers hold RT x MT = 8 accumulators and one row's codes).
+template <int RT, int MT, bool kHalf>
+void rows_tile8(const Acts8& x, const AffineWeight& w, const int64_t* rows, int64_t m0, float* out,
+                int64_t N) {
+  __m256 acc[RT][MT];
+  const uint8_t* wp[RT];
+  const float *srow[RT], *zrow[RT];
+  const int64_t K = x.K;
+#pragma GCC unroll 4
+  for (int r = 0; r < RT; ++r) {
+    wp[r] = w.packed + rows[r] * K;
+    srow[r] = w.scales + rows[r] * x.groups;
+    zrow[r] = w.zeros + rows[r] * x.groups;
+#pragma GCC unroll 4
+    for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_setzero_ps();
+  }
+  for (int64_t c = 0; c < x.chunks; ++c) {
+    const int32_t g_lo = x.half_group[2 * c], g_hi = x.half_group[2 * c + 1];
+#pragma GCC unroll 4
+    for (int r = 0; r < RT; ++r) {
+      const Codes8 ch = load_codes8(wp[r] + 64 * c);
+      const __m256 s_lo = _mm256_broadcast_ss(srow[r] + g_lo);
+      const __m256 z_lo = _mm256_broadcast_ss(zrow[r] + g_lo);
+#pragma GCC unroll 4
+      for (int m = 0; m < MT; ++m) {
+        const int64_t am = m0 + m, at = am * x.chunks + c;
+        const __m256 xs = _mm256_broadcast_ss(x.scale + at);
+        const Sums8 d = dot_codes8(ch, x.q + am * K + 64 * c);
+        if constexpr (kHalf) {
+          const __m256 t_lo =
+              _mm256_fnmadd_ps(z_lo, _mm256_loadu_ps(x.xsum + 16 * at), _mm256_cvtepi32_ps(d.lo));
+          const __m256 t_hi =
+              _mm256_fnmadd_ps(_mm256_broadcast_ss(zrow[r] + g_hi),
+                               _mm256_loadu_ps(x.xsum + 16 * at + 8), _mm256_cvtepi32_ps(d.hi));
+          acc[r][m] = _mm256_fmadd_ps(t_lo, _mm256_mul_ps(s_lo, xs), acc[r][m]);
+          acc[r][m] = _mm256_fmadd_ps(t_hi, _mm256_mul_ps(_mm256_broadcast_ss(srow[r] + g_hi), xs),
+                                      acc[r][m]);
+        } else {
+          // lo + hi lane sums, precomputed (exact)
+          const __m256 t = _mm256_fnmadd_ps(z_lo, _mm256_loadu_ps(x.xsum + 16 * at),
+                                            _mm256_cvtepi32_ps(_mm256_add_epi32(d.lo, d.hi)));
+          acc[r][m] = _mm256_fmadd_ps(t, _mm256_mul_ps(s_lo, xs), acc[r][m]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < RT; ++r)
+#pragma GCC unroll 4
+    for (int m = 0; m < MT; ++m) out[(m0 + m) * N + rows[r]] = simd::hsum(acc[r][m]);
+}
+
+// M = 1: schedule_q8_rows (two row streams). M > 1: tiles of 4 weight rows x 2 activation rows,
+// then the last N % 4 rows one at a time.
+template <bool kHalf>
+void q8_rows8(const Acts8& x, int64_t M, const AffineWeight& w, float* out, int64_t N,
+              int64_t n_begin, int64_t n_end) {
+  auto tile = [&](auto rt, auto mt, const int64_t* rows, int64_t m0) {
+    rows_tile8<decltype(rt)::value, decltype(mt)::value, kHalf>(x, w, rows, m0, out, N);
+  };
+  if (M == 1) return schedule_q8_rows(1, n_begin, n_end, tile);
+  auto m_tiles = [&](auto rt, const int64_t* rows) {
+    int64_t m = 0;
+    for (; m + 2 <= M; m += 2) tile(rt, std::integral_constant<int, 2>{}, rows, m);
+    for (; m < M; ++m) tile(rt, std::integral_constant<int, 1>{}, rows, m);
+  };
+  int64_t j = n_begin;
+  for (; j + 4 <= n_end; j += 4) {
+    const int64_t rows[4] = {j, j + 1, j + 2, j + 3};
+    m_tiles(std::integral_constant<int, 4>{}, rows);
+  }
+  for (; j < n_end; ++j) m_tiles(std::integral_constant<int, 1>{}, &j);
+}
+
+void gemm_affine8_q8(const int8_t* q, const float* q_scales, int64_t M, int64_t K,
+                     const AffineWeight& w, float* out, int64_t N, int64_t n_begin, int64_t n_end) {
+  const int64_t chunks = K / kQ8Chunk, groups = K / w.group_size;
+  const bool half = w.group_size % 64 != 0;
+  // Element order (quantize_activations_q8 stores element 2u of a chunk at byte u, 2u + 1 at
+  // byte 32 + u), widened to int16, and the lane sums X per chunk: kHalf, [lo | hi] (lo: elements
+  // 16i + 2l, + 1 for i = 0, 1; hi: i = 2, 3); otherwise lo + hi in the first 8.
+  std::vector<int16_t> xq(static_cast<size_t>(M * K));
+  std::vector<float> xsum(static_cast<size_t>(M * chunks * 16), 0.0f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int8_t* src = q + m * K + 64 * c;
+      int16_t* dst = xq.data() + m * K + 64 * c;
+      float* X = xsum.data() + 16 * (m * chunks + c);
+      for (int e = 0; e < 64; ++e) {
+        const int8_t v = src[(e & 1) * 32 + (e >> 1)];
+        dst[e] = v;
+        X[(half ? 8 * (e / 32) : 0) + (e % 16) / 2] += float(v);  // exact: |X| <= 8 * 127
+      }
+    }
+  std::vector<int32_t> half_group(static_cast<size_t>(2 * chunks));
+  for (int64_t h = 0; h < 2 * chunks; ++h) half_group[h] = int32_t(32 * h / w.group_size);
+  const Acts8 x{xq.data(), q_scales, xsum.data(), half_group.data(), K, chunks, groups};
+  if (half)
+    q8_rows8<true>(x, M, w, out, N, n_begin, n_end);
+  else
+    q8_rows8<false>(x, M, w, out, N, n_begin, n_end);
+}
+
 }  // namespace
 
 void dequantize_affine(const AffineWeight& w, FloatType t, void* out, int64_t g_begin,
@@ -233,6 +400,10 @@ void gemm_affine(const float* a, int64_t M, int64_t K, const AffineWeight& w, fl
 void gemm_affine_q8(const int8_t* q, const float* q_scales, const float* offsets, int64_t M,
                     int64_t K, const AffineWeight& w, float* out, int64_t N, int64_t n_begin,
                     int64_t n_end) {
+  if (w.bits == 8) {
+    gemm_affine8_q8(q, q_scales, M, K, w, out, N, n_begin, n_end);
+    return;
+  }
   const int64_t chunks = K / kQ8Chunk, groups = K / w.group_size;
   const bool half = w.group_size % 64 != 0;
   const AffineQ8Prep prep(offsets, M, K, w.group_size);
