@@ -394,7 +394,7 @@ def bench_affine(rows, ms, repeats):
             "bf16 F.linear",
             1e3 * t_base,
             None,
-            "exact fp32 kernel",
+            mode,
             q8bytes / t,
         )
     )
