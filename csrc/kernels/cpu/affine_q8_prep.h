@@ -59,4 +59,25 @@ void schedule_q8_rows(int64_t M, int64_t n_begin, int64_t n_end, Tile&& tile) {
   }
 }
 
+// The 8-bit codes' order of work for M > 1: tiles of 4 weight rows (each activation block is loaded
+// once per 4 weight rows) by up to kMaxMT activation rows (the ISA kernel's largest tile: 4 on
+// AVX-512, 2 on AVX2), then the last (n_end - n_begin) % 4 weight rows one at a time.
+template <int kMaxMT, typename Tile>
+void schedule_q8_row_tiles(int64_t M, int64_t n_begin, int64_t n_end, Tile&& tile) {
+  static_assert(kMaxMT == 2 || kMaxMT == 4, "activation-row tiles of 2 or 4");
+  auto m_tiles = [&](auto rt, const int64_t* rows) {
+    int64_t m = 0;
+    if constexpr (kMaxMT == 4)
+      for (; m + 4 <= M; m += 4) tile(rt, std::integral_constant<int, 4>{}, rows, m);
+    for (; m + 2 <= M; m += 2) tile(rt, std::integral_constant<int, 2>{}, rows, m);
+    for (; m < M; ++m) tile(rt, std::integral_constant<int, 1>{}, rows, m);
+  };
+  int64_t j = n_begin;
+  for (; j + 4 <= n_end; j += 4) {
+    const int64_t rows[4] = {j, j + 1, j + 2, j + 3};
+    m_tiles(std::integral_constant<int, 4>{}, rows);
+  }
+  for (; j < n_end; ++j) m_tiles(std::integral_constant<int, 1>{}, &j);
+}
+
 }  // namespace lowbit::cpu

@@ -333,17 +333,7 @@ void q8_rows8(const Acts8& x, int64_t M, const AffineWeight& w, float* out, int6
     rows_tile8<decltype(rt)::value, decltype(mt)::value, kHalf>(x, w, rows, m0, out, N);
   };
   if (M == 1) return schedule_q8_rows(1, n_begin, n_end, tile);
-  auto m_tiles = [&](auto rt, const int64_t* rows) {
-    int64_t m = 0;
-    for (; m + 2 <= M; m += 2) tile(rt, std::integral_constant<int, 2>{}, rows, m);
-    for (; m < M; ++m) tile(rt, std::integral_constant<int, 1>{}, rows, m);
-  };
-  int64_t j = n_begin;
-  for (; j + 4 <= n_end; j += 4) {
-    const int64_t rows[4] = {j, j + 1, j + 2, j + 3};
-    m_tiles(std::integral_constant<int, 4>{}, rows);
-  }
-  for (; j < n_end; ++j) m_tiles(std::integral_constant<int, 1>{}, &j);
+  schedule_q8_row_tiles<2>(M, n_begin, n_end, tile);
 }
 
 void gemm_affine8_q8(const int8_t* q, const float* q_scales, int64_t M, int64_t K,
