@@ -98,11 +98,13 @@ void int8_outlier_columns(FloatType t, const void* a, int64_t rows, int64_t K, f
                           uint8_t* mask, int64_t c_begin, int64_t c_end);
 // Rows [r_begin, r_end): row_stats[r] = max |a[r, c]| over elements with |a| < threshold (every
 // element when threshold == 0); q = round-half-even(a * (127 / row_stats)), 0 for elements at or
-// above the threshold and in columns flagged in col_mask (may be null). A row holding NaN/Inf
+// above the threshold and in the n_zero_cols columns zero_cols (the outlier columns of the other
+// rows; a list, not a mask: they are few, and a scan of a K-byte mask per row cost more than the
+// quantization). A row holding NaN/Inf
 // below the threshold gets row_stats NaN and zero codes; an all-zero row gets 0 and zero codes.
 void int8_vectorwise_quant(FloatType t, const void* a, int64_t rows, int64_t K, float threshold,
-                           const uint8_t* col_mask, int8_t* q, float* row_stats, int64_t r_begin,
-                           int64_t r_end);
+                           const int64_t* zero_cols, int64_t n_zero_cols, int8_t* q,
+                           float* row_stats, int64_t r_begin, int64_t r_end);
 // out[r, c] = q[r, c] * stats[r] / 127 in fp32.
 void int8_vectorwise_dequant(const int8_t* q, const float* stats, int64_t K, float* out,
                              int64_t r_begin, int64_t r_end);

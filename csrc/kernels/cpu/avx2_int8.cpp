@@ -39,8 +39,9 @@ inline void store_i8x8(int8_t* q, __m256i v) {
 }
 
 template <typename T>
-void vectorwise_quant_impl(const T* a, int64_t K, float threshold, const uint8_t* col_mask,
-                           int8_t* q, float* row_stats, int64_t r0, int64_t r1) {
+void vectorwise_quant_impl(const T* a, int64_t K, float threshold, const int64_t* zero_cols,
+                           int64_t n_zero_cols, int8_t* q, float* row_stats, int64_t r0,
+                           int64_t r1) {
   const bool split = threshold > 0.0f;
   // With split off the threshold is NaN: `|v| >= th` is then false for every element (even +-Inf,
   // which must count as bad, not as outliers), so one code path serves both cases.
@@ -93,9 +94,7 @@ void vectorwise_quant_impl(const T* a, int64_t K, float threshold, const uint8_t
           std::nearbyint(std::min(127.0f, std::max(-127.0f, int8_scale_value(v, mx, scale))));
       qrow[c] = abs_f(v) >= ths ? int8_t(0) : int8_t(code);
     }
-    if (col_mask)
-      for (c = 0; c < K; ++c)
-        if (col_mask[c]) qrow[c] = 0;
+    for (int64_t i = 0; i < n_zero_cols; ++i) qrow[zero_cols[i]] = 0;
   }
 }
 
@@ -138,12 +137,12 @@ void int8_outlier_columns(FloatType t, const void* a, int64_t rows, int64_t K, f
 }
 
 void int8_vectorwise_quant(FloatType t, const void* a, int64_t /*rows*/, int64_t K, float threshold,
-                           const uint8_t* col_mask, int8_t* q, float* row_stats, int64_t r_begin,
-                           int64_t r_end) {
+                           const int64_t* zero_cols, int64_t n_zero_cols, int8_t* q,
+                           float* row_stats, int64_t r_begin, int64_t r_end) {
   dispatch_float(t, [&](auto tag) {
     using T = decltype(tag);
-    vectorwise_quant_impl(static_cast<const T*>(a), K, threshold, col_mask, q, row_stats, r_begin,
-                          r_end);
+    vectorwise_quant_impl(static_cast<const T*>(a), K, threshold, zero_cols, n_zero_cols, q,
+                          row_stats, r_begin, r_end);
   });
 }
 

@@ -140,10 +140,10 @@ void int8_outlier_columns(FloatType t, const void* a, int64_t rows, int64_t K, f
 }
 
 void int8_vectorwise_quant(FloatType t, const void* a, int64_t rows, int64_t K, float threshold,
-                           const uint8_t* col_mask, int8_t* q, float* row_stats, int64_t r_begin,
-                           int64_t r_end) {
-  LOWBIT_DISPATCH(int8_vectorwise_quant, t, a, rows, K, threshold, col_mask, q, row_stats, r_begin,
-                  r_end)
+                           const int64_t* zero_cols, int64_t n_zero_cols, int8_t* q,
+                           float* row_stats, int64_t r_begin, int64_t r_end) {
+  LOWBIT_DISPATCH(int8_vectorwise_quant, t, a, rows, K, threshold, zero_cols, n_zero_cols, q,
+                  row_stats, r_begin, r_end)
 }
 
 void int8_vectorwise_dequant(const int8_t* q, const float* stats, int64_t K, float* out,

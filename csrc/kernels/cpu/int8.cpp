@@ -23,8 +23,8 @@ void outlier_columns_impl(const T* a, int64_t rows, int64_t K, float threshold, 
 
 template <typename T>
 void vectorwise_quant_impl(const T* a, int64_t /*rows*/, int64_t K, float threshold,
-                           const uint8_t* col_mask, int8_t* q, float* row_stats, int64_t r0,
-                           int64_t r1) {
+                           const int64_t* zero_cols, int64_t n_zero_cols, int8_t* q,
+                           float* row_stats, int64_t r0, int64_t r1) {
   // threshold == 0 disables the split: nothing is an outlier, not even +-Inf (which then makes
   // the row's scale NaN instead of vanishing silently).
   const bool split = threshold > 0.0f;
@@ -53,9 +53,7 @@ void vectorwise_quant_impl(const T* a, int64_t /*rows*/, int64_t K, float thresh
           std::nearbyint(std::min(127.0f, std::max(-127.0f, int8_scale_value(v, m, scale))));
       qrow[c] = (split && abs_f(v) >= threshold) ? int8_t(0) : int8_t(code);
     }
-    if (col_mask)
-      for (int64_t c = 0; c < K; ++c)
-        if (col_mask[c]) qrow[c] = 0;
+    for (int64_t i = 0; i < n_zero_cols; ++i) qrow[zero_cols[i]] = 0;
   }
 }
 
@@ -84,12 +82,12 @@ void int8_outlier_columns(FloatType t, const void* a, int64_t rows, int64_t K, f
 }
 
 void int8_vectorwise_quant(FloatType t, const void* a, int64_t rows, int64_t K, float threshold,
-                           const uint8_t* col_mask, int8_t* q, float* row_stats, int64_t r_begin,
-                           int64_t r_end) {
+                           const int64_t* zero_cols, int64_t n_zero_cols, int8_t* q,
+                           float* row_stats, int64_t r_begin, int64_t r_end) {
   dispatch_float(t, [&](auto tag) {
     using T = decltype(tag);
-    vectorwise_quant_impl(static_cast<const T*>(a), rows, K, threshold, col_mask, q, row_stats,
-                          r_begin, r_end);
+    vectorwise_quant_impl(static_cast<const T*>(a), rows, K, threshold, zero_cols, n_zero_cols, q,
+                          row_stats, r_begin, r_end);
   });
 }
 

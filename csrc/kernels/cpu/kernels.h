@@ -26,8 +26,8 @@
   void int8_outlier_columns(FloatType t, const void* a, int64_t rows, int64_t K, float threshold,  \
                             uint8_t* mask, int64_t c_begin, int64_t c_end);                        \
   void int8_vectorwise_quant(FloatType t, const void* a, int64_t rows, int64_t K, float threshold, \
-                             const uint8_t* col_mask, int8_t* q, float* row_stats,                 \
-                             int64_t r_begin, int64_t r_end);                                      \
+                             const int64_t* zero_cols, int64_t n_zero_cols, int8_t* q,             \
+                             float* row_stats, int64_t r_begin, int64_t r_end);                    \
   void int8_vectorwise_dequant(const int8_t* q, const float* stats, int64_t K, float* out,         \
                                int64_t r_begin, int64_t r_end);                                    \
   void int8_gemm(const int8_t* A, const int8_t* B, int32_t* C, int64_t M, int64_t N, int64_t K,    \
