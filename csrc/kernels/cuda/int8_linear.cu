@@ -334,11 +334,19 @@ constexpr int64_t kEFewRows = 16;
 // never split. (__stwb would not split either, but ptxas turns st.global.wb into a STRONG.SM
 // store.) `p` is 16 (8) bytes aligned: the caller stores full chunks only when N % 4 == 0.
 __device__ __forceinline__ void st_global_v4(float* p, float a, float b, float c, float d) {
+#if defined(LOWBIT_CUDASIM)  // the CPU simulator (tools/cudasim): checks the alignment
+  ::cudasim::st_global_v4_f32(p, a, b, c, d);
+#else
   asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(a), "f"(b), "f"(c), "f"(d)
                : "memory");
+#endif
 }
 __device__ __forceinline__ void st_global_v2(void* p, uint32_t a, uint32_t b) {
+#if defined(LOWBIT_CUDASIM)
+  ::cudasim::st_global_v2_u32(p, a, b);
+#else
   asm volatile("st.global.v2.u32 [%0], {%1, %2};" ::"l"(p), "r"(a), "r"(b) : "memory");
+#endif
 }
 
 template <typename TO, int VN>
