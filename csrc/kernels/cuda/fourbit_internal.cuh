@@ -14,28 +14,40 @@ namespace lowbit::cuda {
 // Streaming 16-byte load of packed weights: read once per product, so it should not evict the
 // activations (re-read by every warp) from L1.
 __device__ __forceinline__ uint4 ldg_stream16(const void* p) {
+#if defined(LOWBIT_CUDASIM)  // the CPU simulator (tools/cudasim): checks the 16-byte alignment
+  return ::cudasim::ld_global_nc_v4_u32(p);
+#else
   uint4 r;
   asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
                : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
                : "l"(p));
   return r;
+#endif
 }
 
 __device__ __forceinline__ uint2 ldg_stream8(const void* p) {
+#if defined(LOWBIT_CUDASIM)
+  return ::cudasim::ld_global_nc_v2_u32(p);
+#else
   uint2 r;
   asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];"
                : "=r"(r.x), "=r"(r.y)
                : "l"(p));
   return r;
+#endif
 }
 
 // fp16/bf16 bits widened to fp32, exactly (every fp16 and bf16 value is an fp32 value). fp16 with
 // the hardware conversion (one instruction, instead of numeric.h's portable bit manipulation,
 // which costs registers and issue slots in the hot loops); NaN stays NaN.
 __device__ __forceinline__ float widen(half_t h) {
+#if defined(LOWBIT_CUDASIM)
+  return ::cudasim::f16_to_f32(h.bits);
+#else
   float f;
   asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h.bits));
   return f;
+#endif
 }
 __device__ __forceinline__ float widen(bfloat16_t h) {
   return __uint_as_float(uint32_t(h.bits) << 16);

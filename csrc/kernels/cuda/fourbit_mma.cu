@@ -47,15 +47,30 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 }
 
 // 16 bytes global -> shared, asynchronously; bytes = 0 writes 16 zeros and reads nothing.
+// LOWBIT_CUDASIM: the CPU simulator (tools/cudasim) emulates each PTX instruction below.
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
   const int bytes = valid ? 16 : 0;
+#if defined(LOWBIT_CUDASIM)
+  ::cudasim::cp_async16(const_cast<void*>(::cudasim::shared_from_cvta(smem_addr(dst))), src, bytes);
+#else
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
                "r"(bytes));
+#endif
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(LOWBIT_CUDASIM)
+  ::cudasim::cp_async_commit();
+#else
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
+#if defined(LOWBIT_CUDASIM)
+  ::cudasim::cp_async_wait(N);
+#else
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
 }
 
 // Two fp32 to one packed pair: `lo` in bits 0-15 (the lower k), `hi` in bits 16-31.
@@ -63,15 +78,23 @@ template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi);
 template <>
 __device__ __forceinline__ uint32_t pack2<bfloat16_t>(float lo, float hi) {
+#if defined(LOWBIT_CUDASIM)
+  return ::cudasim::cvt_rn_bf16x2_f32(hi, lo);  // the asm's operand order
+#else
   uint32_t r;
   asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
   return r;
+#endif
 }
 template <>
 __device__ __forceinline__ uint32_t pack2<half_t>(float lo, float hi) {
+#if defined(LOWBIT_CUDASIM)
+  return ::cudasim::cvt_rn_f16x2_f32(hi, lo);
+#else
   uint32_t r;
   asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
   return r;
+#endif
 }
 
 template <typename T>
@@ -81,20 +104,30 @@ template <>
 __device__ __forceinline__ void mma16816<bfloat16_t>(float* c, uint32_t a0, uint32_t a1,
                                                      uint32_t a2, uint32_t a3, uint32_t b0,
                                                      uint32_t b1) {
+#if defined(LOWBIT_CUDASIM)
+  const uint32_t a[4] = {a0, a1, a2, a3}, b[2] = {b0, b1};
+  ::cudasim::mma_m16n8k16(c, a, b, c, true);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
       "{%8, %9}, {%0, %1, %2, %3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
 }
 template <>
 __device__ __forceinline__ void mma16816<half_t>(float* c, uint32_t a0, uint32_t a1, uint32_t a2,
                                                  uint32_t a3, uint32_t b0, uint32_t b1) {
+#if defined(LOWBIT_CUDASIM)
+  const uint32_t a[4] = {a0, a1, a2, a3}, b[2] = {b0, b1};
+  ::cudasim::mma_m16n8k16(c, a, b, c, false);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
       "{%8, %9}, {%0, %1, %2, %3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
 }
 
 #else

@@ -1,0 +1,4 @@
+// cudasim stand-in for <cuda_runtime_api.h>: everything is in cudasim.h (force-included by
+// build.py).
+#pragma once
+#include "../cudasim.h"
