@@ -804,6 +804,8 @@ void check_align(const void* p, size_t align, const char* what) {
 void cp_async16(void* dst, const void* src, int src_bytes) {
   if (!g_cur) unsupported("cp.async outside a kernel");
   check_align(dst, 16, "cp.async.cg (shared destination)");
+  // The source address must be 16-byte aligned even when src-size is 0 (nothing is read).
+  check_align(src, 16, "cp.async.cg (global source)");
   if (!in_shared(dst, 16))
     fault(cudaErrorIllegalAddress,
           "cp.async destination %p is not 16 bytes of this block's shared "
