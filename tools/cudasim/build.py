@@ -10,7 +10,8 @@ build/cudasim/<variant>/src, rewriting mechanically
   * `__global__ ... __launch_bounds__(b[, m]) name(params) {` into a kernel whose body starts with
     CUDASIM_KERNEL_ENTRY(b[, m]) (the simulator learns the kernel's name and bounds from it),
 then compile each file with g++ (-std=c++17 -O1 -g -ffp-contract=off, cudasim.h force-included)
-together with the runtime (cudasim.cpp) and the C shim (shim.cpp), and link. Anything the rewriter
+together with the runtime (cudasim.cpp) and every other .cpp of tools/cudasim (the C shims
+shim*.cpp, one per kernel family; host-library stand-ins *_sim.cpp), and link. Anything the rewriter
 does not recognise is an error, never silently left for g++ to misread.
 
 Cached: each object is named by a hash of everything it is built from (its rewritten source, every
@@ -321,7 +322,10 @@ def main(argv: list[str] | None = None) -> Path:
         Path(__file__).read_bytes(),
     )
     units = [(src_dir / n, ["-x", "c++"]) for n in sorted(rewritten) if n.endswith(".cu")]
-    units += [(HERE / "cudasim.cpp", []), (HERE / "shim.cpp", [])]
+    # The runtime, then every other .cpp here: the C shims (shim*.cpp, one per kernel family) and the
+    # host-library stand-ins (*_sim.cpp), compiled like the kernels (cudasim.h force-included).
+    units += [(HERE / "cudasim.cpp", [])]
+    units += [(f, []) for f in sorted(HERE.glob("*.cpp")) if f.name != "cudasim.cpp"]
     jobs = []
     for path, lang in units:
         h = sha(path.read_bytes(), hdr_hash.encode())

@@ -66,6 +66,14 @@ class Sim:
             fn.argtypes = args
             fn.restype = None if name == "lb_plan_gemm_4bit" else ctypes.c_int
 
+    def declare(self, signatures: dict[str, list], restype=ctypes.c_int) -> None:
+        """Set the ctypes argument types of more lb_* entry points (a kernel family's test file
+        declares those of its own shim here, so that families do not share one table)."""
+        for name, args in signatures.items():
+            fn = getattr(self.lib, name)
+            fn.argtypes = args
+            fn.restype = restype
+
     def configure(self, schedule: int | str = 0, seed: int = 1, cc: int = 90) -> None:
         if isinstance(schedule, str):
             schedule = SCHEDULES[schedule]
